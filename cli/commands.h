@@ -1,0 +1,8 @@
+// Each subcommand family registers itself on the top-level CLI11 app. One function per family,
+// defined next to the code it drives; main.cpp only lists them.
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace decotron::cli {
+void register_version(CLI::App& app);
+}  // namespace decotron::cli

@@ -1,0 +1,25 @@
+// decotron: one program, one subcommand per job (train, preprocess, export, generate, eval, bench...).
+#include <cstdio>
+#include <exception>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"decotron: pretrain, export and run DECO sparse mixture-of-experts language models"};
+  app.require_subcommand(1, 1);
+  app.fallthrough(false);
+  decotron::cli::register_version(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const decotron::Error& e) {
+    std::fprintf(stderr, "decotron: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "decotron: fatal: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,22 @@
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "core/backend.h"
+#include "core/version.h"
+
+namespace decotron::cli {
+
+void register_version(CLI::App& app) {
+  auto* cmd = app.add_subcommand("version", "Print the version and the backends this binary was built with");
+  cmd->callback([] {
+    std::printf("decotron %s\nbackends: cpu%s\n", kVersion, cuda_available() ? ", cuda (GPU visible)" :
+#ifdef DECOTRON_WITH_CUDA
+                                                                          ", cuda (built, no GPU visible)"
+#else
+                                                                          ""
+#endif
+    );
+  });
+}
+
+}  // namespace decotron::cli
