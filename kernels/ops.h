@@ -1,0 +1,114 @@
+// The op set of training and inference. Each function dispatches on its tensors' device and
+// dtype: CPU kernels (kernels/cpu/, fp32 and fp64 — fp64 exists for the gradient checks) and
+// CUDA kernels (kernels/cuda/). Layouts are row-major; T = tokens (batch x sequence) rows.
+// Buffer contract: "=" overwrites the output, "+=" accumulates into it (gradients of
+// parameters accumulate across micro-batches; activation gradients are overwritten).
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace decotron::ops {
+
+// ---- linear (weights stored [out, in], as y = x W^T) ----------------------------------------
+// y[M,N] (= or += when accumulate) x[M,K] . w[N,K]^T
+void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, bool accumulate = false);
+// dx[M,K] (= or += when accumulate_dx) dy[M,N] . w[N,K];  dw[N,K] += dy^T . x.  dx or dw may be null.
+void linear_backward(Tensor* dx, Tensor* dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                     bool accumulate_dx = false);
+
+// ---- elementwise ------------------------------------------------------------------------------
+void add_(Tensor& y, const Tensor& x);                       // y += x
+void scale_(Tensor& y, double alpha);                        // y *= alpha
+void mul_forward(Tensor& y, const Tensor& a, const Tensor& b);  // y = a * b
+void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, const Tensor& b);  // =
+
+// ---- embedding --------------------------------------------------------------------------------
+// y[T,h] = table[tokens[t]]; tokens are i32 [T]
+void embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table);
+// dtable += scatter of dy rows by token
+void embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy);
+
+// ---- RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * w -----------------------
+void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps);
+// dx =, dw +=
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd);
+
+// ---- rotary embedding, rotate-half convention, on [B, S, heads, D]; y may alias x ----------
+void rope_forward(Tensor& y, const Tensor& x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                  double base);
+void rope_backward(Tensor& dx, const Tensor& dy, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                   double base);
+
+// ---- causal attention with grouped-query heads ------------------------------------------------
+struct AttnShape {
+  int64_t batch, seq, heads, kv_heads, head_dim;
+};
+// q, out: [B, S, heads, D]; k, v: [B, S, kv_heads, D]; lse: [B, heads, S] (log-sum-exp of the
+// scaled scores, kept for the backward, as flash attention does).
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const AttnShape& s);
+// dq, dk, dv = (overwritten)
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
+                        const Tensor& v, const Tensor& out, const Tensor& lse, const AttnShape& s);
+
+// ---- SwiGLU: h = SiLU(gate) * up ---------------------------------------------------------------
+void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up);
+void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate, const Tensor& up);  // =
+
+// ---- DECO: NormSiLU over E expert blocks of width d (deco-model.md step 5) --------------------
+enum class NormSiluMode : uint8_t { full, no_mean, no_rms, silu };
+// u, z: [T, E*d]; gamma: [d]; stats: [T, 1 + E] (the mean, then each block's 1/rms).
+void normsilu_forward(Tensor& z, Tensor& stats, const Tensor& u, const Tensor& gamma, int64_t experts,
+                      NormSiluMode mode, double eps);
+// du =, dgamma += (dgamma unused for no_rms / silu)
+void normsilu_backward(Tensor& du, Tensor& dgamma, const Tensor& dz, const Tensor& u, const Tensor& gamma,
+                       const Tensor& stats, int64_t experts, NormSiluMode mode, double eps);
+
+// ---- DECO router activation: a = ReLU(r), s = a * g ---------------------------------------------
+// r, s: [T, E] fp32/fp64; g: [E] (per expert) or [1] (one scalar shared by all experts).
+void router_scale_forward(Tensor& s, const Tensor& r, const Tensor& g);
+// dr = (ds * g + da_extra) * [r > 0];  dg += sum_t ds * a (when dg is non-null).  da_extra may be null.
+void router_scale_backward(Tensor& dr, Tensor* dg, const Tensor& ds, const Tensor& r, const Tensor& g,
+                           const Tensor* da_extra);
+// Number of (token, expert) pairs with r > 0.
+int64_t count_active(const Tensor& r);
+// Active pairs per expert, [E] int64 on the host.
+void count_active_per_expert(const Tensor& r, int64_t* counts);
+
+// ---- sparsity regularizers on a = ReLU(r) -------------------------------------------------------
+// Entropy (deco-model.md): sum over tokens of H_t; p = a/(sum a + 1e-5), H = -sum p log(p + 1e-5).
+double entropy_forward(const Tensor& r);
+// da += coef * dH_t/da (for every token t)
+void entropy_backward(Tensor& da, const Tensor& r, double coef);
+// ReMoE L1: sum_e (sum_t a_te) n_e / (target T^2), n_e = tokens with a_te > 0 (held constant).
+double l1_reg_forward(const Tensor& r, double target);
+void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef);
+
+// ---- experts' outputs scaled by the router: y[t, e*d + j] = z[t, e*d + j] * s[t, e] ------------
+void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t experts);
+// dz =, ds =
+void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tensor& z, const Tensor& s,
+                           int64_t experts);
+
+// ---- softmax cross-entropy ----------------------------------------------------------------------
+// Returns the sum over rows of -log softmax(logits)[target]; targets i32 [T], logits [T, V].
+// If grad_scale != 0 the logits are overwritten in place by grad_scale * (softmax - onehot):
+// the gradient takes the logits' memory, so the [T, V] matrix exists once.
+double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale);
+
+// ---- optimizer ---------------------------------------------------------------------------------
+struct AdamWStep {
+  double lr, beta1, beta2, eps, weight_decay;
+  int64_t step;  // 1-based, for bias correction
+};
+// Decoupled weight decay (Loshchilov & Hutter): p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p).
+// grad is multiplied by grad_scale first (clipping).
+void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStep& s, double grad_scale);
+// sum of squares of all entries, in double
+double sum_squares(const Tensor& x);
+// true if any entry is NaN or Inf
+bool has_nonfinite(const Tensor& x);
+
+}  // namespace decotron::ops
