@@ -1,5 +1,7 @@
 // Helpers for the CPU kernels: dtype dispatch (fp32, fp64) and shape checks.
 #pragma once
+#include <cmath>
+
 #include "core/tensor.h"
 
 #define DT_CPU_FLOAT_DISPATCH(dtype, T, ...)                                                    \
