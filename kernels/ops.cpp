@@ -310,6 +310,18 @@ int64_t count_active(const Tensor& r) {
 #endif
 }
 
+int64_t count_tokens_with_active(const Tensor& r) {
+  const Device dev = r.device();
+  if (dev == Device::cpu) {
+    return cpu::count_tokens_with_active(r);
+  }
+#ifdef DECOTRON_WITH_CUDA
+  return cuda::count_tokens_with_active(r);
+#else
+  fail("count_tokens_with_active: CUDA tensors in a build without CUDA");
+#endif
+}
+
 void count_active_per_expert(const Tensor& r, int64_t* counts) {
   const Device dev = r.device();
   if (dev == Device::cpu) {

@@ -74,6 +74,8 @@ void router_scale_backward(Tensor& dr, Tensor* dg, const Tensor& ds, const Tenso
                            const Tensor* da_extra);
 // Number of (token, expert) pairs with r > 0.
 int64_t count_active(const Tensor& r);
+// Tokens (rows) with at least one r > 0.
+int64_t count_tokens_with_active(const Tensor& r);
 // Active pairs per expert, [E] int64 on the host.
 void count_active_per_expert(const Tensor& r, int64_t* counts);
 

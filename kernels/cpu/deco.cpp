@@ -134,6 +134,19 @@ int64_t count_active(const Tensor& r) {
   return n;
 }
 
+int64_t count_tokens_with_active(const Tensor& r) {
+  const int64_t E = r.dim(-1), rows = r.numel() / E;
+  int64_t n = 0;
+  DT_CPU_FLOAT_DISPATCH(r.dtype(), T, {
+    for (int64_t t = 0; t < rows; ++t) {
+      bool any = false;
+      for (int64_t e = 0; e < E; ++e) any |= r.data<T>()[t * E + e] > 0;
+      n += any;
+    }
+  });
+  return n;
+}
+
 void count_active_per_expert(const Tensor& r, int64_t* counts) {
   const int64_t E = r.dim(-1), rows = r.numel() / E;
   for (int64_t e = 0; e < E; ++e) counts[e] = 0;

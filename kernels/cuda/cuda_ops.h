@@ -39,6 +39,7 @@ void router_scale_forward(Tensor& s, const Tensor& r, const Tensor& g);
 void router_scale_backward(Tensor& dr, Tensor* dg, const Tensor& ds, const Tensor& r, const Tensor& g,
                            const Tensor* da_extra);
 int64_t count_active(const Tensor& r);
+int64_t count_tokens_with_active(const Tensor& r);
 void count_active_per_expert(const Tensor& r, int64_t* counts);
 double entropy_forward(const Tensor& r);
 void entropy_backward(Tensor& da, const Tensor& r, double coef);

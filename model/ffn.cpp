@@ -1,0 +1,162 @@
+// The dense SwiGLU FFN and the DECO FFN (deco-model.md, "The DECO FFN", steps 1-8).
+#include "model/layers.h"
+
+namespace decotron {
+
+SwiGLULayer::SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std)
+    : w_gate_(ps.add(name + ".w_gate", {width, hidden}, Partition::column, Init::normal, init_std, true)),
+      w_up_(ps.add(name + ".w_up", {width, hidden}, Partition::column, Init::normal, init_std, true)),
+      w_down_(ps.add(name + ".w_down", {hidden, width}, Partition::row, Init::normal, init_std, true)) {}
+
+Tensor SwiGLULayer::forward(const Tensor& x) {
+  x_ = x;
+  const int64_t T = x.numel() / x.dim(-1), F = w_up_.value.dim(0);
+  gate_ = Tensor::empty({T, F}, x.dtype(), x.device());
+  up_ = Tensor::empty({T, F}, x.dtype(), x.device());
+  h_ = Tensor::empty({T, F}, x.dtype(), x.device());
+  ops::linear_forward(gate_, x, w_gate_.value);
+  ops::linear_forward(up_, x, w_up_.value);
+  ops::swiglu_forward(h_, gate_, up_);
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  ops::linear_forward(y, h_, w_down_.value);
+  return y;
+}
+
+Tensor SwiGLULayer::backward(const Tensor& dy, Tensor* accumulate_into) {
+  Tensor dh = Tensor::empty(h_.shape(), dy.dtype(), dy.device());
+  ops::linear_backward(&dh, &w_down_.grad, dy, h_, w_down_.value);
+  Tensor dgate = Tensor::empty(h_.shape(), dy.dtype(), dy.device());
+  Tensor dup = Tensor::empty(h_.shape(), dy.dtype(), dy.device());
+  ops::swiglu_backward(dgate, dup, dh, gate_, up_);
+  Tensor dx = accumulate_into ? *accumulate_into : Tensor::empty(x_.shape(), dy.dtype(), dy.device());
+  ops::linear_backward(&dx, &w_gate_.grad, dgate, x_, w_gate_.value, accumulate_into != nullptr);
+  ops::linear_backward(&dx, &w_up_.grad, dup, x_, w_up_.value, true);
+  return dx;
+}
+
+namespace {
+ops::NormSiluMode normsilu_mode(const std::string& s) {
+  if (s == "full") return ops::NormSiluMode::full;
+  if (s == "no_mean") return ops::NormSiluMode::no_mean;
+  if (s == "no_rms") return ops::NormSiluMode::no_rms;
+  return ops::NormSiluMode::silu;
+}
+}  // namespace
+
+DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg)
+    : experts_(cfg.experts),
+      width_(cfg.expert_width),
+      mode_(normsilu_mode(cfg.normsilu)),
+      eps_(cfg.norm_eps),
+      gated_(cfg.gated_experts),
+      w_router_(ps.add(name + ".w_router", {cfg.experts, cfg.hidden}, Partition::replicated, Init::normal,
+                       cfg.init_std, true)),
+      w_up_(ps.add(name + ".w_up", {cfg.experts * cfg.expert_width, cfg.hidden}, Partition::expert_rows,
+                   Init::normal, cfg.init_std, true, cfg.expert_width)),
+      gamma_(ps.add(name + ".gamma", {cfg.expert_width}, Partition::replicated, Init::ones, 1.0, false)),
+      w_down_(ps.add(name + ".w_down", {cfg.hidden, cfg.experts * cfg.expert_width}, Partition::expert_cols,
+                     Init::normal, cfg.init_std, true, cfg.expert_width)) {
+  if (cfg.expert_scaling == "expert") {
+    g_ = &ps.add(name + ".g", {cfg.experts}, Partition::expert_entries, Init::constant, cfg.router_scale_init, false, 1);
+  } else if (cfg.expert_scaling == "scalar") {
+    g_ = &ps.add(name + ".g", {1}, Partition::replicated, Init::constant, cfg.router_scale_init, false);
+  } else if (cfg.expert_scaling == "fixed") {
+    g_ = &ps.add(name + ".g", {cfg.experts}, Partition::expert_entries, Init::constant, cfg.router_scale_init, false, 1);
+    g_->trainable = false;
+  } else {
+    Tensor one = Tensor::empty({1}, DType::f64);
+    one.data<double>()[0] = 1.0;
+    unit_scale_ = cast_cpu(one, ps.dtype()).to(ps.device());
+  }
+  if (gated_)
+    w_gate_ = &ps.add(name + ".w_gate", {cfg.experts * cfg.expert_width, cfg.hidden}, Partition::expert_rows,
+                      Init::normal, cfg.init_std, true, cfg.expert_width);
+  if (cfg.shared_expert_width > 0)
+    shared_ = std::make_unique<SwiGLULayer>(ps, name + ".shared", cfg.hidden, cfg.shared_expert_width, cfg.init_std);
+}
+
+
+const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->value : unit_scale_; }
+
+Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss) {
+  x_ = x;
+  reg_ = reg;
+  const int64_t T = x.numel() / x.dim(-1), n = experts_ * width_;
+  auto make = [&](int64_t cols) { return Tensor::empty({T, cols}, x.dtype(), x.device()); };
+  // 1-3. Router in fp32 (the master dtype), ReLU routing, expert-wise scaling.
+  r_ = make(experts_);
+  ops::linear_forward(r_, x, w_router_.value);
+  s_ = make(experts_);
+  ops::router_scale_forward(s_, r_, scaling());
+  // 4-5. Non-gated experts u = W_up x, then NormSiLU (or the gated ablation).
+  u_ = make(n);
+  ops::linear_forward(u_, x, w_up_.value);
+  nstats_ = make(1 + experts_);
+  z_ = make(n);
+  if (gated_) {
+    gate_pre_ = make(n);
+    gate_act_ = make(n);
+    ops::linear_forward(gate_pre_, x, w_gate_->value);
+    ops::normsilu_forward(gate_act_, nstats_, gate_pre_, gamma_.value, experts_, mode_, eps_);
+    ops::mul_forward(z_, gate_act_, u_);
+  } else {
+    ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
+  }
+  // 6. Scale each expert's block by s_e and project down.
+  y_ = make(n);
+  ops::expert_scale_forward(y_, z_, s_, experts_);
+  Tensor out = make(x.dim(-1));
+  ops::linear_forward(out, y_, w_down_.value);
+  // 7. The shared expert, always on.
+  if (shared_) ops::add_(out, shared_->forward(x));
+
+  stats.tokens = T;
+  stats.active_per_expert.assign(experts_, 0);
+  ops::count_active_per_expert(r_, stats.active_per_expert.data());
+  stats.active_pairs = 0;
+  for (int64_t c : stats.active_per_expert) stats.active_pairs += c;
+  stats.tokens_without_expert = T - ops::count_tokens_with_active(r_);
+  stats.entropy_sum = 0;
+  stats.l1_value = 0;
+  reg_loss = 0;
+  if (reg.kind == RegularizerSpec::Kind::entropy) {
+    stats.entropy_sum = ops::entropy_forward(r_);
+    reg_loss = reg.coef * stats.entropy_sum / T;
+  } else if (reg.kind == RegularizerSpec::Kind::l1) {
+    stats.l1_value = ops::l1_reg_forward(r_, reg.target);
+    reg_loss = reg.coef * stats.l1_value;
+  }
+  return out;
+}
+
+Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
+  const int64_t T = x_.numel() / x_.dim(-1);
+  auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
+  Tensor dY = like(y_);
+  ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
+  Tensor dz = like(z_), ds = like(s_);
+  ops::expert_scale_backward(dz, ds, dY, z_, s_, experts_);
+  Tensor dx = like(x_);
+  Tensor du = like(u_);
+  if (gated_) {
+    Tensor dact = like(gate_act_), dpre = like(gate_pre_);
+    ops::mul_backward(dact, du, dz, gate_act_, u_);
+    ops::normsilu_backward(dpre, gamma_.grad, dact, gate_pre_, gamma_.value, nstats_, experts_, mode_, eps_);
+    ops::linear_backward(&dx, &w_gate_->grad, dpre, x_, w_gate_->value, false);
+    ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, true);
+  } else {
+    ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.value, nstats_, experts_, mode_, eps_);
+    ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, false);
+  }
+  // The regularizer's gradient enters at a = ReLU(r), next to the scaling's.
+  Tensor da = Tensor::zeros(r_.shape(), dy.dtype(), dy.device());
+  if (reg_.kind == RegularizerSpec::Kind::entropy) ops::entropy_backward(da, r_, loss_scale * reg_.coef / T);
+  if (reg_.kind == RegularizerSpec::Kind::l1) ops::l1_reg_backward(da, r_, reg_.target, loss_scale * reg_.coef);
+  Tensor dr = like(r_);
+  ops::router_scale_backward(dr, (g_ && g_->trainable) ? &g_->grad : nullptr, ds, r_, scaling(), &da);
+  ops::linear_backward(&dx, &w_router_.grad, dr, x_, w_router_.value, true);
+  if (shared_) shared_->backward(dy, &dx);
+  return dx;
+}
+
+}  // namespace decotron

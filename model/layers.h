@@ -1,0 +1,103 @@
+// The layers of the DECO transformer. Each layer creates its parameters (with their partition),
+// caches what its backward needs during forward, and in backward overwrites the input gradient
+// it returns and accumulates (+=) its parameters' gradients. The math is in kernels/ops.h.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/config.h"
+#include "kernels/ops.h"
+#include "model/parameter.h"
+
+namespace decotron {
+
+// Shape of the tokens a forward pass sees.
+struct BatchShape {
+  int64_t batch = 0, seq = 0;
+  int64_t tokens() const { return batch * seq; }
+};
+
+class RMSNormLayer {
+ public:
+  RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hidden, double eps);
+  Tensor forward(const Tensor& x);
+  Tensor backward(const Tensor& dy);
+
+ private:
+  Parameter& w_;
+  double eps_;
+  Tensor x_, rstd_;
+};
+
+class AttentionLayer {
+ public:
+  AttentionLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg);
+  Tensor forward(const Tensor& x, const BatchShape& bs);
+  Tensor backward(const Tensor& dy);
+
+ private:
+  Parameter &wq_, &wk_, &wv_, &wo_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double rope_base_;
+  BatchShape bs_;
+  Tensor x_, q_, k_, v_, o_, lse_;
+};
+
+// SwiGLU: W_down (SiLU(W_gate x) * (W_up x)); the dense FFN and DECO's shared expert.
+class SwiGLULayer {
+ public:
+  SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std);
+  Tensor forward(const Tensor& x);
+  // Returns dx; with accumulate_into, adds dx into it instead (and returns it).
+  Tensor backward(const Tensor& dy, Tensor* accumulate_into = nullptr);
+
+ private:
+  Parameter &w_gate_, &w_up_, &w_down_;
+  Tensor x_, gate_, up_, h_;
+};
+
+// Per-layer routing statistics of one forward pass (DECO layers only).
+struct RoutingStats {
+  int64_t active_pairs = 0;   // (token, expert) pairs with r > 0
+  int64_t tokens = 0;
+  int64_t tokens_without_expert = 0;
+  std::vector<int64_t> active_per_expert;
+  double entropy_sum = 0;     // sum over tokens of H_t (the regularized quantity)
+  double l1_value = 0;        // the ReMoE L1 term (when that regularizer is selected)
+};
+
+// What the sparsity regularizer adds to the loss in this forward: coef * H_mean (entropy) or
+// coef * L1, with coef = lambda / L (deco-model.md).
+struct RegularizerSpec {
+  enum class Kind : uint8_t { none, entropy, l1 } kind = Kind::none;
+  double coef = 0;       // lambda / L
+  double target = 0.2;   // for L1
+};
+
+class DecoFFNLayer {
+ public:
+  DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg);
+  // Returns the FFN output; stats are filled; returns the regularization term through reg_loss.
+  Tensor forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
+  // loss_scale multiplies the regularizer's gradient (1 / micro-batches).
+  Tensor backward(const Tensor& dy, double loss_scale);
+
+ private:
+  const Tensor& scaling() const;
+  int64_t experts_, width_;
+  ops::NormSiluMode mode_;
+  double eps_;
+  bool gated_;
+  Parameter& w_router_;
+  Parameter* g_ = nullptr;   // learnable or fixed scaling; null for "none"
+  Tensor unit_scale_;        // [1] = 1 for "none"
+  Parameter& w_up_;
+  Parameter* w_gate_ = nullptr;
+  Parameter& gamma_;
+  Parameter& w_down_;
+  std::unique_ptr<SwiGLULayer> shared_;
+  RegularizerSpec reg_;
+  Tensor x_, r_, s_, u_, gate_pre_, gate_act_, z_, nstats_, y_;
+};
+
+}  // namespace decotron

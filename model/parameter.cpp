@@ -1,0 +1,73 @@
+#include "model/parameter.h"
+
+#include "core/rng.h"
+
+namespace decotron {
+
+const char* partition_name(Partition p) {
+  switch (p) {
+    case Partition::replicated: return "replicated";
+    case Partition::column: return "column";
+    case Partition::row: return "row";
+    case Partition::vocab: return "vocab";
+    case Partition::expert_rows: return "expert_rows";
+    case Partition::expert_cols: return "expert_cols";
+    case Partition::expert_entries: return "expert_entries";
+  }
+  return "?";
+}
+
+Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partition partition, Init init,
+                             double init_value, bool weight_decay, int64_t expert_block) {
+  for (const auto& e : entries_) DT_ASSERT(e.p->name != name, "duplicate parameter ", name);
+  auto p = std::make_unique<Parameter>();
+  p->name = name;
+  p->value = Tensor::zeros(shape, dtype_, device_);
+  p->grad = Tensor::zeros(shape, dtype_, device_);
+  p->partition = partition;
+  p->expert_block = expert_block;
+  p->weight_decay = weight_decay;
+  entries_.push_back({std::move(p), init, init_value});
+  return *entries_.back().p;
+}
+
+void ParameterSet::initialize(uint64_t seed) {
+  for (auto& e : entries_) {
+    Tensor host = Tensor::empty(e.p->value.shape(), DType::f64);
+    double* h = host.data<double>();
+    const uint64_t stream = rng::stream_of(e.p->name);
+    for (int64_t i = 0; i < host.numel(); ++i) {
+      switch (e.init) {
+        case Init::normal: h[i] = e.init_value * rng::normal(seed, stream, i); break;
+        case Init::ones: h[i] = 1.0; break;
+        case Init::constant: h[i] = e.init_value; break;
+      }
+    }
+    e.p->value.copy_from(cast_cpu(host, dtype_).to(device_));
+  }
+}
+
+void ParameterSet::zero_grad() {
+  for (auto& e : entries_) e.p->grad.zero_();
+}
+
+std::vector<Parameter*> ParameterSet::all() const {
+  std::vector<Parameter*> out;
+  for (const auto& e : entries_) out.push_back(e.p.get());
+  return out;
+}
+
+Parameter& ParameterSet::find(const std::string& name) const {
+  for (const auto& e : entries_)
+    if (e.p->name == name) return *e.p;
+  fail("no parameter named '", name, "' in this model");
+}
+
+int64_t ParameterSet::count() const {
+  int64_t n = 0;
+  for (const auto& e : entries_)
+    if (e.p->trainable) n += e.p->value.numel();
+  return n;
+}
+
+}  // namespace decotron

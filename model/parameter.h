@@ -1,0 +1,65 @@
+// Parameters: a value, its gradient, and how it is partitioned under tensor and expert
+// parallelism. The partition is declared where the layer creates the parameter, so that
+// parallel layouts and layout-free checkpoints (whole tensors keyed by global name) need no
+// change to the layers' math.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace decotron {
+
+enum class Partition : uint8_t {
+  replicated,      // every rank holds the whole tensor (norm weights, router, gamma)
+  column,          // rows split over tensor ranks: column-parallel linear (output features)
+  row,             // columns split over tensor ranks: row-parallel linear (input features)
+  vocab,           // rows split over tensor ranks by vocabulary range (embedding, LM head)
+  expert_rows,     // rows grouped in blocks of `expert_block`, one block per expert (W_up)
+  expert_cols,     // columns grouped in blocks of `expert_block`, one block per expert (W_down)
+  expert_entries,  // one entry per expert (the scaling g)
+};
+
+const char* partition_name(Partition p);
+
+enum class Init : uint8_t { normal, ones, constant };
+
+struct Parameter {
+  std::string name;   // global name, e.g. "layers.3.ffn.w_up"; the checkpoint key
+  Tensor value;       // master weights (fp32; fp64 in gradient checks)
+  Tensor grad;        // same shape and dtype; accumulates over micro-batches
+  Partition partition = Partition::replicated;
+  int64_t expert_block = 0;  // rows/cols per expert for expert_* partitions
+  bool weight_decay = true;  // matrices decay; norms, g and gamma do not
+  bool trainable = true;     // false for buffers (fixed router scaling)
+};
+
+// Owns the parameters of a model in creation order (the order of the optimizer and checkpoints).
+class ParameterSet {
+ public:
+  ParameterSet(DType dtype, Device device) : dtype_(dtype), device_(device) {}
+  Parameter& add(const std::string& name, const Shape& shape, Partition partition, Init init, double init_value,
+                 bool weight_decay, int64_t expert_block = 0);
+  // Fills every parameter from its init rule, keyed by (seed, name): the same weights on any
+  // device and in any parallel layout.
+  void initialize(uint64_t seed);
+  void zero_grad();
+  std::vector<Parameter*> all() const;
+  Parameter& find(const std::string& name) const;
+  int64_t count() const;  // scalars in trainable parameters
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+
+ private:
+  struct Entry {
+    std::unique_ptr<Parameter> p;
+    Init init;
+    double init_value;
+  };
+  std::vector<Entry> entries_;
+  DType dtype_;
+  Device device_;
+};
+
+}  // namespace decotron

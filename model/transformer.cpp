@@ -1,0 +1,116 @@
+#include "model/transformer.h"
+
+namespace decotron {
+
+TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn)
+    : norm1_(ps, cat("layers.", index, ".attn_norm"), cfg.hidden, cfg.norm_eps),
+      norm2_(ps, cat("layers.", index, ".ffn_norm"), cfg.hidden, cfg.norm_eps),
+      attn_(ps, cat("layers.", index, ".attn"), cfg) {
+  if (deco_ffn)
+    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg);
+  else
+    dense_ = std::make_unique<SwiGLULayer>(ps, cat("layers.", index, ".ffn"), cfg.hidden, cfg.ffn_hidden, cfg.init_std);
+}
+
+Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
+                                 RoutingStats* stats, double& reg_loss) {
+  // x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1))
+  Tensor x1 = attn_.forward(norm1_.forward(x), bs);
+  ops::add_(x1, x);
+  Tensor h2 = norm2_.forward(x1);
+  Tensor x2 = deco_ ? deco_->forward(h2, reg, *stats, reg_loss) : dense_->forward(h2);
+  ops::add_(x2, x1);
+  return x2;
+}
+
+Tensor TransformerBlock::backward(const Tensor& dy, double loss_scale) {
+  Tensor dh2 = deco_ ? deco_->backward(dy, loss_scale) : dense_->backward(dy);
+  Tensor dx1 = norm2_.backward(dh2);
+  ops::add_(dx1, dy);
+  Tensor dx = norm1_.backward(attn_.backward(dx1));
+  ops::add_(dx, dx1);
+  return dx;
+}
+
+Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device)
+    : cfg_(cfg),
+      params_(dtype, device),
+      embedding_(params_.add("embedding.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
+                             cfg.init_std, true)) {
+  for (int i = 0; i < cfg.layers; ++i) {
+    bool deco = cfg.arch == "deco" && i >= cfg.dense_layers;
+    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco));
+    if (deco) deco_ids_.push_back(i);
+  }
+  num_deco_ = static_cast<int>(deco_ids_.size());
+  final_norm_ = std::make_unique<RMSNormLayer>(params_, "final_norm", cfg.hidden, cfg.norm_eps);
+  lm_head_ = &params_.add("lm_head.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
+                          cfg.init_std, true);
+}
+
+Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg,
+                                  ForwardResult* res) {
+  tokens_ = tokens;
+  bs_ = bs;
+  Tensor x = Tensor::empty({bs.tokens(), cfg_.hidden}, params_.dtype(), params_.device());
+  ops::embedding_forward(x, tokens, embedding_.value);
+  for (auto& b : blocks_) {
+    double reg_loss = 0;
+    RoutingStats stats;
+    x = b->forward(x, bs, reg, &stats, reg_loss);
+    if (b->is_deco() && res) {
+      res->reg_loss += reg_loss;
+      res->routing.push_back(std::move(stats));
+    }
+  }
+  h_final_ = final_norm_->forward(x);
+  return h_final_;
+}
+
+ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
+                                   const RegularizerSpec& reg, double loss_scale, bool with_grad) {
+  ForwardResult res;
+  res.tokens = bs.tokens();
+  Tensor h = trunk_forward(tokens, bs, reg, &res);
+  Tensor logits = Tensor::empty({bs.tokens(), cfg_.vocab_size}, h.dtype(), h.device());
+  ops::linear_forward(logits, h, lm_head_->value);
+  // The CE gradient replaces the logits in place: the [T, V] matrix exists once.
+  res.lm_loss_sum = ops::cross_entropy(logits, targets, with_grad ? loss_scale / bs.tokens() : 0.0);
+  dlogits_ = with_grad ? logits : Tensor();
+  return res;
+}
+
+void Transformer::backward(double loss_scale) {
+  DT_ASSERT(dlogits_.defined(), "backward() without a forward(with_grad=true)");
+  Tensor dh = Tensor::empty(h_final_.shape(), h_final_.dtype(), h_final_.device());
+  ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
+  dlogits_ = Tensor();
+  Tensor dx = final_norm_->backward(dh);
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) dx = (*it)->backward(dx, loss_scale);
+  ops::embedding_backward(embedding_.grad, tokens_, dx);
+}
+
+Tensor Transformer::logits(const Tensor& tokens, const BatchShape& bs) {
+  RegularizerSpec none;
+  Tensor h = trunk_forward(tokens, bs, none, nullptr);
+  Tensor out = Tensor::empty({bs.tokens(), cfg_.vocab_size}, h.dtype(), h.device());
+  ops::linear_forward(out, h, lm_head_->value);
+  return out;
+}
+
+double Transformer::train_flops_per_token(double ratio) const {
+  const ModelConfig& c = cfg_;
+  const double h = c.hidden, kvd = (c.kv_heads ? c.kv_heads : c.heads) * (c.hidden / c.heads);
+  double attn = h * h * 2 + 2 * h * kvd;
+  double dense_ffn = 3 * h * c.ffn_hidden;
+  double deco_fixed = c.experts * h + 3 * h * c.shared_expert_width;
+  double deco_experts = (c.gated_experts ? 3 : 2) * h * c.experts * c.expert_width;
+  double matmul = c.vocab_size * h;  // LM head
+  for (int i = 0; i < c.layers; ++i) {
+    bool deco = c.arch == "deco" && i >= c.dense_layers;
+    matmul += attn + (deco ? deco_fixed + ratio * deco_experts : dense_ffn);
+  }
+  return 6 * matmul + 6.0 * c.layers * h * c.seq_len;
+}
+
+}  // namespace decotron

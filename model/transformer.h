@@ -1,0 +1,74 @@
+// The DECO transformer (and its dense twin): embedding, pre-norm blocks, final RMSNorm,
+// untied LM head, cross-entropy. deco-model.md is the specification.
+#pragma once
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "model/layers.h"
+
+namespace decotron {
+
+class TransformerBlock {
+ public:
+  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn);
+  Tensor forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
+                 double& reg_loss);
+  Tensor backward(const Tensor& dy, double loss_scale);
+  bool is_deco() const { return deco_ != nullptr; }
+
+ private:
+  RMSNormLayer norm1_, norm2_;
+  AttentionLayer attn_;
+  std::unique_ptr<SwiGLULayer> dense_;
+  std::unique_ptr<DecoFFNLayer> deco_;
+};
+
+struct ForwardResult {
+  double lm_loss_sum = 0;           // sum over tokens of the cross-entropy
+  int64_t tokens = 0;
+  double reg_loss = 0;              // the regularization term added to the loss (already lambda / L scaled)
+  std::vector<RoutingStats> routing;  // one per DECO layer, in layer order
+};
+
+class Transformer {
+ public:
+  Transformer(const ModelConfig& cfg, DType dtype, Device device);
+
+  ParameterSet& params() { return params_; }
+  const ModelConfig& config() const { return cfg_; }
+  int num_deco_layers() const { return num_deco_; }
+  // Indices (0-based) of the DECO layers, for per-layer metrics.
+  const std::vector<int>& deco_layer_ids() const { return deco_ids_; }
+
+  // tokens, targets: i32 [B*S] on the model's device. The objective is
+  // loss_scale * (mean CE + reg terms); when `with_grad` the LM head's gradient is prepared
+  // in place (the logits' memory) for backward().
+  ForwardResult forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
+                        const RegularizerSpec& reg, double loss_scale, bool with_grad);
+  // Accumulates every parameter's gradient of the objective of the last forward.
+  void backward(double loss_scale);
+  // Logits [T, V] of the last position... of every position (inference and tests).
+  Tensor logits(const Tensor& tokens, const BatchShape& bs);
+
+  // Model FLOPs per token for training (forward + backward), counting the routed experts at the
+  // measured activation ratio: 6 x (matmul parameters incl. LM head, experts x ratio) + 6 L h S.
+  double train_flops_per_token(double activation_ratio) const;
+
+ private:
+  Tensor trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg, ForwardResult* res);
+
+  ModelConfig cfg_;
+  ParameterSet params_;
+  Parameter& embedding_;
+  std::vector<std::unique_ptr<TransformerBlock>> blocks_;
+  std::unique_ptr<RMSNormLayer> final_norm_;
+  Parameter* lm_head_ = nullptr;
+  int num_deco_ = 0;
+  std::vector<int> deco_ids_;
+  // cached for backward
+  Tensor tokens_, h_final_, dlogits_;
+  BatchShape bs_;
+};
+
+}  // namespace decotron
