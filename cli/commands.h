@@ -5,4 +5,6 @@
 
 namespace decotron::cli {
 void register_version(CLI::App& app);
+void register_train(CLI::App& app);
+void register_config(CLI::App& app);
 }  // namespace decotron::cli

@@ -9,6 +9,8 @@ int main(int argc, char** argv) {
   CLI::App app{"decotron: pretrain, export and run DECO sparse mixture-of-experts language models"};
   app.require_subcommand(1, 1);
   app.fallthrough(false);
+  decotron::cli::register_train(app);
+  decotron::cli::register_config(app);
   decotron::cli::register_version(app);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,40 @@
+#include "trainer/optimizer.h"
+
+#include <cmath>
+
+#include "kernels/ops.h"
+
+namespace decotron {
+
+AdamW::AdamW(ParameterSet& params, const TrainConfig& cfg) : params_(params.all()), cfg_(cfg) {
+  for (Parameter* p : params_) {
+    m_.push_back(Tensor::zeros(p->value.shape(), p->value.dtype(), p->value.device()));
+    v_.push_back(Tensor::zeros(p->value.shape(), p->value.dtype(), p->value.device()));
+  }
+}
+
+double AdamW::grad_norm() const {
+  double s = 0;
+  for (Parameter* p : params_)
+    if (p->trainable) s += ops::sum_squares(p->grad);
+  return std::sqrt(s);
+}
+
+bool AdamW::grads_finite() const {
+  for (Parameter* p : params_)
+    if (p->trainable && ops::has_nonfinite(p->grad)) return false;
+  return true;
+}
+
+void AdamW::update(double lr, double clip_scale) {
+  ++step_;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Parameter* p = params_[i];
+    if (!p->trainable) continue;
+    ops::AdamWStep s{lr, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_eps, p->weight_decay ? cfg_.weight_decay : 0.0,
+                     step_};
+    ops::adamw_update(p->value, m_[i], v_[i], p->grad, s, clip_scale);
+  }
+}
+
+}  // namespace decotron

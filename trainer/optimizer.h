@@ -1,0 +1,34 @@
+// AdamW with decoupled weight decay over a ParameterSet, global-norm clipping, and the
+// gradient-norm statistics the step-skipping rule needs. Optimizer state (m, v) is fp32 like
+// the master weights.
+#pragma once
+#include <vector>
+
+#include "core/config.h"
+#include "model/parameter.h"
+
+namespace decotron {
+
+class AdamW {
+ public:
+  AdamW(ParameterSet& params, const TrainConfig& cfg);
+  // sqrt(sum of squares of every trainable gradient)
+  double grad_norm() const;
+  bool grads_finite() const;
+  // One update at learning rate lr; gradients are scaled by `clip_scale` first. Increments step().
+  void update(double lr, double clip_scale);
+  int64_t step() const { return step_; }
+  void set_step(int64_t s) { step_ = s; }
+  // State tensors for checkpoints: m and v of parameter i.
+  Tensor& exp_avg(size_t i) { return m_[i]; }
+  Tensor& exp_avg_sq(size_t i) { return v_[i]; }
+  const std::vector<Parameter*>& params() const { return params_; }
+
+ private:
+  std::vector<Parameter*> params_;
+  std::vector<Tensor> m_, v_;
+  TrainConfig cfg_;
+  int64_t step_ = 0;
+};
+
+}  // namespace decotron

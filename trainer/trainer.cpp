@@ -1,0 +1,291 @@
+#include "trainer/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "kernels/ops.h"
+#include "trainer/lr_schedule.h"
+
+namespace decotron {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr size_t kGradNormWindow = 20;  // good steps remembered by the outlier rule
+
+Device device_of(const std::string& d) { return d == "cuda" ? Device::cuda : Device::cpu; }
+DType dtype_of_name(const std::string& d) { return d == "bf16" ? DType::bf16 : DType::f32; }
+
+// Splits [B, S+1] samples into inputs [B*S] and targets [B*S] on `device`.
+void split_batch(const std::vector<int32_t>& batch, int64_t B, int64_t S, Device device, Tensor& tokens,
+                 Tensor& targets) {
+  DT_ASSERT(static_cast<int64_t>(batch.size()) == B * (S + 1), "batch of ", batch.size(), " tokens, expected ",
+            B * (S + 1));
+  Tensor tok = Tensor::empty({B * S}, DType::i32), tgt = Tensor::empty({B * S}, DType::i32);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      tok.data<int32_t>()[b * S + s] = batch[b * (S + 1) + s];
+      tgt.data<int32_t>()[b * S + s] = batch[b * (S + 1) + s + 1];
+    }
+  tokens = device == Device::cpu ? tok : tok.to(device);
+  targets = device == Device::cpu ? tgt : tgt.to(device);
+}
+
+std::string human_bytes(size_t b) {
+  char buf[32];
+  if (b >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(1ull << 30));
+  else std::snprintf(buf, sizeof buf, "%.1f MiB", b / double(1ull << 20));
+  return buf;
+}
+
+}  // namespace
+
+Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const std::string& run_dir)
+    : cfg_(cfg),
+      data_(std::move(data)),
+      run_dir_(run_dir),
+      controller_(cfg.train.target_ratio, cfg.train.reg_lambda0, cfg.train.reg_multiplier) {
+  if (cfg.train.device == "cuda" && !cuda_available())
+    fail(cfg.where("train.device"), " = cuda, but no GPU is usable here (",
+#ifdef DECOTRON_WITH_CUDA
+         "no device visible"
+#else
+         "this decotron was built without CUDA"
+#endif
+         "); set train.device: cpu");
+  // The model computes in the master dtype here; bf16 compute is the GPU path's business.
+  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device));
+  (void)dtype_of_name;
+  model_->params().initialize(cfg.train.seed);
+  optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train);
+  last_active_.assign(model_->num_deco_layers(), std::vector<int64_t>(cfg.model.experts, 0));
+  warned_.assign(model_->num_deco_layers(), std::vector<bool>(cfg.model.experts, false));
+  if (!run_dir_.empty()) {
+    fs::create_directories(run_dir_);
+    std::string path = run_dir_ + "/metrics.jsonl";
+    metrics_ = std::fopen(path.c_str(), "a");
+    if (!metrics_) fail("cannot open ", path, " for writing: check the permissions of the run directory");
+  }
+}
+
+Trainer::~Trainer() {
+  if (metrics_) std::fclose(metrics_);
+}
+
+StepResult Trainer::train_step() {
+  const TrainConfig& t = cfg_.train;
+  const int64_t B = t.micro_batch, S = cfg_.model.seq_len;
+  const int64_t n_micro = t.global_batch / t.micro_batch;
+  const double loss_scale = 1.0 / n_micro;
+  const int L = cfg_.model.layers, D = model_->num_deco_layers();
+  StepResult res;
+  res.lr = learning_rate(t, state_.iteration);
+  res.reg_coef = controller_.lambda();
+
+  RegularizerSpec reg;
+  if (D > 0 && t.sparsity_reg != "none") {
+    reg.kind = t.sparsity_reg == "l1" ? RegularizerSpec::Kind::l1 : RegularizerSpec::Kind::entropy;
+    reg.coef = controller_.lambda() / L;
+    reg.target = t.target_ratio;
+  }
+
+  model_->params().zero_grad();
+  double lm_sum = 0, reg_sum = 0, entropy_sum = 0;
+  int64_t tokens = 0, no_expert = 0;
+  std::vector<int64_t> layer_active(D, 0);
+  std::vector<std::vector<int64_t>> per_expert(D, std::vector<int64_t>(cfg_.model.experts, 0));
+  for (int64_t m = 0; m < n_micro; ++m) {
+    std::vector<int32_t> batch = data_->next_train(B);
+    state_.consumed_samples += B;
+    Tensor tok, tgt;
+    split_batch(batch, B, S, model_->params().device(), tok, tgt);
+    ForwardResult f = model_->forward(tok, tgt, {B, S}, reg, loss_scale, true);
+    model_->backward(loss_scale);
+    lm_sum += f.lm_loss_sum;
+    tokens += f.tokens;
+    reg_sum += f.reg_loss * loss_scale;
+    for (int l = 0; l < D; ++l) {
+      layer_active[l] += f.routing[l].active_pairs;
+      no_expert += f.routing[l].tokens_without_expert;
+      entropy_sum += f.routing[l].entropy_sum;
+      for (int64_t e = 0; e < cfg_.model.experts; ++e) per_expert[l][e] += f.routing[l].active_per_expert[e];
+    }
+  }
+  res.tokens = tokens;
+  res.lm_loss = lm_sum / tokens;
+  res.reg_loss = reg_sum;
+  if (D > 0) {
+    const double pairs_per_layer = static_cast<double>(tokens) * cfg_.model.experts;
+    int64_t active = std::accumulate(layer_active.begin(), layer_active.end(), int64_t{0});
+    res.act_ratio = active / (pairs_per_layer * D);
+    for (int l = 0; l < D; ++l) res.act_ratio_per_layer.push_back(layer_active[l] / pairs_per_layer);
+    res.no_expert_frac = static_cast<double>(no_expert) / (static_cast<double>(tokens) * D);
+    res.entropy = entropy_sum / (static_cast<double>(tokens) * D);
+  }
+
+  // Skip rule: a non-finite loss or gradient, or an outlier gradient norm, makes no update and
+  // does not move the controller.
+  res.grad_norm = optimizer_->grad_norm();
+  if (!std::isfinite(res.lm_loss) || !std::isfinite(res.reg_loss)) {
+    res.skipped = true, res.skip_reason = "non-finite loss";
+  } else if (!std::isfinite(res.grad_norm)) {
+    res.skipped = true, res.skip_reason = "non-finite gradient";
+  } else if (t.skip_grad_norm_factor > 0 && state_.recent_grad_norms.size() >= kGradNormWindow / 2) {
+    double mean = std::accumulate(state_.recent_grad_norms.begin(), state_.recent_grad_norms.end(), 0.0) /
+                  state_.recent_grad_norms.size();
+    if (res.grad_norm > t.skip_grad_norm_factor * mean)
+      res.skipped = true,
+      res.skip_reason = cat("gradient norm ", res.grad_norm, " > ", t.skip_grad_norm_factor, " x recent mean ", mean);
+  }
+  if (res.skipped) {
+    ++state_.skipped_total;
+    ++state_.consecutive_skips;
+    std::fprintf(stderr, "warning: iteration %lld skipped: %s\n", static_cast<long long>(state_.iteration + 1),
+                 res.skip_reason.c_str());
+    if (state_.consecutive_skips >= t.max_skipped_steps)
+      fail("stopped: ", state_.consecutive_skips, " consecutive steps skipped (last: ", res.skip_reason,
+           ") at iteration ", state_.iteration + 1,
+           ". Lower train.lr, raise train.warmup_iters, check the data, or resume from an earlier checkpoint");
+  } else {
+    state_.consecutive_skips = 0;
+    state_.recent_grad_norms.push_back(res.grad_norm);
+    if (state_.recent_grad_norms.size() > kGradNormWindow)
+      state_.recent_grad_norms.erase(state_.recent_grad_norms.begin());
+    double clip = (t.clip_grad > 0 && res.grad_norm > t.clip_grad) ? t.clip_grad / res.grad_norm : 1.0;
+    optimizer_->update(res.lr, clip);
+    if (D > 0 && t.sparsity_reg != "none") controller_.step(res.act_ratio);
+  }
+  ++state_.iteration;
+  check_inactive(per_expert);
+  return res;
+}
+
+void Trainer::check_inactive(const std::vector<std::vector<int64_t>>& per_expert) {
+  const int64_t alarm = cfg_.train.inactive_alarm_iters, it = state_.iteration;
+  if (alarm <= 0) return;
+  const auto& ids = model_->deco_layer_ids();
+  for (size_t l = 0; l < per_expert.size(); ++l) {
+    bool layer_any = false;
+    for (size_t e = 0; e < per_expert[l].size(); ++e) {
+      if (per_expert[l][e] > 0) {
+        last_active_[l][e] = it, warned_[l][e] = false, layer_any = true;
+      } else if (it - last_active_[l][e] >= alarm && !warned_[l][e]) {
+        warned_[l][e] = true;
+        std::fprintf(stderr, "warning: layer %d expert %zu has had no active token for %lld steps (dead expert)\n",
+                     ids[l], e, static_cast<long long>(it - last_active_[l][e]));
+      }
+    }
+    if (!layer_any && it % alarm == 0)
+      std::fprintf(stderr, "warning: layer %d routed no token to any expert in iteration %lld\n", ids[l],
+                   static_cast<long long>(it));
+  }
+}
+
+double Trainer::evaluate() {
+  if (!data_->has_valid()) return NAN;
+  const int64_t B = cfg_.train.micro_batch, S = cfg_.model.seq_len;
+  double sum = 0;
+  int64_t n = 0;
+  for (int64_t k = 0; k < cfg_.train.eval_iters; ++k) {
+    std::vector<int32_t> batch = data_->valid_batch(k, B);
+    if (batch.empty()) break;
+    Tensor tok, tgt;
+    split_batch(batch, B, S, model_->params().device(), tok, tgt);
+    ForwardResult f = model_->forward(tok, tgt, {B, S}, {}, 1.0, false);
+    sum += f.lm_loss_sum;
+    n += f.tokens;
+  }
+  return n ? sum / n : NAN;
+}
+
+void Trainer::write_metrics(const std::string& line) {
+  if (!metrics_) return;
+  std::fputs(line.c_str(), metrics_);
+  std::fputc('\n', metrics_);
+  std::fflush(metrics_);
+}
+
+void Trainer::log_interval(const StepResult& last, double seconds) {
+  // Averages over the interval's steps; lr, lambda and grad norm are the last step's.
+  double lm = 0, reg = 0, act = 0, noexp = 0, ent = 0;
+  int64_t tokens = 0, skipped = 0;
+  std::vector<double> per_layer(last.act_ratio_per_layer.size(), 0.0);
+  for (const StepResult& r : interval_) {
+    lm += r.lm_loss, reg += r.reg_loss, act += r.act_ratio, noexp += r.no_expert_frac, ent += r.entropy;
+    tokens += r.tokens, skipped += r.skipped;
+    for (size_t l = 0; l < per_layer.size(); ++l) per_layer[l] += r.act_ratio_per_layer[l];
+  }
+  const double n = interval_.size();
+  lm /= n, reg /= n, act /= n, noexp /= n, ent /= n;
+  for (double& v : per_layer) v /= n;
+  const double tok_s = tokens / std::max(seconds, 1e-9);
+  const double tflops = model_->train_flops_per_token(model_->num_deco_layers() ? act : 0.0) * tok_s / 1e12;
+  const size_t mem = allocator_for(model_->params().device()).peak_bytes();
+  const bool deco = model_->num_deco_layers() > 0;
+
+  std::printf("iter %6lld/%lld | tokens %10lld | lm_loss %.4f", static_cast<long long>(state_.iteration),
+              static_cast<long long>(cfg_.train.iters), static_cast<long long>(state_.consumed_samples * cfg_.model.seq_len), lm);
+  if (deco) std::printf(" | reg %.3e | act %.4f | lambda %.3e", reg, act, controller_.lambda());
+  std::printf(" | lr %.3e | gnorm %.3f | %.0f tok/s | %.4f TFLOP/s | mem %s%s\n", last.lr, last.grad_norm, tok_s,
+              tflops, human_bytes(mem).c_str(), skipped ? cat(" | skipped ", skipped).c_str() : "");
+  std::fflush(stdout);
+
+  nlohmann::json j;
+  j["iter"] = state_.iteration;
+  j["tokens"] = state_.consumed_samples * cfg_.model.seq_len;
+  j["consumed_samples"] = state_.consumed_samples;
+  j["lm_loss"] = lm;
+  j["reg_loss"] = reg;
+  j["act_ratio"] = act;
+  j["act_ratio_per_layer"] = per_layer;
+  j["no_expert_frac"] = noexp;
+  j["entropy"] = ent;
+  j["reg_coef"] = controller_.lambda();
+  j["lr"] = last.lr;
+  j["grad_norm"] = last.grad_norm;
+  j["skipped"] = skipped;
+  j["tokens_per_s"] = tok_s;
+  j["tflops"] = tflops;
+  j["peak_memory_bytes"] = mem;
+  write_metrics(j.dump());
+}
+
+void Trainer::train() {
+  const TrainConfig& t = cfg_.train;
+  std::printf("training: %s, %lld parameters (%lld non-embedding), %d DECO layers, data: %s\n",
+              cfg_.model.arch.c_str(), static_cast<long long>(model_->params().count()),
+              static_cast<long long>(model_->params().count() - 2 * cfg_.model.vocab_size * cfg_.model.hidden),
+              model_->num_deco_layers(), data_->describe().c_str());
+  std::fflush(stdout);
+  auto t0 = std::chrono::steady_clock::now();
+  while (state_.iteration < t.iters && !stop_requested_) {
+    StepResult r = train_step();
+    interval_.push_back(r);
+    if (state_.iteration % cfg_.log.interval == 0 || state_.iteration == t.iters) {
+      auto t1 = std::chrono::steady_clock::now();
+      log_interval(r, std::chrono::duration<double>(t1 - t0).count());
+      interval_.clear();
+      t0 = std::chrono::steady_clock::now();
+    }
+    if (t.eval_interval > 0 && (state_.iteration % t.eval_interval == 0 || state_.iteration == t.iters)) {
+      double v = evaluate();
+      if (std::isfinite(v)) {
+        std::printf("eval   %6lld | val_loss %.4f | val_ppl %.2f\n", static_cast<long long>(state_.iteration), v,
+                    std::exp(v));
+        nlohmann::json j;
+        j["iter"] = state_.iteration;
+        j["val_loss"] = v;
+        j["val_ppl"] = std::exp(v);
+        write_metrics(j.dump());
+      }
+      t0 = std::chrono::steady_clock::now();  // evaluation time is not training throughput
+    }
+    if (after_iteration) after_iteration(*this);
+  }
+}
+
+}  // namespace decotron
