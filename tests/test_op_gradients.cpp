@@ -197,3 +197,32 @@ TEST(OpGradient, CrossEntropyAndEmbedding) {
   ops::embedding_backward(dt, tok, W);
   expect_gradient("dtable", table, dt, eloss);
 }
+
+TEST(OpGradient, AttentionMatchesLoopReference) {
+  // The textbook definition, one query row at a time, in double.
+  ops::AttnShape s{2, 7, 4, 2, 6};
+  const int64_t B = 2, S = 7, H = 4, G = 2, D = 6;
+  Tensor q = randn64({B, S, H, D}, 11), k = randn64({B, S, G, D}, 12), v = randn64({B, S, G, D}, 13);
+  Tensor o = empty_like(q), l = Tensor::empty({B, H, S}, DType::f64);
+  ops::attention_forward(o, l, q, k, v, s);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t g = h / (H / G);
+        std::vector<double> w(i + 1);
+        double m = -1e300, sum = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += q.item(((b * S + i) * H + h) * D + d) * k.item(((b * S + j) * G + g) * D + d);
+          w[j] = dot / std::sqrt(double(D));
+          m = std::max(m, w[j]);
+        }
+        for (auto& x : w) sum += (x = std::exp(x - m));
+        EXPECT_NEAR(l.item((b * H + h) * S + i), m + std::log(sum), 1e-12);
+        for (int64_t d = 0; d < D; ++d) {
+          double acc = 0;
+          for (int64_t j = 0; j <= i; ++j) acc += w[j] / sum * v.item(((b * S + j) * G + g) * D + d);
+          EXPECT_NEAR(o.item(((b * S + i) * H + h) * D + d), acc, 1e-12);
+        }
+      }
+}

@@ -16,15 +16,17 @@ double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale) {
     for (int64_t r = 0; r < rows; ++r) {
       T* z = logits.data<T>() + r * V;
       DT_ASSERT(tgt[r] >= 0 && tgt[r] < V, "target id ", tgt[r], " outside the vocabulary of ", V);
-      double m = z[0];
-      for (int64_t j = 1; j < V; ++j) m = std::max(m, static_cast<double>(z[j]));
+      // exp in the working dtype (expf for fp32), sums in double.
+      T m = z[0];
+      for (int64_t j = 1; j < V; ++j) m = std::max(m, z[j]);
       double sum = 0;
       for (int64_t j = 0; j < V; ++j) sum += std::exp(z[j] - m);
-      double lse = m + std::log(sum);
+      const double lse = m + std::log(sum);
       total += lse - z[tgt[r]];
       if (grad_scale != 0) {
-        for (int64_t j = 0; j < V; ++j) z[j] = static_cast<T>(grad_scale * std::exp(z[j] - lse));
-        z[tgt[r]] -= static_cast<T>(grad_scale);
+        const T shift = static_cast<T>(lse), gs = static_cast<T>(grad_scale);
+        for (int64_t j = 0; j < V; ++j) z[j] = gs * std::exp(z[j] - shift);
+        z[tgt[r]] -= gs;
       }
     }
   });

@@ -129,7 +129,7 @@ void router_scale_backward(Tensor& dr, Tensor* dg, const Tensor& ds, const Tenso
 int64_t count_active(const Tensor& r) {
   int64_t n = 0;
   DT_CPU_FLOAT_DISPATCH(r.dtype(), T, {
-    for (int64_t i = 0; i < r.numel(); ++i) n += r.data<T>()[i] > 0;
+    for (int64_t i = 0, n_ = r.numel(); i < n_; ++i) n += r.data<T>()[i] > 0;
   });
   return n;
 }

@@ -12,27 +12,27 @@ void add_(Tensor& y, const Tensor& x) {
   DT_CPU_FLOAT_DISPATCH(y.dtype(), T, {
     T* a = y.data<T>();
     const T* b = x.data<T>();
-    for (int64_t i = 0; i < y.numel(); ++i) a[i] += b[i];
+    for (int64_t i = 0, n_ = y.numel(); i < n_; ++i) a[i] += b[i];
   });
 }
 
 void scale_(Tensor& y, double alpha) {
   DT_CPU_FLOAT_DISPATCH(y.dtype(), T, {
     T* a = y.data<T>();
-    for (int64_t i = 0; i < y.numel(); ++i) a[i] = static_cast<T>(a[i] * alpha);
+    for (int64_t i = 0, n_ = y.numel(); i < n_; ++i) a[i] = static_cast<T>(a[i] * alpha);
   });
 }
 
 void mul_forward(Tensor& y, const Tensor& a, const Tensor& b) {
   expect_same(a, b, "mul");
   DT_CPU_FLOAT_DISPATCH(y.dtype(), T, {
-    for (int64_t i = 0; i < y.numel(); ++i) y.data<T>()[i] = a.data<T>()[i] * b.data<T>()[i];
+    for (int64_t i = 0, n_ = y.numel(); i < n_; ++i) y.data<T>()[i] = a.data<T>()[i] * b.data<T>()[i];
   });
 }
 
 void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, const Tensor& b) {
   DT_CPU_FLOAT_DISPATCH(dy.dtype(), T, {
-    for (int64_t i = 0; i < dy.numel(); ++i) {
+    for (int64_t i = 0, n_ = dy.numel(); i < n_; ++i) {
       T g = dy.data<T>()[i];
       da.data<T>()[i] = g * b.data<T>()[i];
       db.data<T>()[i] = g * a.data<T>()[i];
@@ -66,7 +66,7 @@ void embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy) 
 void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
   expect_same(gate, up, "swiglu");
   DT_CPU_FLOAT_DISPATCH(h.dtype(), T, {
-    for (int64_t i = 0; i < h.numel(); ++i) {
+    for (int64_t i = 0, n_ = h.numel(); i < n_; ++i) {
       T g = gate.data<T>()[i];
       h.data<T>()[i] = g * sigmoid(g) * up.data<T>()[i];
     }
@@ -75,7 +75,7 @@ void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
 
 void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate, const Tensor& up) {
   DT_CPU_FLOAT_DISPATCH(dh.dtype(), T, {
-    for (int64_t i = 0; i < dh.numel(); ++i) {
+    for (int64_t i = 0, n_ = dh.numel(); i < n_; ++i) {
       T g = gate.data<T>()[i], sg = sigmoid(g), d = dh.data<T>()[i];
       dup.data<T>()[i] = d * g * sg;
       // d/dg [g * sigmoid(g)] = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
@@ -88,7 +88,7 @@ double sum_squares(const Tensor& x) {
   double s = 0;
   DT_CPU_FLOAT_DISPATCH(x.dtype(), T, {
     const T* p = x.data<T>();
-    for (int64_t i = 0; i < x.numel(); ++i) s += static_cast<double>(p[i]) * p[i];
+    for (int64_t i = 0, n_ = x.numel(); i < n_; ++i) s += static_cast<double>(p[i]) * p[i];
   });
   return s;
 }
@@ -97,7 +97,7 @@ bool has_nonfinite(const Tensor& x) {
   bool bad = false;
   DT_CPU_FLOAT_DISPATCH(x.dtype(), T, {
     const T* p = x.data<T>();
-    for (int64_t i = 0; i < x.numel(); ++i) bad |= !std::isfinite(p[i]);
+    for (int64_t i = 0, n_ = x.numel(); i < n_; ++i) bad |= !std::isfinite(p[i]);
   });
   return bad;
 }
@@ -110,7 +110,7 @@ void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const
     T* mm = m.data<T>();
     T* vv = v.data<T>();
     const T* g = grad.data<T>();
-    for (int64_t i = 0; i < param.numel(); ++i) {
+    for (int64_t i = 0, n_ = param.numel(); i < n_; ++i) {
       double gi = g[i] * grad_scale;
       double mi = s.beta1 * mm[i] + (1 - s.beta1) * gi;
       double vi = s.beta2 * vv[i] + (1 - s.beta2) * gi * gi;
