@@ -10,6 +10,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1, 1);
   app.fallthrough(false);
   decotron::cli::register_version(app);
+  decotron::cli::register_tokenizer(app);
+  decotron::cli::register_preprocess(app);
+  decotron::cli::register_data(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
