@@ -28,6 +28,7 @@ void register_tokenizer(CLI::App& app) {
   train->add_option("--vocab-size", opt->vocab_size, "Vocabulary size")->capture_default_str();
   train->add_option("--model-type", opt->model_type, "bpe or unigram")->capture_default_str();
   train->add_option("--character-coverage", opt->character_coverage, "Share of characters covered by pieces; the rest use byte fallback")->capture_default_str();
+  train->add_option("--normalization", opt->normalization, "identity (keep newlines/spaces, Llama-2 style) or nmt_nfkc (SentencePiece default)")->capture_default_str();
   train->add_option("--byte-fallback", opt->byte_fallback, "Encode unknown characters as bytes (true/false)")->capture_default_str();
   train->add_option("--input-sentence-size", opt->input_sentence_size, "Lines sampled for training (caps time and memory)")->capture_default_str();
   train->add_option("--json-keys", opt->json_key, "Key of the document text in JSONL inputs")->capture_default_str();

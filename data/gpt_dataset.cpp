@@ -86,7 +86,7 @@ Plan plan_epochs(std::span<const int32_t> lengths, int64_t begin, int64_t end, s
     const int64_t need = *N * S + x;
     if (p.T == 0)
       fail(what, " holds no tokens (sequences [", begin, ", ", end, ") of the file), but ", *N,
-           " samples were requested from it. Give this split a larger share in --split (or data.split), "
+           " samples were requested from it. Give this split a larger share in the split string (data.split, --data-split), "
            "use a bigger dataset, or request no samples from it (e.g. eval_iters 0 for valid/test).");
     // Smallest E >= 1 with E*T >= N*S + x (Megatron adds T repeatedly).
     p.E = std::max<int64_t>(1, (need + p.T - 1) / p.T);
@@ -231,11 +231,11 @@ bool load_cache(const std::string& base, GptIndices& idx, int64_t num_sequences,
 GptDataset::GptDataset(std::shared_ptr<const IndexedDataset> data, Split split, std::optional<int64_t> num_samples,
                        const GptDatasetConfig& cfg)
     : data_(std::move(data)), split_(split), cfg_(cfg) {
-  const std::string what = cat("split '", split_name(split), "' of dataset ", data_->prefix(), " (--split \"", cfg.split, "\")");
+  const std::string what = cat("split '", split_name(split), "' of dataset ", data_->prefix(), " (split string \"", cfg.split, "\")");
   if (cfg.seed > 0xffffffffull) fail("seed ", cfg.seed, " is out of range; numpy's RandomState takes seeds in [0, 2^32-1]");
   auto range = split_sequence_range(parse_split_string(cfg.split), split, data_->num_sequences());
   if (!range)
-    fail(what, " is absent: the split string gives it zero width. Give it a nonzero share in --split "
+    fail(what, " is absent: the split string gives it zero width. Give it a nonzero share (data.split, --data-split) "
          "if samples are needed from it.");
   range_ = *range;
   const auto& lengths = data_->sequence_lengths();

@@ -54,7 +54,7 @@ class Progress {
     last_ = now;
     const double el = std::max(1e-9, std::chrono::duration<double>(now - t0_).count());
     const double frac = total_ ? std::min(1.0, static_cast<double>(bytes) / static_cast<double>(total_)) : 0;
-    const double eta = frac > 0 ? el * (1 - frac) / frac : -1;
+    const double eta = frac > 0 && el > 1.0 ? el * (1 - frac) / frac : -1;  // unknown in the first second
     std::fprintf(stderr, "%s[%5.1f%%] %s docs, %s tokens | %s docs/s, %s tok/s | %s/%sB read | ETA %s%s",
                  tty_ ? "\r" : "", 100 * frac, human(static_cast<double>(docs)).c_str(), human(static_cast<double>(tokens)).c_str(),
                  human(docs / el).c_str(), human(tokens / el).c_str(), human(static_cast<double>(bytes)).c_str(),

@@ -132,6 +132,8 @@ void train_tokenizer(const TokenizerTrainOptions& opt) {
   if (opt.vocab_size < 16) fail("tokenizer train: --vocab-size ", opt.vocab_size, " is too small");
   if (opt.model_type != "bpe" && opt.model_type != "unigram")
     fail("tokenizer train: --model-type must be bpe or unigram, got ", opt.model_type);
+  if (opt.normalization != "identity" && opt.normalization != "nmt_nfkc")
+    fail("tokenizer train: --normalization must be identity or nmt_nfkc, got ", opt.normalization);
   total_file_bytes(opt.inputs);  // fail early on a missing file
   const int threads = opt.threads > 0 ? opt.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   std::unordered_map<std::string, std::string> kw = {
@@ -146,6 +148,9 @@ void train_tokenizer(const TokenizerTrainOptions& opt) {
       {"unk_id", "0"}, {"bos_id", "1"}, {"eos_id", "2"}, {"pad_id", "-1"},
       // Split digits so numbers do not eat vocabulary; keeps the model small-vocab friendly.
       {"split_digits", "true"},
+      {"normalization_rule_name", opt.normalization},
+      {"remove_extra_whitespaces", opt.normalization == "identity" ? "false" : "true"},
+      {"allow_whitespace_only_pieces", "true"},
       {"minloglevel", "1"},
   };
   InputSentences it(opt.inputs, opt.json_key);

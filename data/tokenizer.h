@@ -57,6 +57,11 @@ struct TokenizerTrainOptions {
   std::string model_type = "bpe";    // bpe | unigram
   double character_coverage = 0.9999;
   bool byte_fallback = true;         // unknown characters become byte pieces, never <unk>
+  // "identity" (default) keeps text exactly: newlines become byte pieces and runs of spaces
+  // survive, as in Llama 2's tokenizer, so a model can learn line structure (rst, code).
+  // "nmt_nfkc" is SentencePiece's default: NFKC, and whitespace (including newlines)
+  // collapsed to single spaces.
+  std::string normalization = "identity";
   int64_t input_sentence_size = 1000000;  // lines sampled for training (caps time and memory)
   int threads = 0;                   // 0: all hardware threads
 };

@@ -67,7 +67,7 @@ TEST(GptIndices, EmptySplitWithSamplesRequestedFailsInsteadOfHanging) {
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("split 'test' of dataset X"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("--split"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--data-split"), std::string::npos) << e.what();
   }
   // One epoch without a request is fine (Megatron's num_samples=None) and yields nothing.
   EXPECT_EQ(build_gpt_indices(lengths, 3, 3, std::nullopt, 4, true, true, 1234, "x").num_samples(), 0);
@@ -101,7 +101,7 @@ TEST(GptDataset, AbsentSplitErrorNamesSplitAndDataset) {
   auto data = std::make_shared<const IndexedDataset>(dir + "/tiny");
   GptDatasetConfig c = tiny_cfg();
   c.split = "98,2,0";
-  expect_error([&] { GptDataset ds(data, Split::test, 5, c); }, {"'test'", dir + "/tiny", "--split"});
+  expect_error([&] { GptDataset ds(data, Split::test, 5, c); }, {"'test'", dir + "/tiny", "--data-split"});
   c.split = "969,30,1";  // 5 sequences: valid is [5,5), empty, and samples are requested
   expect_error([&] { GptDataset ds(data, Split::valid, 5, c); }, {"'valid'", "holds no tokens"});
 }

@@ -57,7 +57,7 @@ TEST(Tokenizer, TrainsAndRoundTrips) {
   EXPECT_EQ(t.eod_id(), 2);  // the model's EOS
   EXPECT_EQ(t.bos_id(), 1);
   EXPECT_EQ(t.pad_id(), -1);
-  for (std::string s : {"the kernel maps a page table.", "scheduler interrupt buffer", "naïve café 42 ✓ 日本"}) {
+  for (std::string s : {"the kernel maps a page table.", "scheduler interrupt buffer", "naïve café 42 ✓ 日本", "two lines\n  indented  twice\n"}) {
     auto ids = t.encode(s);
     ASSERT_FALSE(ids.empty());
     for (int32_t id : ids) {
