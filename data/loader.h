@@ -6,6 +6,7 @@
 // training loop never waits on disk while the queue is full. Sample order follows Megatron's
 // default "single" sampler: global batch g holds top-level samples [g*gbs, (g+1)*gbs), and
 // data-parallel rank r takes the slice [r*mb, (r+1)*mb) of each micro-step's mb*dp samples.
+// next() and reset() are meant for one consumer thread (the training loop).
 #pragma once
 #include <condition_variable>
 #include <cstdint>

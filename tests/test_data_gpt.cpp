@@ -2,6 +2,9 @@
 // own Python + C++ helper), split ranges against section 3's table, and the index cache.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <random>
+
 #include "data/gpt_dataset.h"
 #include "data_test_util.h"
 
@@ -132,4 +135,58 @@ TEST(GptDataset, CacheIsReusedAndACorruptCacheIsRebuilt) {
   EXPECT_EQ(d.indices().shuffle_index, a.indices().shuffle_index);
   // The rebuilt cache is whole again.
   EXPECT_EQ(read_bytes(base + "-shuffle_index.npy").size(), bytes.size() + 8);
+}
+
+// Beyond the spec's vectors: for many random files and settings, unshuffled sample j must be
+// tokens [j*S, j*S + S + 1) of the stream of sequences in document-index order, the document
+// index must hold each sequence once per epoch (a separate last epoch on its own), and the shuffle index
+// must be a permutation that keeps a separate last epoch apart.
+TEST(GptIndices, RandomConfigsSatisfyTheSampleInvariants) {
+  std::mt19937 rng(99);
+  int separate_seen = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int nseq = 1 + static_cast<int>(rng() % 12);
+    std::vector<int32_t> lengths(nseq);
+    for (auto& l : lengths) l = static_cast<int32_t>(rng() % 4 == 0 ? 0 : rng() % 20);
+    lengths[rng() % nseq] = 1 + static_cast<int32_t>(rng() % 20);  // at least one token
+    const int64_t S = 1 + rng() % 9;
+    const int64_t N = rng() % 40;
+    GptIndices g = build_gpt_indices(lengths, 0, nseq, N, S, true, true, rng(), "random");
+    separate_seen += g.separate_last_epoch;
+    const int64_t n = g.num_samples();
+    ASSERT_GE(n, N);
+    std::vector<int32_t> stream;
+    for (int32_t d : g.document_index)
+      for (int k = 0; k < lengths[d]; ++k) stream.push_back(d * 1000 + k);
+    for (int64_t j = 0; j < n; ++j) {
+      // Rebuild sample j from the sample index, as GptDataset::get does.
+      const int64_t d0 = g.sample_index[2 * j], o0 = g.sample_index[2 * j + 1];
+      const int64_t d1 = g.sample_index[2 * j + 2], o1 = g.sample_index[2 * j + 3];
+      std::vector<int32_t> got;
+      for (int64_t d = d0; d <= d1; ++d) {
+        const int32_t seq = g.document_index[d];
+        const int64_t from = d == d0 ? o0 : 0, to = d == d1 ? o1 + 1 : lengths[seq];
+        for (int64_t k = from; k < to; ++k) got.push_back(seq * 1000 + static_cast<int32_t>(k));
+      }
+      ASSERT_EQ(got, std::vector<int32_t>(stream.begin() + j * S, stream.begin() + j * S + S + 1)) << "trial " << trial << " sample " << j;
+    }
+    // All epochs hold each sequence E times; a separate last epoch holds each once.
+    std::vector<int> count(nseq, 0), last(nseq, 0);
+    for (size_t p = 0; p < g.document_index.size(); ++p) {
+      ++count[g.document_index[p]];
+      if (static_cast<int64_t>(p) >= (g.epochs - 1) * nseq) ++last[g.document_index[p]];
+    }
+    for (int i = 0; i < nseq; ++i) {
+      ASSERT_EQ(count[i], g.epochs);
+      if (g.separate_last_epoch) ASSERT_EQ(last[i], 1);
+    }
+    std::vector<int64_t> sh = g.shuffle_index;
+    if (g.separate_last_epoch) {
+      const int64_t A = ((g.epochs - 1) * g.tokens_per_epoch - 1) / S;
+      for (int64_t i = 0; i < A; ++i) ASSERT_LT(sh[i], A);
+    }
+    std::sort(sh.begin(), sh.end());
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(sh[i], i);
+  }
+  EXPECT_GT(separate_seen, 0);
 }

@@ -83,3 +83,21 @@ TEST(Tokenizer, ErrorsNameTheFile) {
   o.model_prefix = scratch_dir("tok_bad") + "/m";
   expect_error([&] { train_tokenizer(o); }, {"/nonexistent/x.txt"});
 }
+
+#include <sentencepiece_trainer.h>
+
+TEST(Tokenizer, ModelWithoutEosGetsMegatronsAppendedEod) {
+  // Megatron's _SentencePieceTokenizer appends <EOD> after the model's pieces when absent.
+  const std::string dir = scratch_dir("tok_noeos");
+  std::ofstream(dir + "/a.txt") << tiny_corpus();
+  const auto st = sentencepiece::SentencePieceTrainer::Train(std::unordered_map<std::string, std::string>{
+      {"input", dir + "/a.txt"}, {"model_prefix", dir + "/m"}, {"vocab_size", "300"}, {"model_type", "bpe"},
+      {"byte_fallback", "true"}, {"eos_id", "-1"}, {"num_threads", "1"}, {"minloglevel", "2"}});
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  Tokenizer t(dir + "/m.model");
+  EXPECT_EQ(t.eod_id(), 300);
+  EXPECT_EQ(t.vocab_size(), 301);
+  std::vector<int32_t> ids = t.encode("the kernel");
+  ids.push_back(t.eod_id());
+  EXPECT_EQ(t.decode(ids), "the kernel<EOD>");
+}
