@@ -1,0 +1,93 @@
+// `decotron train` end to end through the command line.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct CliRun {
+  int code;
+  std::string out;
+};
+
+CliRun run(const std::string& args) {
+  std::string cmd = std::string(DECOTRON_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string tiny_config(const fs::path& dir) {
+  fs::create_directories(dir);
+  fs::path f = dir / "tiny.yaml";
+  std::ofstream(f) << "model:\n  arch: deco\n  vocab_size: 64\n  seq_len: 16\n  hidden: 32\n  layers: 2\n"
+                      "  heads: 2\n  ffn_hidden: 64\n  experts: 8\n  expert_width: 8\n  shared_expert_width: 16\n"
+                      "  parameter_parity: false\n"
+                      "train:\n  iters: 20\n  micro_batch: 2\n  global_batch: 4\n  warmup_iters: 2\n"
+                      "  decay_iters: 5\n  eval_interval: 10\n  eval_iters: 2\nlog:\n  interval: 5\n";
+  return f.string();
+}
+
+}  // namespace
+
+TEST(TrainCli, WritesResolvedConfigAndMetrics) {
+  fs::path dir = fs::temp_directory_path() / "decotron_train_cli";
+  fs::remove_all(dir);
+  std::string cfg = tiny_config(dir);
+  CliRun r = run("train --config " + cfg + " --synthetic-data --run-dir " + (dir / "run").string() +
+              " --set train.seed=7");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("iter     20/20"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("val_loss"), std::string::npos) << r.out;
+  std::ifstream m(dir / "run" / "metrics.jsonl");
+  int records = 0, evals = 0;
+  for (std::string line; std::getline(m, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("val_loss")) {
+      ++evals;
+      continue;
+    }
+    ++records;
+    for (const char* key : {"iter", "tokens", "lm_loss", "reg_loss", "act_ratio", "act_ratio_per_layer", "reg_coef",
+                            "lr", "grad_norm", "tokens_per_s", "tflops", "peak_memory_bytes", "no_expert_frac"})
+      EXPECT_TRUE(j.contains(key)) << key << " missing in " << line;
+    EXPECT_EQ(j["act_ratio_per_layer"].size(), 1u);
+  }
+  EXPECT_EQ(records, 4);
+  EXPECT_EQ(evals, 2);
+  std::ifstream c(dir / "run" / "config.yaml");
+  std::string text((std::istreambuf_iterator<char>(c)), {});
+  EXPECT_NE(text.find("seed: 7"), std::string::npos);
+  // A second run into the same directory must not overwrite the first.
+  CliRun again = run("train --config " + cfg + " --synthetic-data --run-dir " + (dir / "run").string());
+  EXPECT_EQ(again.code, 1);
+  EXPECT_NE(again.out.find("already holds a run"), std::string::npos) << again.out;
+}
+
+TEST(TrainCli, UserErrorsAreClear) {
+  fs::path dir = fs::temp_directory_path() / "decotron_train_cli_err";
+  fs::remove_all(dir);
+  std::string cfg = tiny_config(dir);
+  CliRun missing = run("train --config /nonexistent.yaml");
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_NE(missing.out.find("does not exist"), std::string::npos) << missing.out;
+  CliRun badset = run("train --config " + cfg + " --set train.lr=fast --synthetic-data");
+  EXPECT_EQ(badset.code, 1);
+  EXPECT_NE(badset.out.find("train.lr"), std::string::npos) << badset.out;
+  CliRun nodata = run("train --config " + cfg + " --run-dir " + (dir / "r").string());
+  EXPECT_EQ(nodata.code, 1);
+  EXPECT_NE(nodata.out.find("data.prefixes"), std::string::npos) << nodata.out;
+  CliRun cuda = run("train --config " + cfg + " --set train.device=cuda --synthetic-data --run-dir " + (dir / "c").string());
+  EXPECT_EQ(cuda.code, 1) << cuda.out;
+  EXPECT_NE(cuda.out.find("train.device"), std::string::npos) << cuda.out;
+  EXPECT_EQ(run("train --help").code, 0);
+}
