@@ -1,8 +1,13 @@
-// decotron train: one training run from a YAML config.
+// decotron train: one training run from a YAML config, saving checkpoints and resuming from them
+// (docs/checkpoints.md).
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <sstream>
 
+#include "checkpoint/manager.h"
+#include "checkpoint/resume.h"
 #include "cli/commands.h"
 #include "core/config.h"
 #include "trainer/trainer.h"
@@ -20,28 +25,97 @@ struct TrainArgs {
   std::string config;
   std::vector<std::string> overrides;
   std::string run_dir;
+  std::string resume;
   bool synthetic = false;
 };
 
-void run_train(const TrainArgs& a) {
-  Config cfg = load_config(a.config, a.overrides);
-  std::string run_dir = a.run_dir.empty() ? "runs/" + fs::path(a.config).stem().string() : a.run_dir;
-  if (fs::exists(fs::path(run_dir) / "metrics.jsonl"))
-    fail("run directory '", run_dir, "' already holds a run (metrics.jsonl); choose another --run-dir, or move it "
-         "away: Decotron never overwrites a saved run");
-  fs::create_directories(run_dir);
-  {
-    std::ofstream out(fs::path(run_dir) / "config.yaml");
-    out << config_to_yaml(cfg);
-    if (!out) fail("cannot write ", run_dir, "/config.yaml");
+// Writes the resolved config to <run_dir>/config.yaml; a different one already there (a
+// resume with changed settings) is kept as config.yaml.before-resume-<timestamp>.
+void write_run_config(const std::string& run_dir, const std::string& yaml) {
+  const fs::path path = fs::path(run_dir) / "config.yaml";
+  if (fs::exists(path)) {
+    std::ifstream in(path);
+    std::stringstream old;
+    old << in.rdbuf();
+    if (old.str() == yaml) return;
+    fs::rename(path, path.string() + ".before-resume-" + utc_timestamp());
   }
-  std::unique_ptr<TrainingData> data =
-      a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, 0)
-                  : make_training_data(cfg, 0);
-  Trainer trainer(cfg, std::move(data), run_dir);
+  std::ofstream out(path);
+  out << yaml;
+  if (!out) fail("cannot write ", path.string());
+}
+
+void run_train(const TrainArgs& a) {
+  // Installed first: a signal during setup then also stops the run cleanly at its first step.
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
-  trainer.after_iteration = [](Trainer& t) {
+
+  // Which checkpoints to resume from: --resume DIR, or the run directory's own (below).
+  std::string source = a.resume.empty() ? "" : resolve_resume_dir(a.resume);
+  std::string run_dir = a.run_dir;
+  if (run_dir.empty()) {
+    if (!a.resume.empty() && source != a.resume) run_dir = a.resume;  // --resume named a run dir
+    else if (!a.config.empty()) run_dir = "runs/" + fs::path(a.config).stem().string();
+    else fail("--resume ", a.resume, " is a checkpoint directory: give --run-dir for the run's metrics, or --config");
+  }
+  Config cfg;
+  if (!a.config.empty()) {
+    cfg = load_config(a.config, a.overrides);
+    if (source.empty() && CheckpointManager::has_checkpoints(checkpoint_dir_for(cfg, run_dir))) {
+      source = checkpoint_dir_for(cfg, run_dir);
+      std::printf("run directory %s already holds checkpoints in %s: resuming from them (use another --run-dir "
+                  "for a fresh run)\n", run_dir.c_str(), source.c_str());
+    }
+  } else if (source.empty()) {
+    source = (fs::path(run_dir) / "checkpoints").string();
+    if (!CheckpointManager::has_checkpoints(source))
+      fail("--config is required (only a resumed run can take its config from its checkpoint, and ", source,
+           " holds none)");
+  }
+
+  std::optional<CheckpointManager::Loaded> loaded;
+  if (!source.empty()) {
+    loaded = CheckpointManager::read_newest_good(source);
+    const std::string& stored = loaded->data.config_yaml;
+    if (a.config.empty()) {
+      cfg = config_from_yaml(stored, loaded->path + ":/config");
+      for (const auto& o : a.overrides) apply_override(cfg, o);
+      validate_config(cfg);
+    } else if (std::string diff = config_differences(stored, config_to_yaml(cfg)); !diff.empty()) {
+      std::printf("note: the config differs from the one stored in %s (the new values apply from here on):\n%s",
+                  loaded->path.c_str(), diff.c_str());
+    }
+  }
+  const std::string metrics = (fs::path(run_dir) / "metrics.jsonl").string();
+  if (!loaded && fs::exists(metrics))
+    fail("run directory '", run_dir, "' already holds a run (metrics.jsonl) but no checkpoint in ",
+         checkpoint_dir_for(cfg, run_dir), "; choose another --run-dir, or move it away: Decotron never "
+         "overwrites a saved run");
+  fs::create_directories(run_dir);
+  write_run_config(run_dir, config_to_yaml(cfg));
+
+  const int64_t consumed = loaded ? loaded->data.state.consumed_samples : 0;
+  std::unique_ptr<TrainingData> data =
+      a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, consumed)
+                  : make_training_data(cfg, consumed);
+  if (loaded) {
+    // The dead run's records after the checkpoint would repeat in the resumed trajectory.
+    std::string side = discard_metrics_after(metrics, loaded->data.state.iteration);
+    if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
+  }
+  Trainer trainer(cfg, std::move(data), run_dir);
+  CheckpointManager manager(checkpoint_dir_for(cfg, run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
+  if (loaded) {
+    restore_checkpoint(trainer, loaded->data, loaded->path);
+    std::printf("resumed from %s at iteration %lld (%lld samples consumed)\n", loaded->path.c_str(),
+                static_cast<long long>(trainer.state().iteration),
+                static_cast<long long>(trainer.state().consumed_samples));
+    if (fs::equivalent(source, manager.dir())) manager.mark_saved(trainer.state().iteration);
+    loaded.reset();  // the host copy is no longer needed
+  }
+  const int64_t interval = cfg.checkpoint.interval;
+  trainer.after_iteration = [&manager, interval](Trainer& t) {
+    if (interval > 0 && t.state().iteration % interval == 0) manager.save(t);
     if (g_stop_signal) {
       std::fprintf(stderr, "signal %d: stopping after iteration %lld\n", static_cast<int>(g_stop_signal),
                    static_cast<long long>(t.state().iteration));
@@ -49,7 +123,12 @@ void run_train(const TrainArgs& a) {
     }
   };
   trainer.train();
-  std::printf("run directory: %s (config.yaml, metrics.jsonl)\n", run_dir.c_str());
+  // At the end, and after a stop request: a signal-triggered save may fall inside a log
+  // interval (docs/checkpoints.md says what a resume from it does to metrics.jsonl).
+  manager.save(trainer);
+  manager.wait();
+  std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", run_dir.c_str(),
+              manager.dir().c_str());
 }
 
 }  // namespace
@@ -57,10 +136,15 @@ void run_train(const TrainArgs& a) {
 void register_train(CLI::App& app) {
   auto args = std::make_shared<TrainArgs>();
   auto* cmd = app.add_subcommand("train", "Train a DECO or dense model from a YAML config");
-  cmd->add_option("--config", args->config, "YAML config (see configs/ and docs/config.md)")->required();
+  cmd->add_option("--config", args->config,
+                  "YAML config (see configs/ and docs/config.md); when resuming, the checkpoint's config is used "
+                  "if this is omitted");
   cmd->add_option("--set", args->overrides, "Override a config key: --set section.key=value (repeatable)");
   cmd->add_option("--run-dir", args->run_dir, "Run directory for config.yaml, metrics.jsonl, checkpoints "
                                               "(default: runs/<config name>)");
+  cmd->add_option("--resume", args->resume,
+                  "Resume from the newest good checkpoint in DIR (a run directory or its checkpoint directory); "
+                  "a --run-dir that already holds checkpoints resumes from them without this flag");
   cmd->add_flag("--synthetic-data", args->synthetic,
                 "Train on synthetic Markov-chain tokens instead of data.prefixes (smoke tests, benchmarks)");
   cmd->callback([args] { run_train(*args); });

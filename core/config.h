@@ -208,6 +208,8 @@ struct Config {
 
 // Loads a YAML file (following `include:`), then applies `key=value` overrides, then validates.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Parses a resolved config from YAML text (e.g. stored in a checkpoint); `name` labels errors.
+Config config_from_yaml(const std::string& text, const std::string& name);
 // Applies one "section.key=value" override (the value parsed as YAML).
 void apply_override(Config& cfg, const std::string& assignment);
 // Checks shapes and combinations; throws decotron::Error naming the key and its file:line.
