@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <sstream>
 
 #include "checkpoint/hdf5_util.h"
 #include "core/version.h"
@@ -120,6 +121,11 @@ void write_checkpoint(const CheckpointData& d, const std::string& path) {
     h5::set_attr(file, "hdf5_version", h5::library_version());
     h5::set_attr(file, "iteration", d.state.iteration);  // for tools that only want the label
     h5::write_text(file, "config", d.config_yaml);
+    // The parameter list, in the model's creation order: a reader can tell a complete file from
+    // one that lost a dataset, without knowing the model.
+    std::string names;
+    for (const CheckpointTensor& t : d.model) names += t.name + "\n";
+    h5::write_text(file, "parameter_names", names);
     {
       h5::Handle model = h5::create_group(file, "model");
       for (const CheckpointTensor& t : d.model) write_tensor(model, t, true);
@@ -166,9 +172,12 @@ CheckpointData read_checkpoint(const std::string& path, bool weights_only) {
     d.config_yaml = h5::read_text(file, "config");
     std::vector<std::string> names;
     {
+      std::istringstream list(h5::read_text(file, "parameter_names"));
+      for (std::string n; std::getline(list, n);) names.push_back(n);
       h5::Handle model = h5::open_group(file, "model");
-      names = h5::list_group(model);
       for (const std::string& n : names) d.model.push_back(read_tensor(model, n, true));
+      if (h5::list_group(model).size() != names.size())
+        fail("/model holds datasets that /parameter_names does not list: the file is corrupt");
     }
     {
       h5::Handle opt = h5::open_group(file, "optimizer");
