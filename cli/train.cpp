@@ -1,5 +1,6 @@
 // decotron train: one training run from a YAML config, saving checkpoints and resuming from them
 // (docs/checkpoints.md).
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -37,7 +38,7 @@ void write_run_config(const std::string& run_dir, const std::string& yaml) {
     std::ifstream in(path);
     std::stringstream old;
     old << in.rdbuf();
-    if (old.str() == yaml) return;
+    if (config_differences(old.str(), yaml).empty()) return;  // same values (comments may differ)
     fs::rename(path, path.string() + ".before-resume-" + utc_timestamp());
   }
   std::ofstream out(path);
@@ -65,6 +66,7 @@ void run_train(const TrainArgs& a) {
       source = checkpoint_dir_for(cfg, run_dir);
       std::printf("run directory %s already holds checkpoints in %s: resuming from them (use another --run-dir "
                   "for a fresh run)\n", run_dir.c_str(), source.c_str());
+      std::fflush(stdout);
     }
   } else if (source.empty()) {
     source = (fs::path(run_dir) / "checkpoints").string();
@@ -74,8 +76,11 @@ void run_train(const TrainArgs& a) {
   }
 
   std::optional<CheckpointManager::Loaded> loaded;
+  double read_seconds = 0;
   if (!source.empty()) {
+    auto t0 = std::chrono::steady_clock::now();
     loaded = CheckpointManager::read_newest_good(source);
+    read_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const std::string& stored = loaded->data.config_yaml;
     if (a.config.empty()) {
       cfg = config_from_yaml(stored, loaded->path + ":/config");
@@ -102,14 +107,15 @@ void run_train(const TrainArgs& a) {
     // The dead run's records after the checkpoint would repeat in the resumed trajectory.
     std::string side = discard_metrics_after(metrics, loaded->data.state.iteration);
     if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
+    std::fflush(stdout);
   }
   Trainer trainer(cfg, std::move(data), run_dir);
   CheckpointManager manager(checkpoint_dir_for(cfg, run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
   if (loaded) {
     restore_checkpoint(trainer, loaded->data, loaded->path);
-    std::printf("resumed from %s at iteration %lld (%lld samples consumed)\n", loaded->path.c_str(),
-                static_cast<long long>(trainer.state().iteration),
-                static_cast<long long>(trainer.state().consumed_samples));
+    std::printf("resumed from %s at iteration %lld (%lld samples consumed; read and checked in %.3f s)\n",
+                loaded->path.c_str(), static_cast<long long>(trainer.state().iteration),
+                static_cast<long long>(trainer.state().consumed_samples), read_seconds);
     if (fs::equivalent(source, manager.dir())) manager.mark_saved(trainer.state().iteration);
     loaded.reset();  // the host copy is no longer needed
   }

@@ -155,10 +155,13 @@ struct CheckpointConfig {
   bool async = false;
 
   template <class V> void fields(V& v) {
-    v("dir", dir, "Checkpoint directory (empty: <run-dir>/checkpoints)");
-    v("interval", interval, "Save every N steps (0: only at the end and on SIGTERM/SIGINT)");
-    v("keep", keep, "Keep the newest K checkpoints");
-    v("async", async, "Write checkpoints on a background thread while training goes on");
+    v("dir", dir, "Checkpoint directory (empty: <run-dir>/checkpoints; relative paths are relative to the working "
+                  "directory)");
+    v("interval", interval,
+      "Save every N steps, a multiple of log.interval (0: only at the end and on SIGTERM/SIGINT)");
+    v("keep", keep, "Keep the newest K checkpoints (the one `latest` names is never deleted)");
+    v("async", async,
+      "Copy the state to host memory, then write the file on a background thread while training goes on");
   }
 };
 

@@ -178,7 +178,7 @@ void signal_at(pid_t pid, const std::string& metrics, int64_t iter, int sig) {
 
 // The subprocess config: the tiny model, with batches big enough (10 micro-batches a step)
 // that a test polling the metrics can stop it in the middle of a 40-step run.
-std::string write_cli_config(const std::string& dir) {
+std::string write_cli_config(const std::string& dir, bool async = false) {
   std::string path = dir + "/tiny.yaml";
   std::ofstream(path) << "model: {arch: deco, vocab_size: 64, seq_len: 16, hidden: 32, layers: 2, heads: 2,\n"
                          "        ffn_hidden: 64, experts: 8, expert_width: 8, shared_expert_width: 16,\n"
@@ -186,7 +186,7 @@ std::string write_cli_config(const std::string& dir) {
                          "train: {iters: 40, micro_batch: 16, global_batch: 160, lr: 1.0e-2, warmup_iters: 5,\n"
                          "        lr_schedule: constant, reg_lambda0: 1.0e-3, reg_multiplier: 1.05,\n"
                          "        eval_interval: 10, eval_iters: 2, skip_grad_norm_factor: 50}\n"
-                         "checkpoint: {interval: 10, keep: 2}\n"
+                         "checkpoint: {interval: 10, keep: 2, async: " << (async ? "true" : "false") << "}\n"
                          "log: {interval: 5}\n";
   return path;
 }
@@ -391,7 +391,7 @@ TEST(CheckpointResume, KilledRunResumesToTheUninterruptedTrajectory) {
 
 TEST(CheckpointResume, SigtermSavesAndExitsZeroThenResumeFinishes) {
   const std::string dir = fresh_dir("sigterm");
-  const std::string cfg = write_cli_config(dir);
+  const std::string cfg = write_cli_config(dir, true);  // async saves: the exit joins the writer
   const std::string run = dir + "/run", metrics = run + "/metrics.jsonl";
   pid_t pid = spawn_train({"--config", cfg, "--run-dir", run, "--synthetic-data"}, dir + "/run.log");
   signal_at(pid, metrics, 15, SIGTERM);
