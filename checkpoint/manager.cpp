@@ -128,6 +128,7 @@ void CheckpointManager::save(Trainer& trainer) {
   // The snapshot is taken now, on the training thread, so the file holds exactly this
   // iteration's state even if training moves on while it is written.
   auto data = std::make_shared<CheckpointData>(capture_checkpoint(trainer));
+  const double snapshot_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   last_saved_ = it;
   if (!async_) {
     write_and_publish(*data);
@@ -137,13 +138,13 @@ void CheckpointManager::save(Trainer& trainer) {
     std::fflush(stdout);
     return;
   }
-  worker_ = std::thread([this, data, t0] {
+  worker_ = std::thread([this, data, t0, snapshot_s] {
     try {
       write_and_publish(*data);
       const std::string path = (fs::path(dir_) / file_name(data->state.iteration)).string();
-      std::printf("checkpoint: saved %s (%s) in the background in %.3f s\n", path.c_str(),
+      std::printf("checkpoint: saved %s (%s) in %.3f s, %.3f s of it on the training thread\n", path.c_str(),
                   file_size_str(path).c_str(),
-                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), snapshot_s);
       std::fflush(stdout);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "error: background checkpoint save failed: %s\n", e.what());
@@ -155,8 +156,14 @@ void CheckpointManager::save(Trainer& trainer) {
 void CheckpointManager::write_and_publish(const CheckpointData& data) {
   const std::string name = file_name(data.state.iteration);
   const std::string final = (fs::path(dir_) / name).string(), tmp = (fs::path(dir_) / ("." + name + ".tmp")).string();
-  write_checkpoint(data, tmp);
-  publish(tmp, final, dir_);
+  try {
+    write_checkpoint(data, tmp);
+    publish(tmp, final, dir_);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);  // never published; do not leave a partial file behind
+    throw;
+  }
   const std::string latest_tmp = (fs::path(dir_) / ".latest.tmp").string();
   {
     std::ofstream out(latest_tmp, std::ios::trunc);

@@ -20,7 +20,13 @@ namespace fs = std::filesystem;
 namespace {
 
 volatile std::sig_atomic_t g_stop_signal = 0;
-extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+// The first SIGTERM/SIGINT asks for a clean stop (finish the step, save, exit 0); a second one
+// gets the default action, so an impatient Ctrl-C still kills at once (the atomic saves keep
+// the checkpoint directory usable either way).
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal = sig;
+  std::signal(sig, SIG_DFL);
+}
 
 struct TrainArgs {
   std::string config;
