@@ -38,37 +38,44 @@ std::string utc_timestamp() {
 }
 
 std::string discard_metrics_after(const std::string& metrics_path, int64_t iteration) {
-  std::ifstream in(metrics_path);
+  std::ifstream in(metrics_path, std::ios::binary);
   if (!in) return "";
-  std::vector<std::string> keep, drop;
-  for (std::string line; std::getline(in, line);) {
+  std::stringstream buf;
+  buf << in.rdbuf();
+  in.close();
+  const std::string text = buf.str();
+  // Records are appended in iteration order: the trajectory is the prefix before the first
+  // record past `iteration` (or the first incomplete line: unparsable, or without its newline).
+  size_t keep = 0;
+  while (keep < text.size()) {
+    size_t nl = text.find('\n', keep);
+    if (nl == std::string::npos) break;
     bool ok = false;
     try {
-      nlohmann::json j = nlohmann::json::parse(line);
+      nlohmann::json j = nlohmann::json::parse(text.substr(keep, nl - keep));
       ok = j.contains("iter") && j["iter"].is_number_integer() && j["iter"].get<int64_t>() <= iteration;
     } catch (const nlohmann::json::exception&) {
-      ok = false;  // a partial last line from a killed run
     }
-    (ok ? keep : drop).push_back(line);
+    if (!ok) break;
+    keep = nl + 1;
   }
-  in.close();
-  if (drop.empty()) return "";
+  if (keep == text.size()) return "";
   std::string side = metrics_path + ".discarded-" + utc_timestamp();
   for (int k = 1; fs::exists(side); ++k) side = metrics_path + ".discarded-" + utc_timestamp() + "-" + std::to_string(k);
-  // The side file is complete before metrics.jsonl is replaced, so a crash in between loses
-  // nothing (the records would then be in both files).
-  auto write_lines = [](const std::string& path, const std::vector<std::string>& lines) {
-    std::ofstream out(path, std::ios::trunc);
-    for (const std::string& l : lines) out << l << "\n";
+  // The side file is complete before metrics.jsonl is cut, so a crash in between loses nothing
+  // (the records would then be in both files).
+  {
+    std::ofstream out(side, std::ios::binary | std::ios::trunc);
+    out << text.substr(keep);
+    if (text.back() != '\n') out << "\n";
     out.close();
-    if (!out) fail("cannot write ", path, " (check free disk space and permissions)");
-  };
-  write_lines(side, drop);
-  const std::string tmp = metrics_path + ".tmp";
-  write_lines(tmp, keep);
+    if (!out) fail("cannot write ", side, " (check free disk space and permissions)");
+  }
+  // Cut in place rather than replace the file: a writer that already has it open for append
+  // (the Trainer) goes on writing at the new end.
   std::error_code ec;
-  fs::rename(tmp, metrics_path, ec);
-  if (ec) fail("cannot replace ", metrics_path, ": ", ec.message());
+  fs::resize_file(metrics_path, keep, ec);
+  if (ec) fail("cannot truncate ", metrics_path, ": ", ec.message());
   return side;
 }
 

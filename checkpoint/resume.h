@@ -19,10 +19,11 @@ std::string resolve_resume_dir(const std::string& dir);
 // "20261123T123456Z": a UTC time for side-file names.
 std::string utc_timestamp();
 
-// Moves the records of `metrics_path` whose "iter" is greater than `iteration` (and any line
-// that is not a complete JSON record, e.g. one cut by SIGKILL) to
-// <metrics_path>.discarded-<timestamp>, keeping the rest in order. Returns the side file's
-// path, or "" if nothing was moved (or the file does not exist).
+// Moves the records of `metrics_path` from the first one whose "iter" is greater than
+// `iteration` (or the first incomplete line, e.g. one cut by SIGKILL) to the end into
+// <metrics_path>.discarded-<timestamp>, and cuts metrics.jsonl there, in place (a Trainer that
+// has it open for append continues at the new end). Returns the side file's path, or "" if
+// nothing was moved (or the file does not exist).
 std::string discard_metrics_after(const std::string& metrics_path, int64_t iteration);
 
 // Names the keys whose values differ between two config_to_yaml() texts, one

@@ -52,79 +52,92 @@ void write_run_config(const std::string& run_dir, const std::string& yaml) {
   if (!out) fail("cannot write ", path.string());
 }
 
+// What a `train` invocation resolves to before any work: where the run lives, its config, and
+// the checkpoint it resumes from (if any).
+struct Plan {
+  std::string run_dir;
+  std::string source;  // checkpoint directory to resume from; "" for a fresh run
+  Config cfg;
+  std::optional<CheckpointManager::Loaded> loaded;
+  double read_seconds = 0;
+};
+
+Plan plan_run(const TrainArgs& a) {
+  Plan p;
+  // Which checkpoints to resume from: --resume DIR, or the run directory's own (below).
+  p.source = a.resume.empty() ? "" : resolve_resume_dir(a.resume);
+  p.run_dir = a.run_dir;
+  if (p.run_dir.empty()) {
+    if (!a.resume.empty() && p.source != a.resume) p.run_dir = a.resume;  // --resume named a run dir
+    else if (!a.config.empty()) p.run_dir = "runs/" + fs::path(a.config).stem().string();
+    else fail("--resume ", a.resume, " is a checkpoint directory: give --run-dir for the run's metrics, or --config");
+  }
+  if (!a.config.empty()) {
+    p.cfg = load_config(a.config, a.overrides);
+    const std::string own = checkpoint_dir_for(p.cfg, p.run_dir);
+    if (p.source.empty() && CheckpointManager::has_checkpoints(own)) {
+      p.source = own;
+      std::printf("run directory %s already holds checkpoints in %s: resuming from them (use another --run-dir "
+                  "for a fresh run)\n", p.run_dir.c_str(), own.c_str());
+      std::fflush(stdout);
+    }
+  } else if (p.source.empty()) {
+    p.source = (fs::path(p.run_dir) / "checkpoints").string();
+    if (!CheckpointManager::has_checkpoints(p.source))
+      fail("--config is required (only a resumed run can take its config from its checkpoint, and ", p.source,
+           " holds none)");
+  }
+  if (!p.source.empty()) {
+    auto t0 = std::chrono::steady_clock::now();
+    p.loaded = CheckpointManager::read_newest_good(p.source);
+    p.read_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string& stored = p.loaded->data.config_yaml;
+    if (a.config.empty()) {
+      p.cfg = config_from_yaml(stored, p.loaded->path + ":/config");
+      for (const auto& o : a.overrides) apply_override(p.cfg, o);
+      validate_config(p.cfg);
+    } else if (std::string diff = config_differences(stored, config_to_yaml(p.cfg)); !diff.empty()) {
+      std::printf("note: the config differs from the one stored in %s (the new values apply from here on):\n%s",
+                  p.loaded->path.c_str(), diff.c_str());
+      std::fflush(stdout);
+    }
+  }
+  if (!p.loaded && fs::exists(fs::path(p.run_dir) / "metrics.jsonl"))
+    fail("run directory '", p.run_dir, "' already holds a run (metrics.jsonl) but no checkpoint in ",
+         checkpoint_dir_for(p.cfg, p.run_dir), "; choose another --run-dir, or move it away: Decotron never "
+         "overwrites a saved run");
+  return p;
+}
+
 void run_train(const TrainArgs& a) {
   // Installed first: a signal during setup then also stops the run cleanly at its first step.
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
+  Plan p = plan_run(a);
+  const Config& cfg = p.cfg;
 
-  // Which checkpoints to resume from: --resume DIR, or the run directory's own (below).
-  std::string source = a.resume.empty() ? "" : resolve_resume_dir(a.resume);
-  std::string run_dir = a.run_dir;
-  if (run_dir.empty()) {
-    if (!a.resume.empty() && source != a.resume) run_dir = a.resume;  // --resume named a run dir
-    else if (!a.config.empty()) run_dir = "runs/" + fs::path(a.config).stem().string();
-    else fail("--resume ", a.resume, " is a checkpoint directory: give --run-dir for the run's metrics, or --config");
-  }
-  Config cfg;
-  if (!a.config.empty()) {
-    cfg = load_config(a.config, a.overrides);
-    if (source.empty() && CheckpointManager::has_checkpoints(checkpoint_dir_for(cfg, run_dir))) {
-      source = checkpoint_dir_for(cfg, run_dir);
-      std::printf("run directory %s already holds checkpoints in %s: resuming from them (use another --run-dir "
-                  "for a fresh run)\n", run_dir.c_str(), source.c_str());
-      std::fflush(stdout);
-    }
-  } else if (source.empty()) {
-    source = (fs::path(run_dir) / "checkpoints").string();
-    if (!CheckpointManager::has_checkpoints(source))
-      fail("--config is required (only a resumed run can take its config from its checkpoint, and ", source,
-           " holds none)");
-  }
-
-  std::optional<CheckpointManager::Loaded> loaded;
-  double read_seconds = 0;
-  if (!source.empty()) {
-    auto t0 = std::chrono::steady_clock::now();
-    loaded = CheckpointManager::read_newest_good(source);
-    read_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const std::string& stored = loaded->data.config_yaml;
-    if (a.config.empty()) {
-      cfg = config_from_yaml(stored, loaded->path + ":/config");
-      for (const auto& o : a.overrides) apply_override(cfg, o);
-      validate_config(cfg);
-    } else if (std::string diff = config_differences(stored, config_to_yaml(cfg)); !diff.empty()) {
-      std::printf("note: the config differs from the one stored in %s (the new values apply from here on):\n%s",
-                  loaded->path.c_str(), diff.c_str());
-    }
-  }
-  const std::string metrics = (fs::path(run_dir) / "metrics.jsonl").string();
-  if (!loaded && fs::exists(metrics))
-    fail("run directory '", run_dir, "' already holds a run (metrics.jsonl) but no checkpoint in ",
-         checkpoint_dir_for(cfg, run_dir), "; choose another --run-dir, or move it away: Decotron never "
-         "overwrites a saved run");
-  fs::create_directories(run_dir);
-  write_run_config(run_dir, config_to_yaml(cfg));
-
-  const int64_t consumed = loaded ? loaded->data.state.consumed_samples : 0;
+  const int64_t consumed = p.loaded ? p.loaded->data.state.consumed_samples : 0;
   std::unique_ptr<TrainingData> data =
       a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, consumed)
                   : make_training_data(cfg, consumed);
-  if (loaded) {
+  Trainer trainer(cfg, std::move(data), p.run_dir);
+  CheckpointManager manager(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
+  if (p.loaded) {
+    // Restored (and the shapes checked) before metrics.jsonl is touched.
+    restore_checkpoint(trainer, p.loaded->data, p.loaded->path);
+    std::printf("resumed from %s at iteration %lld (%lld samples consumed; read and checked in %.3f s)\n",
+                p.loaded->path.c_str(), static_cast<long long>(trainer.state().iteration),
+                static_cast<long long>(trainer.state().consumed_samples), p.read_seconds);
     // The dead run's records after the checkpoint would repeat in the resumed trajectory.
-    std::string side = discard_metrics_after(metrics, loaded->data.state.iteration);
+    std::string side = discard_metrics_after((fs::path(p.run_dir) / "metrics.jsonl").string(),
+                                             trainer.state().iteration);
     if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
     std::fflush(stdout);
+    if (fs::equivalent(p.source, manager.dir())) manager.mark_saved(trainer.state().iteration);
+    p.loaded.reset();  // the host copy is no longer needed
   }
-  Trainer trainer(cfg, std::move(data), run_dir);
-  CheckpointManager manager(checkpoint_dir_for(cfg, run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
-  if (loaded) {
-    restore_checkpoint(trainer, loaded->data, loaded->path);
-    std::printf("resumed from %s at iteration %lld (%lld samples consumed; read and checked in %.3f s)\n",
-                loaded->path.c_str(), static_cast<long long>(trainer.state().iteration),
-                static_cast<long long>(trainer.state().consumed_samples), read_seconds);
-    if (fs::equivalent(source, manager.dir())) manager.mark_saved(trainer.state().iteration);
-    loaded.reset();  // the host copy is no longer needed
-  }
+  write_run_config(p.run_dir, config_to_yaml(cfg));
+
   const int64_t interval = cfg.checkpoint.interval;
   trainer.after_iteration = [&manager, interval](Trainer& t) {
     if (interval > 0 && t.state().iteration % interval == 0) manager.save(t);
@@ -139,7 +152,7 @@ void run_train(const TrainArgs& a) {
   // interval (docs/checkpoints.md says what a resume from it does to metrics.jsonl).
   manager.save(trainer);
   manager.wait();
-  std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", run_dir.c_str(),
+  std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
               manager.dir().c_str());
 }
 
