@@ -1,8 +1,14 @@
-// decotron train: one training run from a YAML config.
+// decotron train: one training run from a YAML config, saving checkpoints and resuming from them
+// (docs/checkpoints.md).
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <sstream>
 
+#include "checkpoint/manager.h"
+#include "checkpoint/resume.h"
 #include "cli/commands.h"
 #include "core/config.h"
 #include "trainer/trainer.h"
@@ -14,34 +20,127 @@ namespace fs = std::filesystem;
 namespace {
 
 volatile std::sig_atomic_t g_stop_signal = 0;
-extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+// The first SIGTERM/SIGINT asks for a clean stop (finish the step, save, exit 0); a second one
+// gets the default action, so an impatient Ctrl-C still kills at once (the atomic saves keep
+// the checkpoint directory usable either way).
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal = sig;
+  std::signal(sig, SIG_DFL);
+}
 
 struct TrainArgs {
   std::string config;
   std::vector<std::string> overrides;
   std::string run_dir;
+  std::string resume;
   bool synthetic = false;
 };
 
-void run_train(const TrainArgs& a) {
-  Config cfg = load_config(a.config, a.overrides);
-  std::string run_dir = a.run_dir.empty() ? "runs/" + fs::path(a.config).stem().string() : a.run_dir;
-  if (fs::exists(fs::path(run_dir) / "metrics.jsonl"))
-    fail("run directory '", run_dir, "' already holds a run (metrics.jsonl); choose another --run-dir, or move it "
-         "away: Decotron never overwrites a saved run");
-  fs::create_directories(run_dir);
-  {
-    std::ofstream out(fs::path(run_dir) / "config.yaml");
-    out << config_to_yaml(cfg);
-    if (!out) fail("cannot write ", run_dir, "/config.yaml");
+// Writes the resolved config to <run_dir>/config.yaml; a different one already there (a
+// resume with changed settings) is kept as config.yaml.before-resume-<timestamp>.
+void write_run_config(const std::string& run_dir, const std::string& yaml) {
+  const fs::path path = fs::path(run_dir) / "config.yaml";
+  if (fs::exists(path)) {
+    std::ifstream in(path);
+    std::stringstream old;
+    old << in.rdbuf();
+    if (config_differences(old.str(), yaml).empty()) return;  // same values (comments may differ)
+    fs::rename(path, path.string() + ".before-resume-" + utc_timestamp());
   }
-  std::unique_ptr<TrainingData> data =
-      a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, 0)
-                  : make_training_data(cfg, 0);
-  Trainer trainer(cfg, std::move(data), run_dir);
+  std::ofstream out(path);
+  out << yaml;
+  if (!out) fail("cannot write ", path.string());
+}
+
+// What a `train` invocation resolves to before any work: where the run lives, its config, and
+// the checkpoint it resumes from (if any).
+struct Plan {
+  std::string run_dir;
+  std::string source;  // checkpoint directory to resume from; "" for a fresh run
+  Config cfg;
+  std::optional<CheckpointManager::Loaded> loaded;
+  double read_seconds = 0;
+};
+
+Plan plan_run(const TrainArgs& a) {
+  Plan p;
+  // Which checkpoints to resume from: --resume DIR, or the run directory's own (below).
+  p.source = a.resume.empty() ? "" : resolve_resume_dir(a.resume);
+  p.run_dir = a.run_dir;
+  if (p.run_dir.empty()) {
+    if (!a.resume.empty() && p.source != a.resume) p.run_dir = a.resume;  // --resume named a run dir
+    else if (!a.config.empty()) p.run_dir = "runs/" + fs::path(a.config).stem().string();
+    else fail("--resume ", a.resume, " is a checkpoint directory: give --run-dir for the run's metrics, or --config");
+  }
+  if (!a.config.empty()) {
+    p.cfg = load_config(a.config, a.overrides);
+    const std::string own = checkpoint_dir_for(p.cfg, p.run_dir);
+    if (p.source.empty() && CheckpointManager::has_checkpoints(own)) {
+      p.source = own;
+      std::printf("run directory %s already holds checkpoints in %s: resuming from them (use another --run-dir "
+                  "for a fresh run)\n", p.run_dir.c_str(), own.c_str());
+      std::fflush(stdout);
+    }
+  } else if (p.source.empty()) {
+    p.source = (fs::path(p.run_dir) / "checkpoints").string();
+    if (!CheckpointManager::has_checkpoints(p.source))
+      fail("--config is required (only a resumed run can take its config from its checkpoint, and ", p.source,
+           " holds none)");
+  }
+  if (!p.source.empty()) {
+    auto t0 = std::chrono::steady_clock::now();
+    p.loaded = CheckpointManager::read_newest_good(p.source);
+    p.read_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string& stored = p.loaded->data.config_yaml;
+    if (a.config.empty()) {
+      p.cfg = config_from_yaml(stored, p.loaded->path + ":/config");
+      for (const auto& o : a.overrides) apply_override(p.cfg, o);
+      validate_config(p.cfg);
+    } else if (std::string diff = config_differences(stored, config_to_yaml(p.cfg)); !diff.empty()) {
+      std::printf("note: the config differs from the one stored in %s (the new values apply from here on):\n%s",
+                  p.loaded->path.c_str(), diff.c_str());
+      std::fflush(stdout);
+    }
+  }
+  if (!p.loaded && fs::exists(fs::path(p.run_dir) / "metrics.jsonl"))
+    fail("run directory '", p.run_dir, "' already holds a run (metrics.jsonl) but no checkpoint in ",
+         checkpoint_dir_for(p.cfg, p.run_dir), "; choose another --run-dir, or move it away: Decotron never "
+         "overwrites a saved run");
+  return p;
+}
+
+void run_train(const TrainArgs& a) {
+  // Installed first: a signal during setup then also stops the run cleanly at its first step.
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
-  trainer.after_iteration = [](Trainer& t) {
+  Plan p = plan_run(a);
+  const Config& cfg = p.cfg;
+
+  const int64_t consumed = p.loaded ? p.loaded->data.state.consumed_samples : 0;
+  std::unique_ptr<TrainingData> data =
+      a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, consumed)
+                  : make_training_data(cfg, consumed);
+  Trainer trainer(cfg, std::move(data), p.run_dir);
+  CheckpointManager manager(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
+  if (p.loaded) {
+    // Restored (and the shapes checked) before metrics.jsonl is touched.
+    restore_checkpoint(trainer, p.loaded->data, p.loaded->path);
+    std::printf("resumed from %s at iteration %lld (%lld samples consumed; read and checked in %.3f s)\n",
+                p.loaded->path.c_str(), static_cast<long long>(trainer.state().iteration),
+                static_cast<long long>(trainer.state().consumed_samples), p.read_seconds);
+    // The dead run's records after the checkpoint would repeat in the resumed trajectory.
+    std::string side = discard_metrics_after((fs::path(p.run_dir) / "metrics.jsonl").string(),
+                                             trainer.state().iteration);
+    if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
+    std::fflush(stdout);
+    if (fs::equivalent(p.source, manager.dir())) manager.mark_saved(trainer.state().iteration);
+    p.loaded.reset();  // the host copy is no longer needed
+  }
+  write_run_config(p.run_dir, config_to_yaml(cfg));
+
+  const int64_t interval = cfg.checkpoint.interval;
+  trainer.after_iteration = [&manager, interval](Trainer& t) {
+    if (interval > 0 && t.state().iteration % interval == 0) manager.save(t);
     if (g_stop_signal) {
       std::fprintf(stderr, "signal %d: stopping after iteration %lld\n", static_cast<int>(g_stop_signal),
                    static_cast<long long>(t.state().iteration));
@@ -49,7 +148,12 @@ void run_train(const TrainArgs& a) {
     }
   };
   trainer.train();
-  std::printf("run directory: %s (config.yaml, metrics.jsonl)\n", run_dir.c_str());
+  // At the end, and after a stop request: a signal-triggered save may fall inside a log
+  // interval (docs/checkpoints.md says what a resume from it does to metrics.jsonl).
+  manager.save(trainer);
+  manager.wait();
+  std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
+              manager.dir().c_str());
 }
 
 }  // namespace
@@ -57,10 +161,15 @@ void run_train(const TrainArgs& a) {
 void register_train(CLI::App& app) {
   auto args = std::make_shared<TrainArgs>();
   auto* cmd = app.add_subcommand("train", "Train a DECO or dense model from a YAML config");
-  cmd->add_option("--config", args->config, "YAML config (see configs/ and docs/config.md)")->required();
+  cmd->add_option("--config", args->config,
+                  "YAML config (see configs/ and docs/config.md); when resuming, the checkpoint's config is used "
+                  "if this is omitted");
   cmd->add_option("--set", args->overrides, "Override a config key: --set section.key=value (repeatable)");
   cmd->add_option("--run-dir", args->run_dir, "Run directory for config.yaml, metrics.jsonl, checkpoints "
                                               "(default: runs/<config name>)");
+  cmd->add_option("--resume", args->resume,
+                  "Resume from the newest good checkpoint in DIR (a run directory or its checkpoint directory); "
+                  "a --run-dir that already holds checkpoints resumes from them without this flag");
   cmd->add_flag("--synthetic-data", args->synthetic,
                 "Train on synthetic Markov-chain tokens instead of data.prefixes (smoke tests, benchmarks)");
   cmd->callback([args] { run_train(*args); });

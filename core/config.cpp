@@ -154,6 +154,9 @@ struct SectionDispatch {
   }
 };
 
+void load_root(Config& cfg, const YAML::Node& root, const fs::path& path, const fs::path& canon,
+               std::vector<fs::path>& stack);
+
 void load_file(Config& cfg, const fs::path& path, std::vector<fs::path>& stack) {
   fs::path canon = fs::weakly_canonical(path);
   if (std::find(stack.begin(), stack.end(), canon) != stack.end())
@@ -168,6 +171,12 @@ void load_file(Config& cfg, const fs::path& path, std::vector<fs::path>& stack) 
   } catch (const YAML::Exception& e) {
     fail(path.string(), ":", e.mark.line + 1, ": YAML syntax error: ", e.msg);
   }
+  load_root(cfg, root, path, canon, stack);
+}
+
+// Applies a parsed YAML document; `path` names it in errors and anchors its includes.
+void load_root(Config& cfg, const YAML::Node& root, const fs::path& path, const fs::path& canon,
+               std::vector<fs::path>& stack) {
   const std::string file = path.string();
   if (root.IsNull()) return;
   if (!root.IsMap()) fail(file, ": a config is a map of sections (model:, train:, data:, ...)");
@@ -228,6 +237,21 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   std::vector<fs::path> stack;
   load_file(cfg, path, stack);
   for (const auto& o : overrides) apply_override(cfg, o);
+  validate_config(cfg);
+  return cfg;
+}
+
+Config config_from_yaml(const std::string& text, const std::string& name) {
+  Config cfg;
+  cfg.source = name;
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    fail(name, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg);
+  }
+  std::vector<fs::path> stack;
+  load_root(cfg, root, name, name, stack);
   validate_config(cfg);
   return cfg;
 }
@@ -297,6 +321,13 @@ void validate_config(const Config& c) {
     fail(c.where("parallel.tensor"), ": parallel sizes must be >= 1 (data: 0 for auto)");
   if (c.log.interval < 1) fail(c.where("log.interval"), " must be >= 1");
   if (c.checkpoint.keep < 1) fail(c.where("checkpoint.keep"), " must be >= 1");
+  if (c.checkpoint.interval < 0) fail(c.where("checkpoint.interval"), " must be >= 0");
+  // A resumed run's metrics.jsonl equals an uninterrupted run's only if every checkpoint falls
+  // on a log boundary (the partial interval's averages are not checkpointed).
+  if (c.checkpoint.interval > 0 && c.checkpoint.interval % c.log.interval != 0)
+    fail(c.where("checkpoint.interval"), " = ", c.checkpoint.interval, " is not a multiple of log.interval = ",
+         c.log.interval, "; pick a multiple so that checkpoints fall on log boundaries (resumed metrics then "
+         "match an uninterrupted run)");
 }
 
 namespace {

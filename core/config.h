@@ -155,10 +155,13 @@ struct CheckpointConfig {
   bool async = false;
 
   template <class V> void fields(V& v) {
-    v("dir", dir, "Checkpoint directory (empty: <run-dir>/checkpoints)");
-    v("interval", interval, "Save every N steps (0: only at the end and on SIGTERM/SIGINT)");
-    v("keep", keep, "Keep the newest K checkpoints");
-    v("async", async, "Write checkpoints on a background thread while training goes on");
+    v("dir", dir, "Checkpoint directory (empty: <run-dir>/checkpoints; relative paths are relative to the working "
+                  "directory)");
+    v("interval", interval,
+      "Save every N steps, a multiple of log.interval (0: only at the end and on SIGTERM/SIGINT)");
+    v("keep", keep, "Keep the newest K checkpoints (the one `latest` names is never deleted)");
+    v("async", async,
+      "Copy the state to host memory, then write the file on a background thread while training goes on");
   }
 };
 
@@ -208,6 +211,8 @@ struct Config {
 
 // Loads a YAML file (following `include:`), then applies `key=value` overrides, then validates.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Parses a resolved config from YAML text (e.g. stored in a checkpoint); `name` labels errors.
+Config config_from_yaml(const std::string& text, const std::string& name);
 // Applies one "section.key=value" override (the value parsed as YAML).
 void apply_override(Config& cfg, const std::string& assignment);
 // Checks shapes and combinations; throws decotron::Error naming the key and its file:line.
