@@ -67,10 +67,22 @@ TEST(TrainCli, WritesResolvedConfigAndMetrics) {
   std::ifstream c(dir / "run" / "config.yaml");
   std::string text((std::istreambuf_iterator<char>(c)), {});
   EXPECT_NE(text.find("seed: 7"), std::string::npos);
-  // A second run into the same directory must not overwrite the first.
-  CliRun again = run("train --config " + cfg + " --synthetic-data --run-dir " + (dir / "run").string());
-  EXPECT_EQ(again.code, 1);
-  EXPECT_NE(again.out.find("already holds a run"), std::string::npos) << again.out;
+  // A second run into the same directory resumes from its checkpoint (here: already finished)
+  // and never rewrites what the first wrote.
+  CliRun again = run("train --config " + cfg + " --synthetic-data --run-dir " + (dir / "run").string() +
+                     " --set train.seed=7");
+  EXPECT_EQ(again.code, 0) << again.out;
+  EXPECT_NE(again.out.find("resuming"), std::string::npos) << again.out;
+  std::ifstream m2(dir / "run" / "metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(m2, line);) ++lines;
+  EXPECT_EQ(lines, records + evals);
+  // A run directory with metrics but no checkpoint is refused.
+  fs::create_directories(dir / "bare");
+  fs::copy_file(dir / "run" / "metrics.jsonl", dir / "bare" / "metrics.jsonl");
+  CliRun bare = run("train --config " + cfg + " --synthetic-data --run-dir " + (dir / "bare").string());
+  EXPECT_EQ(bare.code, 1);
+  EXPECT_NE(bare.out.find("already holds a run"), std::string::npos) << bare.out;
 }
 
 TEST(TrainCli, UserErrorsAreClear) {
