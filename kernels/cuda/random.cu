@@ -12,7 +12,10 @@ __global__ void fill_normal_kernel(T* out, int64_t n, uint64_t seed, uint64_t st
                                    uint64_t first) {
   DT_GRID_STRIDE(i, n) {
     const float z = rng::normal(seed, stream, first + static_cast<uint64_t>(i));
-    out[i] = from_float<T>(__fadd_rn(mean, __fmul_rn(std, z)));  // no contraction: the CPU rounds twice
+    // No contraction into an FMA (the CPU rounds the product, then the sum), and no "+ 0" that
+    // would turn -0 into +0: std * z, plus mean when there is one.
+    const float scaled = __fmul_rn(std, z);
+    out[i] = from_float<T>(mean == 0.0f ? scaled : __fadd_rn(mean, scaled));
   }
 }
 

@@ -1,7 +1,8 @@
 // Philox random fills on the GPU, the same numbers as core/rng.h on the CPU (bit for bit):
-// element i of t gets mean + std * rng::normal(seed, stream, first_index + i), rounded once
-// per operation (no fused multiply-add), so a parameter initialized on the GPU equals one
-// initialized on the CPU. fp32 and bf16 tensors. CUDA builds only.
+// element i of t gets std * rng::normal(seed, stream, first_index + i) (+ mean when mean != 0),
+// each operation rounded on its own (no fused multiply-add), so a parameter initialized on the
+// GPU equals one initialized on the CPU with the same float expression. fp32 and bf16 tensors
+// (bf16: the fp32 value rounded to nearest even). CUDA builds only.
 #pragma once
 #ifdef DECOTRON_WITH_CUDA
 #include <cstdint>
