@@ -81,7 +81,8 @@ void check_device_errors() {
   std::string what;
   if (flags & kBadTokenId) what += " a token id outside the vocabulary (embedding);";
   if (flags & kBadTargetId) what += " a target id outside the vocabulary (cross_entropy);";
-  fail("a CUDA kernel found bad input:", what, " check the tokenizer's vocabulary size against model.vocab_size");
+  fail("a CUDA kernel found bad input:", what,
+       " the data's token ids must be below the model's vocabulary size (check the tokenizer against the model config)");
 }
 
 namespace {
