@@ -1,0 +1,212 @@
+// Causal grouped-query attention on the GPU: a plain reference kernel (fp32), correct and
+// deterministic, not fast (flash attention through cuDNN is the fast path still to come; see
+// docs/cuda-backend.md). Same layout and contract as the CPU reference: q, out [B, S, H, D];
+// k, v [B, S, G, D]; lse [B, H, S] (fp32), the backward recomputes probabilities from it.
+//
+// Forward: one block per (query row i, head h, batch b): scores of keys 0..i into shared
+//   memory, block max and sum, lse, then out = P V with threads over D.
+// Backward, no atomics:
+//   delta[b, h, i] = dout_i . out_i (one thread per row);
+//   dq: one block per (i, h, b): ds_ij = p_ij (dout_i . v_j - delta_i) * scale into shared
+//       memory, then dq_i = sum_j ds_ij k_j with threads over D;
+//   dk, dv: one block per (key row j, kv head g, b): for each query head of the group, p_ij and
+//       ds_ij for i >= j into shared memory, then dv_j += sum_i p_ij dout_i and
+//       dk_j += sum_i ds_ij q_i, summed over i in order by the thread owning each d.
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace decotron::cuda {
+
+namespace {
+
+constexpr int kAttnThreads = 128;
+
+__device__ __forceinline__ float dot_(const float* a, const float* b, int D) {
+  float s = 0.0f;
+  for (int d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+__global__ void attn_forward_kernel(float* out, float* lse, const float* q, const float* k, const float* v, int S, int H,
+                                    int G, int D, float scale) {
+  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G), tid = threadIdx.x;
+  extern __shared__ float sm[];
+  float* qs = sm;     // [D]
+  float* p = sm + D;  // [S]
+  const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D;
+  for (int d = tid; d < D; d += blockDim.x) qs[d] = q[qo + d];
+  __syncthreads();
+  float m = -INFINITY;
+  for (int j = tid; j <= i; j += blockDim.x) {
+    const float s = dot_(qs, k + ((static_cast<int64_t>(b) * S + j) * G + g) * D, D) * scale;
+    p[j] = s;
+    m = fmaxf(m, s);
+  }
+  m = block_max(m);
+  float sum = 0.0f;
+  for (int j = tid; j <= i; j += blockDim.x) {
+    const float e = expf(p[j] - m);
+    p[j] = e;
+    sum += e;
+  }
+  sum = block_sum(sum);  // also makes every p[j] visible to the whole block
+  if (tid == 0) lse[(static_cast<int64_t>(b) * H + h) * S + i] = m + logf(sum);
+  for (int d = tid; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j <= i; ++j) acc += p[j] * v[((static_cast<int64_t>(b) * S + j) * G + g) * D + d];
+    out[qo + d] = acc / sum;
+  }
+}
+
+// delta[(b * H + h) * S + i] = dout_i . out_i
+__global__ void attn_delta_kernel(float* delta, const float* dout, const float* out, int S, int H, int D, int64_t rows) {
+  DT_GRID_STRIDE(r, rows) {
+    const int64_t i = r % S, bh = r / S, h = bh % H, b = bh / H;
+    const int64_t o = ((b * S + i) * H + h) * D;
+    delta[r] = dot_(dout + o, out + o, D);
+  }
+}
+
+__global__ void attn_dq_kernel(float* dq, const float* dout, const float* q, const float* k, const float* v,
+                               const float* lse, const float* delta, int S, int H, int G, int D, float scale) {
+  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G), tid = threadIdx.x;
+  extern __shared__ float sm[];
+  float* qs = sm;          // [D]
+  float* dos = sm + D;     // [D]
+  float* ds = sm + 2 * D;  // [S]
+  const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D;
+  for (int d = tid; d < D; d += blockDim.x) {
+    qs[d] = q[qo + d];
+    dos[d] = dout[qo + d];
+  }
+  __syncthreads();
+  const int64_t row = (static_cast<int64_t>(b) * H + h) * S + i;
+  const float l = lse[row], dl = delta[row];
+  for (int j = tid; j <= i; j += blockDim.x) {
+    const int64_t ko = ((static_cast<int64_t>(b) * S + j) * G + g) * D;
+    const float p = expf(dot_(qs, k + ko, D) * scale - l);
+    ds[j] = p * (dot_(dos, v + ko, D) - dl) * scale;
+  }
+  __syncthreads();
+  for (int d = tid; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j <= i; ++j) acc += ds[j] * k[((static_cast<int64_t>(b) * S + j) * G + g) * D + d];
+    dq[qo + d] = acc;
+  }
+}
+
+__global__ void attn_dkv_kernel(float* dk, float* dv, const float* dout, const float* q, const float* k, const float* v,
+                                const float* lse, const float* delta, int S, int H, int G, int D, float scale) {
+  const int j = blockIdx.x, g = blockIdx.y, b = blockIdx.z, group = H / G, tid = threadIdx.x;
+  extern __shared__ float sm[];
+  float* ks = sm;              // [D]
+  float* vs = sm + D;          // [D]
+  float* dk_acc = sm + 2 * D;  // [D]
+  float* dv_acc = sm + 3 * D;  // [D]
+  float* ps = sm + 4 * D;      // [S]
+  float* dss = ps + S;         // [S]
+  const int64_t ko = ((static_cast<int64_t>(b) * S + j) * G + g) * D;
+  for (int d = tid; d < D; d += blockDim.x) {
+    ks[d] = k[ko + d];
+    vs[d] = v[ko + d];
+    dk_acc[d] = 0.0f;
+    dv_acc[d] = 0.0f;
+  }
+  __syncthreads();
+  for (int hh = 0; hh < group; ++hh) {
+    const int h = g * group + hh;
+    const int64_t lrow = (static_cast<int64_t>(b) * H + h) * S;
+    for (int i = j + tid; i < S; i += blockDim.x) {
+      const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D;
+      const float p = expf(dot_(q + qo, ks, D) * scale - lse[lrow + i]);
+      ps[i] = p;
+      dss[i] = p * (dot_(dout + qo, vs, D) - delta[lrow + i]) * scale;
+    }
+    __syncthreads();
+    for (int d = tid; d < D; d += blockDim.x) {
+      float a_k = 0.0f, a_v = 0.0f;
+      for (int i = j; i < S; ++i) {
+        const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D + d;
+        a_v += ps[i] * dout[qo];
+        a_k += dss[i] * q[qo];
+      }
+      dk_acc[d] += a_k;
+      dv_acc[d] += a_v;
+    }
+    __syncthreads();  // ps/dss are rewritten for the next head
+  }
+  for (int d = tid; d < D; d += blockDim.x) {
+    dk[ko + d] = dk_acc[d];
+    dv[ko + d] = dv_acc[d];
+  }
+}
+
+void check_shapes(const AttnShape& s, const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
+  DT_ASSERT(s.kv_heads > 0 && s.heads % s.kv_heads == 0, op, ": heads ", s.heads, " not a multiple of kv_heads ",
+            s.kv_heads);
+  DT_ASSERT(q.numel() == s.batch * s.seq * s.heads * s.head_dim && k.numel() == s.batch * s.seq * s.kv_heads * s.head_dim &&
+                v.numel() == k.numel(),
+            op, ": q ", shape_str(q.shape()), " k ", shape_str(k.shape()), " v ", shape_str(v.shape()));
+  DT_ASSERT(s.seq < (int64_t(1) << 31) && s.heads <= 65535 && s.batch <= 65535, op, ": shape too large");
+}
+
+}  // namespace
+
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v, const AttnShape& s) {
+  check_shapes(s, q, k, v, "attention_forward");
+  expect_numel(out, q.numel(), "attention_forward", "out");
+  expect_numel(lse, s.batch * s.heads * s.seq, "attention_forward", "lse");
+  expect_dtype(lse, DType::f32, "attention_forward", "lse");
+  if (q.numel() == 0) return;
+  const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
+            D = static_cast<int>(s.head_dim);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  DT_CUDA_F32(q.dtype(), "attention_forward", T, {
+    const size_t smem = (static_cast<size_t>(D) + S) * sizeof(float);
+    allow_shared(attn_forward_kernel, smem, "attention_forward");
+    dim3 grid(S, H, static_cast<unsigned>(s.batch));
+    attn_forward_kernel<<<grid, kAttnThreads, smem, context().stream>>>(ptr<T>(out), ptr<float>(lse), ptr<T>(q),
+                                                                       ptr<T>(k), ptr<T>(v), S, H, G, D, scale);
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
+                        const Tensor& v, const Tensor& out, const Tensor& lse, const AttnShape& s) {
+  check_shapes(s, q, k, v, "attention_backward");
+  expect_numel(dq, q.numel(), "attention_backward", "dq");
+  expect_numel(dout, q.numel(), "attention_backward", "dout");
+  expect_numel(out, q.numel(), "attention_backward", "out");
+  expect_numel(dk, k.numel(), "attention_backward", "dk");
+  expect_numel(dv, k.numel(), "attention_backward", "dv");
+  expect_numel(lse, s.batch * s.heads * s.seq, "attention_backward", "lse");
+  expect_dtype(lse, DType::f32, "attention_backward", "lse");
+  if (q.numel() == 0) return;
+  const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
+            D = static_cast<int>(s.head_dim);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  cudaStream_t st = context().stream;
+  DT_CUDA_F32(q.dtype(), "attention_backward", T, {
+    const int64_t rows = s.batch * s.heads * s.seq;
+    Tensor delta = scratch(rows, DType::f32);
+    attn_delta_kernel<<<grid_for(rows), kThreads, 0, st>>>(ptr<float>(delta), ptr<T>(dout), ptr<T>(out), S, H, D, rows);
+    CUDA_CHECK_LAUNCH();
+
+    const size_t smem_q = (2 * static_cast<size_t>(D) + S) * sizeof(float);
+    allow_shared(attn_dq_kernel, smem_q, "attention_backward");
+    attn_dq_kernel<<<dim3(S, H, static_cast<unsigned>(s.batch)), kAttnThreads, smem_q, st>>>(
+        ptr<T>(dq), ptr<T>(dout), ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<float>(lse), ptr<float>(delta), S, H, G, D, scale);
+    CUDA_CHECK_LAUNCH();
+
+    const size_t smem_kv = (4 * static_cast<size_t>(D) + 2 * static_cast<size_t>(S)) * sizeof(float);
+    allow_shared(attn_dkv_kernel, smem_kv, "attention_backward");
+    attn_dkv_kernel<<<dim3(S, G, static_cast<unsigned>(s.batch)), kAttnThreads, smem_kv, st>>>(
+        ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<float>(lse), ptr<float>(delta), S, H, G,
+        D, scale);
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace decotron::cuda

@@ -1,0 +1,534 @@
+// Every CUDA op against the CPU reference (kernels/cpu, fp32) on fresh random inputs, in fp32
+// and, where the CUDA op has one, bf16; plus the Philox stream on the GPU against the CPU's,
+// the caching allocator, copies, and determinism of the reductions. All skip without a GPU.
+//
+// Tolerances: |got - want| <= rtol |want| + floor * max|want| per element; fp32 rtol = floor =
+// 1e-5, bf16 1e-2. For bf16 the CPU reference runs in fp32 on the bf16-rounded inputs, so the
+// difference is the GPU's output rounding (2^-9 relative) and its fp32 accumulation order.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "kernels/ops.h"
+#ifdef DECOTRON_WITH_CUDA
+#include "core/cuda_backend.h"
+#include "kernels/cuda/random.h"
+#endif
+
+using namespace decotron;
+
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device visible"
+
+constexpr uint64_t kSeed = 20261123;
+uint64_t next_stream = 1;
+
+// N(shift, scale^2) entries from a fresh Philox stream.
+Tensor randn(const Shape& s, double scale = 1.0, double shift = 0.0) {
+  Tensor t = Tensor::empty(s, DType::f32);
+  const uint64_t st = next_stream++;
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = static_cast<float>(shift + scale * rng::normal(kSeed, st, i));
+  return t;
+}
+
+Tensor random_ids(int64_t n, int64_t vocab) {
+  Tensor t = Tensor::empty({n}, DType::i32);
+  const uint64_t st = next_stream++;
+  for (int64_t i = 0; i < n; ++i)
+    t.data<int32_t>()[i] = static_cast<int32_t>(rng::random4(kSeed, st, i).v[0] % static_cast<uint32_t>(vocab));
+  return t;
+}
+
+// The fp32 values a dtype can hold: identity for fp32, rounded through bf16 for bf16. The CPU
+// reference runs on these, so both sides see the same inputs.
+Tensor as(const Tensor& x, DType dt) { return dt == DType::f32 ? x.clone() : cast_cpu(cast_cpu(x, dt), DType::f32); }
+// To the GPU in dtype dt (x already representable).
+Tensor gpu(const Tensor& x, DType dt) { return (dt == DType::f32 ? x : cast_cpu(x, dt)).to(Device::cuda); }
+Tensor gpu(const Tensor& x) { return x.to(Device::cuda); }
+// Back to the host as fp32.
+Tensor host(const Tensor& x) {
+  Tensor h = x.to(Device::cpu);
+  return h.dtype() == DType::f32 ? h : cast_cpu(h, DType::f32);
+}
+
+struct Tol {
+  double rtol, floor;
+};
+Tol tol(DType dt) { return dt == DType::f32 ? Tol{1e-5, 1e-5} : Tol{1e-2, 1e-2}; }
+
+void expect_close(const Tensor& got_any, const Tensor& want, Tol t, const std::string& what) {
+  Tensor got = host(got_any);
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  double maxabs = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) maxabs = std::max(maxabs, std::abs(want.item(i)));
+  int64_t bad = 0, worst = -1;
+  double worst_ratio = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    const double g = got.item(i), w = want.item(i);
+    const double lim = t.rtol * std::abs(w) + t.floor * maxabs + 1e-30;
+    const double ratio = std::abs(g - w) / lim;
+    if (!(ratio <= 1.0)) {
+      ++bad;
+      if (!(ratio <= worst_ratio)) worst_ratio = ratio, worst = i;
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << want.numel() << " entries outside tolerance; worst at " << worst
+                    << ": got " << (worst >= 0 ? got.item(worst) : 0.0) << " want " << (worst >= 0 ? want.item(worst) : 0.0)
+                    << " (max |want| " << maxabs << ")";
+}
+void expect_close(const Tensor& got, const Tensor& want, DType dt, const std::string& what) {
+  expect_close(got, want, tol(dt), what + " [" + dtype_name(dt) + "]");
+}
+
+bool bitwise_equal(const Tensor& a_any, const Tensor& b_any) {
+  Tensor a = a_any.to(Device::cpu), b = b_any.to(Device::cpu);
+  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+const DType kBoth[] = {DType::f32, DType::bf16};
+
+}  // namespace
+
+// ---- device basics ------------------------------------------------------------------------------
+
+TEST(CudaTensor, CopiesRoundTripAndZero) {
+  SKIP_WITHOUT_GPU();
+  Tensor x = randn({123, 7});
+  Tensor d = gpu(x);
+  Tensor d2 = d.clone();  // device to device
+  EXPECT_TRUE(bitwise_equal(d2, x));
+  Tensor r = d2.rows(100, 23);  // a view at an offset
+  EXPECT_EQ(r.item(0), x.item(100 * 7));
+  d2.zero_();
+  Tensor back = d2.to(Device::cpu);
+  for (int64_t i = 0; i < back.numel(); ++i) ASSERT_EQ(back.data<float>()[i], 0.0f);
+  EXPECT_TRUE(bitwise_equal(d, x));  // the source is untouched
+}
+
+TEST(CudaTensor, Fp64OpsFailClearly) {
+  SKIP_WITHOUT_GPU();
+  Tensor x = Tensor::zeros({8}, DType::f64, Device::cuda);
+  try {
+    ops::add_(x, x);
+    FAIL() << "add_ on an fp64 CUDA tensor did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("fp64"), std::string::npos) << e.what();
+  }
+}
+
+#ifdef DECOTRON_WITH_CUDA
+TEST(CudaAllocator, ReusesReleasedBlocks) {
+  SKIP_WITHOUT_GPU();
+  const cuda::AllocatorStats before = cuda::allocator_stats();
+  void* first = nullptr;
+  {
+    Tensor a = Tensor::empty({1000}, DType::f32, Device::cuda);
+    first = a.raw();
+    EXPECT_EQ(cuda::allocator_stats().bytes_in_use, before.bytes_in_use + 4000);
+  }
+  const cuda::AllocatorStats after = cuda::allocator_stats();
+  EXPECT_EQ(after.bytes_in_use, before.bytes_in_use);
+  EXPECT_GE(after.peak_bytes, before.bytes_in_use + 4000);
+  if (!after.caching) GTEST_SKIP() << "DECOTRON_CUDA_CACHE=0: caching is off";
+  EXPECT_GE(after.cached_bytes, 4000u);
+  {
+    // 3600 bytes fall in the same size class as 4000: the block comes back without cudaMalloc.
+    Tensor b = Tensor::empty({900}, DType::f32, Device::cuda);
+    EXPECT_EQ(b.raw(), first);
+    EXPECT_EQ(cuda::allocator_stats().device_allocs, after.device_allocs);
+    EXPECT_EQ(cuda::allocator_stats().bytes_in_use, before.bytes_in_use + 3600);
+  }
+  cuda::empty_cache();
+  const cuda::AllocatorStats emptied = cuda::allocator_stats();
+  EXPECT_EQ(emptied.cached_bytes, 0u);
+  EXPECT_GE(emptied.reserved_bytes, emptied.bytes_in_use);
+  Tensor c = Tensor::empty({1000}, DType::f32, Device::cuda);  // works again after emptying
+  c.zero_();
+  EXPECT_EQ(c.item(999), 0.0);
+}
+
+TEST(CudaRng, PhiloxNormalMatchesCpuBitForBit) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 65543;
+  const uint64_t seed = 42, stream = rng::stream_of("layers.3.attn.wq");
+  Tensor d = Tensor::empty({n}, DType::f32, Device::cuda);
+  cuda::fill_normal(d, seed, stream);
+  Tensor want = Tensor::empty({n}, DType::f32);
+  for (int64_t i = 0; i < n; ++i) want.data<float>()[i] = rng::normal(seed, stream, i);
+  Tensor got = d.to(Device::cpu);
+  int64_t mismatches = 0, first = -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::memcmp(&got.data<float>()[i], &want.data<float>()[i], 4) != 0) ++mismatches, first = first < 0 ? i : first;
+  EXPECT_EQ(mismatches, 0) << "first at " << first << ": gpu " << (first >= 0 ? got.data<float>()[first] : 0.f)
+                           << " cpu " << (first >= 0 ? want.data<float>()[first] : 0.f);
+
+  // An offset start continues the same stream; bf16 output is the CPU value rounded once.
+  Tensor b = Tensor::empty({1000}, DType::bf16, Device::cuda);
+  cuda::fill_normal(b, seed, stream, 0.0f, 1.0f, 500);
+  Tensor bh = b.to(Device::cpu);
+  for (int64_t i = 0; i < 1000; ++i) ASSERT_EQ(bh.data<bf16>()[i].bits, bf16(want.data<float>()[500 + i]).bits) << i;
+
+  Tensor u = Tensor::empty({4096}, DType::f32, Device::cuda);
+  cuda::fill_uniform(u, seed, stream + 1);
+  Tensor uh = u.to(Device::cpu);
+  for (int64_t i = 0; i < 4096; ++i) ASSERT_EQ(uh.data<float>()[i], rng::uniform(seed, stream + 1, i)) << i;
+}
+
+TEST(CudaOps, BadTokenIdsAreReported) {
+  SKIP_WITHOUT_GPU();
+  Tensor table = randn({10, 4});
+  Tensor ids = Tensor::empty({3}, DType::i32);
+  ids.data<int32_t>()[0] = 1, ids.data<int32_t>()[1] = 10, ids.data<int32_t>()[2] = -1;
+  Tensor y = Tensor::empty({3, 4}, DType::f32, Device::cuda);
+  ops::embedding_forward(y, gpu(ids), gpu(table));
+  EXPECT_THROW(cuda::check_device_errors(), Error);
+  cuda::check_device_errors();  // the flags were cleared
+
+  Tensor logits = gpu(randn({3, 10}));
+  EXPECT_THROW(ops::cross_entropy(logits, gpu(ids), 0.0), Error);
+}
+#endif
+
+// ---- linear --------------------------------------------------------------------------------------
+
+TEST(CudaOps, Linear) {
+  SKIP_WITHOUT_GPU();
+  struct Mkn {
+    int64_t M, K, N;
+  };
+  for (DType dt : kBoth)
+    for (Mkn s : {Mkn{37, 53, 29}, Mkn{64, 128, 96}, Mkn{1, 16, 8}}) {
+      const std::string tag = "M" + std::to_string(s.M) + " K" + std::to_string(s.K) + " N" + std::to_string(s.N);
+      Tensor x = as(randn({s.M, s.K}), dt), w = as(randn({s.N, s.K}, 0.1), dt), dy = as(randn({s.M, s.N}), dt);
+      Tensor y0 = as(randn({s.M, s.N}), dt), dx0 = as(randn({s.M, s.K}), dt), dw0 = as(randn({s.N, s.K}), dt);
+      for (bool acc : {false, true}) {
+        Tensor y = y0.clone(), yg = gpu(y0, dt);
+        ops::linear_forward(y, x, w, acc);
+        ops::linear_forward(yg, gpu(x, dt), gpu(w, dt), acc);
+        expect_close(yg, y, dt, "linear_forward " + tag + (acc ? " +=" : " ="));
+
+        Tensor dx = dx0.clone(), dw = dw0.clone(), dxg = gpu(dx0, dt), dwg = gpu(dw0, dt);
+        ops::linear_backward(&dx, &dw, dy, x, w, acc);
+        ops::linear_backward(&dxg, &dwg, gpu(dy, dt), gpu(x, dt), gpu(w, dt), acc);
+        expect_close(dxg, dx, dt, "linear_backward dx " + tag);
+        expect_close(dwg, dw, dt, "linear_backward dw " + tag);
+      }
+      if (dt == DType::bf16) {
+        // bf16 inputs accumulating into an fp32 weight gradient (bf16 training's main grads).
+        Tensor dw = dw0.clone(), dwg = gpu(dw0, DType::f32);
+        ops::linear_backward(nullptr, &dw, dy, x, w);
+        ops::linear_backward(nullptr, &dwg, gpu(dy, dt), gpu(x, dt), gpu(w, dt));
+        expect_close(dwg, dw, Tol{1e-4, 1e-4}, "linear_backward fp32 dw from bf16 " + tag);
+      }
+    }
+}
+
+// ---- elementwise -------------------------------------------------------------------------------
+
+TEST(CudaOps, Elementwise) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kBoth) {
+    Tensor a = as(randn({1001}), dt), b = as(randn({1001}), dt), dy = as(randn({1001}), dt);
+    Tensor y = a.clone(), yg = gpu(a, dt);
+    ops::add_(y, b);
+    ops::add_(yg, gpu(b, dt));
+    expect_close(yg, y, dt, "add_");
+    ops::scale_(y, -0.37);
+    ops::scale_(yg, -0.37);
+    expect_close(yg, y, dt, "scale_");
+    Tensor m = Tensor::empty({1001}, DType::f32), mg = Tensor::empty({1001}, dt, Device::cuda);
+    ops::mul_forward(m, a, b);
+    ops::mul_forward(mg, gpu(a, dt), gpu(b, dt));
+    expect_close(mg, m, dt, "mul_forward");
+    Tensor da = Tensor::empty({1001}, DType::f32), db = Tensor::empty({1001}, DType::f32);
+    Tensor dag = Tensor::empty({1001}, dt, Device::cuda), dbg = Tensor::empty({1001}, dt, Device::cuda);
+    ops::mul_backward(da, db, dy, a, b);
+    ops::mul_backward(dag, dbg, gpu(dy, dt), gpu(a, dt), gpu(b, dt));
+    expect_close(dag, da, dt, "mul_backward da");
+    expect_close(dbg, db, dt, "mul_backward db");
+  }
+}
+
+TEST(CudaOps, Embedding) {
+  SKIP_WITHOUT_GPU();
+  const int64_t V = 50, h = 300, T = 97;
+  for (DType dt : kBoth) {
+    Tensor table = as(randn({V, h}), dt), ids = random_ids(T, 13);  // ids < 13: many repeats
+    Tensor y = Tensor::empty({T, h}, DType::f32), yg = Tensor::empty({T, h}, dt, Device::cuda);
+    ops::embedding_forward(y, ids, table);
+    ops::embedding_forward(yg, gpu(ids), gpu(table, dt));
+    expect_close(yg, y, dt, "embedding_forward");
+
+    Tensor dy = as(randn({T, h}), dt), dtab0 = as(randn({V, h}), dt);
+    Tensor dtab = dtab0.clone(), dtabg = gpu(dtab0, dt), dtabg2 = gpu(dtab0, dt);
+    ops::embedding_backward(dtab, ids, dy);
+    ops::embedding_backward(dtabg, gpu(ids), gpu(dy, dt));
+    expect_close(dtabg, dtab, dt, "embedding_backward");
+    ops::embedding_backward(dtabg2, gpu(ids), gpu(dy, dt));
+    EXPECT_TRUE(bitwise_equal(dtabg, dtabg2)) << "embedding_backward is not deterministic";
+  }
+}
+
+// ---- RMSNorm and RoPE ----------------------------------------------------------------------------
+
+TEST(CudaOps, RmsNorm) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kBoth)
+    for (int64_t h : {64, 300, 1000}) {
+      const int64_t rows = 7;
+      Tensor x = as(randn({rows, h}, 2.0, 0.3), dt), w = as(randn({h}, 0.1, 1.0), dt), dy = as(randn({rows, h}), dt);
+      Tensor y = Tensor::empty({rows, h}, DType::f32), rstd = Tensor::empty({rows}, DType::f32);
+      Tensor yg = Tensor::empty({rows, h}, dt, Device::cuda), rstdg = Tensor::empty({rows}, DType::f32, Device::cuda);
+      ops::rmsnorm_forward(y, rstd, x, w, 1e-5);
+      ops::rmsnorm_forward(yg, rstdg, gpu(x, dt), gpu(w, dt), 1e-5);
+      const std::string tag = " h" + std::to_string(h);
+      expect_close(yg, y, dt, "rmsnorm_forward y" + tag);
+      expect_close(rstdg, rstd, dt, "rmsnorm_forward rstd" + tag);
+
+      Tensor dw0 = as(randn({h}), dt);
+      Tensor dx = Tensor::empty({rows, h}, DType::f32), dw = dw0.clone();
+      Tensor dxg = Tensor::empty({rows, h}, dt, Device::cuda), dwg = gpu(dw0, dt);
+      ops::rmsnorm_backward(dx, dw, dy, x, w, rstd);
+      ops::rmsnorm_backward(dxg, dwg, gpu(dy, dt), gpu(x, dt), gpu(w, dt), gpu(rstd));
+      expect_close(dxg, dx, dt, "rmsnorm_backward dx" + tag);
+      expect_close(dwg, dw, dt, "rmsnorm_backward dw" + tag);
+    }
+}
+
+TEST(CudaOps, Rope) {
+  SKIP_WITHOUT_GPU();
+  const int64_t B = 2, S = 37, H = 3, D = 16;
+  for (DType dt : kBoth) {
+    Tensor x = as(randn({B, S, H, D}), dt);
+    Tensor y = Tensor::empty({B, S, H, D}, DType::f32), yg = Tensor::empty({B, S, H, D}, dt, Device::cuda);
+    ops::rope_forward(y, x, B, S, H, D, 10000.0);
+    ops::rope_forward(yg, gpu(x, dt), B, S, H, D, 10000.0);
+    expect_close(yg, y, dt, "rope_forward");
+    Tensor inplace = gpu(x, dt);
+    ops::rope_forward(inplace, inplace, B, S, H, D, 10000.0);
+    expect_close(inplace, y, dt, "rope_forward in place");
+
+    Tensor dx = Tensor::empty({B, S, H, D}, DType::f32), dxg = Tensor::empty({B, S, H, D}, dt, Device::cuda);
+    ops::rope_backward(dx, x, B, S, H, D, 10000.0);
+    ops::rope_backward(dxg, gpu(x, dt), B, S, H, D, 10000.0);
+    expect_close(dxg, dx, dt, "rope_backward");
+  }
+}
+
+// ---- attention (fp32 reference kernel) ----------------------------------------------------------
+
+TEST(CudaOps, Attention) {
+  SKIP_WITHOUT_GPU();
+  for (ops::AttnShape s : {ops::AttnShape{2, 19, 4, 2, 16}, ops::AttnShape{1, 33, 2, 2, 64}, ops::AttnShape{1, 1, 1, 1, 8},
+                           ops::AttnShape{1, 150, 3, 1, 32}}) {
+    const std::string tag = "S" + std::to_string(s.seq) + " H" + std::to_string(s.heads) + " G" +
+                            std::to_string(s.kv_heads) + " D" + std::to_string(s.head_dim);
+    const Shape qs{s.batch, s.seq, s.heads, s.head_dim}, ks{s.batch, s.seq, s.kv_heads, s.head_dim};
+    const Shape ls{s.batch, s.heads, s.seq};
+    Tensor q = randn(qs), k = randn(ks), v = randn(ks), dout = randn(qs);
+    Tensor out = Tensor::empty(qs, DType::f32), lse = Tensor::empty(ls, DType::f32);
+    Tensor outg = Tensor::empty(qs, DType::f32, Device::cuda), lseg = Tensor::empty(ls, DType::f32, Device::cuda);
+    ops::attention_forward(out, lse, q, k, v, s);
+    ops::attention_forward(outg, lseg, gpu(q), gpu(k), gpu(v), s);
+    expect_close(outg, out, DType::f32, "attention_forward out " + tag);
+    expect_close(lseg, lse, DType::f32, "attention_forward lse " + tag);
+
+    Tensor dq = Tensor::empty(qs, DType::f32), dk = Tensor::empty(ks, DType::f32), dv = Tensor::empty(ks, DType::f32);
+    ops::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s);
+    Tensor dqg[2], dkg[2], dvg[2];
+    for (int run = 0; run < 2; ++run) {
+      // Garbage in the outputs first: the contract is "=", not "+=".
+      dqg[run] = gpu(randn(qs)), dkg[run] = gpu(randn(ks)), dvg[run] = gpu(randn(ks));
+      ops::attention_backward(dqg[run], dkg[run], dvg[run], gpu(dout), gpu(q), gpu(k), gpu(v), gpu(out), gpu(lse), s);
+    }
+    const Tol t{1e-4, 1e-5};  // sums of S products each side, in different orders
+    expect_close(dqg[0], dq, t, "attention_backward dq " + tag);
+    expect_close(dkg[0], dk, t, "attention_backward dk " + tag);
+    expect_close(dvg[0], dv, t, "attention_backward dv " + tag);
+    EXPECT_TRUE(bitwise_equal(dqg[0], dqg[1]) && bitwise_equal(dkg[0], dkg[1]) && bitwise_equal(dvg[0], dvg[1]))
+        << "attention_backward is not deterministic " << tag;
+  }
+}
+
+// ---- SwiGLU ----------------------------------------------------------------------------------
+
+TEST(CudaOps, SwiGlu) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kBoth) {
+    Tensor g = as(randn({3, 333}, 2.0), dt), u = as(randn({3, 333}), dt), dh = as(randn({3, 333}), dt);
+    Tensor h = Tensor::empty({3, 333}, DType::f32), hg = Tensor::empty({3, 333}, dt, Device::cuda);
+    ops::swiglu_forward(h, g, u);
+    ops::swiglu_forward(hg, gpu(g, dt), gpu(u, dt));
+    expect_close(hg, h, dt, "swiglu_forward");
+    Tensor dg = Tensor::empty({3, 333}, DType::f32), du = Tensor::empty({3, 333}, DType::f32);
+    Tensor dgg = Tensor::empty({3, 333}, dt, Device::cuda), dug = Tensor::empty({3, 333}, dt, Device::cuda);
+    ops::swiglu_backward(dg, du, dh, g, u);
+    ops::swiglu_backward(dgg, dug, gpu(dh, dt), gpu(g, dt), gpu(u, dt));
+    expect_close(dgg, dg, dt, "swiglu_backward dgate");
+    expect_close(dug, du, dt, "swiglu_backward dup");
+  }
+}
+
+// ---- DECO ops ---------------------------------------------------------------------------------
+
+TEST(CudaOps, NormSilu) {
+  SKIP_WITHOUT_GPU();
+  struct Ed {
+    int64_t E, d;
+  };
+  const ops::NormSiluMode modes[] = {ops::NormSiluMode::full, ops::NormSiluMode::no_mean, ops::NormSiluMode::no_rms,
+                                     ops::NormSiluMode::silu};
+  const char* names[] = {"full", "no_mean", "no_rms", "silu"};
+  for (DType dt : kBoth)
+    for (Ed s : {Ed{3, 64}, Ed{7, 16}, Ed{42, 64}})
+      for (int mi = 0; mi < 4; ++mi) {
+        const ops::NormSiluMode mode = modes[mi];
+        const int64_t T = 5, n = s.E * s.d;
+        const std::string tag = std::string(names[mi]) + " E" + std::to_string(s.E) + " d" + std::to_string(s.d);
+        Tensor u = as(randn({T, n}, 1.5, 0.4), dt), gamma = as(randn({s.d}, 0.2, 1.0), dt), dz = as(randn({T, n}), dt);
+        Tensor z = Tensor::empty({T, n}, DType::f32), st = Tensor::empty({T, 1 + s.E}, DType::f32);
+        Tensor zg = Tensor::empty({T, n}, dt, Device::cuda), stg = Tensor::empty({T, 1 + s.E}, DType::f32, Device::cuda);
+        ops::normsilu_forward(z, st, u, gamma, s.E, mode, 1e-5);
+        ops::normsilu_forward(zg, stg, gpu(u, dt), gpu(gamma, dt), s.E, mode, 1e-5);
+        expect_close(zg, z, dt, "normsilu_forward z " + tag);
+        expect_close(stg, st, dt, "normsilu_forward stats " + tag);
+
+        Tensor dg0 = as(randn({s.d}), dt);
+        Tensor du = Tensor::empty({T, n}, DType::f32), dgamma = dg0.clone();
+        Tensor dug = Tensor::empty({T, n}, dt, Device::cuda), dgammag = gpu(dg0, dt);
+        ops::normsilu_backward(du, dgamma, dz, u, gamma, st, s.E, mode, 1e-5);
+        ops::normsilu_backward(dug, dgammag, gpu(dz, dt), gpu(u, dt), gpu(gamma, dt), gpu(st), s.E, mode, 1e-5);
+        expect_close(dug, du, dt, "normsilu_backward du " + tag);
+        expect_close(dgammag, dgamma, dt, "normsilu_backward dgamma " + tag);
+      }
+}
+
+TEST(CudaOps, RouterScale) {
+  SKIP_WITHOUT_GPU();
+  const int64_t T = 33, E = 7;
+  for (int64_t gn : {E, int64_t{1}})
+    for (int variant = 0; variant < 3; ++variant) {  // 0: dg and da_extra, 1: dg only, 2: neither
+      const std::string tag = "g[" + std::to_string(gn) + "] variant " + std::to_string(variant);
+      Tensor r = randn({T, E}), g = randn({gn}, 0.05, 0.1), ds = randn({T, E}), extra = randn({T, E});
+      Tensor s = Tensor::empty({T, E}, DType::f32), sg = Tensor::empty({T, E}, DType::f32, Device::cuda);
+      ops::router_scale_forward(s, r, g);
+      ops::router_scale_forward(sg, gpu(r), gpu(g));
+      expect_close(sg, s, DType::f32, "router_scale_forward " + tag);
+
+      Tensor dg0 = randn({gn});
+      Tensor dr = Tensor::empty({T, E}, DType::f32), dg = dg0.clone();
+      Tensor drg = Tensor::empty({T, E}, DType::f32, Device::cuda), dgg = gpu(dg0), extrag = gpu(extra);
+      ops::router_scale_backward(dr, variant < 2 ? &dg : nullptr, ds, r, g, variant == 0 ? &extra : nullptr);
+      ops::router_scale_backward(drg, variant < 2 ? &dgg : nullptr, gpu(ds), gpu(r), gpu(g),
+                                 variant == 0 ? &extrag : nullptr);
+      expect_close(drg, dr, DType::f32, "router_scale_backward dr " + tag);
+      expect_close(dgg, dg, DType::f32, "router_scale_backward dg " + tag);
+    }
+}
+
+TEST(CudaOps, ActivityCountsAndRegularizers) {
+  SKIP_WITHOUT_GPU();
+  const int64_t T = 257, E = 42;
+  Tensor r = randn({T, E}, 1.0, -0.8), rg = gpu(r);
+  EXPECT_EQ(ops::count_active(rg), ops::count_active(r));
+  std::vector<int64_t> c(E), cg(E);
+  ops::count_active_per_expert(r, c.data());
+  ops::count_active_per_expert(rg, cg.data());
+  EXPECT_EQ(cg, c);
+
+  const double h = ops::entropy_forward(r), hg = ops::entropy_forward(rg);
+  EXPECT_NEAR(hg, h, 1e-9 * std::abs(h));
+  EXPECT_EQ(ops::entropy_forward(rg), hg) << "entropy_forward is not deterministic";
+  Tensor da0 = randn({T, E});
+  Tensor da = da0.clone(), dag = gpu(da0);
+  ops::entropy_backward(da, r, 0.3);
+  ops::entropy_backward(dag, rg, 0.3);
+  expect_close(dag, da, DType::f32, "entropy_backward");
+
+  const double l1 = ops::l1_reg_forward(r, 0.2), l1g = ops::l1_reg_forward(rg, 0.2);
+  EXPECT_NEAR(l1g, l1, 1e-9 * std::abs(l1));
+  Tensor da1 = da0.clone(), da1g = gpu(da0);
+  ops::l1_reg_backward(da1, r, 0.2, 0.7);
+  ops::l1_reg_backward(da1g, rg, 0.2, 0.7);
+  expect_close(da1g, da1, DType::f32, "l1_reg_backward");
+}
+
+TEST(CudaOps, ExpertScale) {
+  SKIP_WITHOUT_GPU();
+  const int64_t T = 6, E = 5, d = 64, n = E * d;
+  for (DType dt : kBoth) {
+    Tensor z = as(randn({T, n}), dt), s = randn({T, E}), dy = as(randn({T, n}), dt);  // s fp32 (router side)
+    Tensor y = Tensor::empty({T, n}, DType::f32), yg = Tensor::empty({T, n}, dt, Device::cuda);
+    ops::expert_scale_forward(y, z, s, E);
+    ops::expert_scale_forward(yg, gpu(z, dt), gpu(s), E);
+    expect_close(yg, y, dt, "expert_scale_forward");
+    Tensor dz = Tensor::empty({T, n}, DType::f32), ds = Tensor::empty({T, E}, DType::f32);
+    Tensor dzg = Tensor::empty({T, n}, dt, Device::cuda), dsg = Tensor::empty({T, E}, DType::f32, Device::cuda);
+    ops::expert_scale_backward(dz, ds, dy, z, s, E);
+    ops::expert_scale_backward(dzg, dsg, gpu(dy, dt), gpu(z, dt), gpu(s), E);
+    expect_close(dzg, dz, dt, "expert_scale_backward dz");
+    // ds is fp32 either way; from bf16 inputs it sums exact products in fp32.
+    expect_close(dsg, ds, DType::f32, std::string("expert_scale_backward ds from ") + dtype_name(dt));
+  }
+}
+
+// ---- cross-entropy -------------------------------------------------------------------------------
+
+TEST(CudaOps, CrossEntropy) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 13, V = 1000;
+  for (DType dt : kBoth)
+    for (double grad_scale : {0.0, 1.0 / 13}) {
+      Tensor logits = as(randn({rows, V}, 3.0), dt), tg = random_ids(rows, V);
+      Tensor lg = gpu(logits, dt);
+      Tensor ref = logits.clone();
+      const double loss = ops::cross_entropy(ref, tg, grad_scale);
+      const double lossg = ops::cross_entropy(lg, gpu(tg), grad_scale);
+      EXPECT_NEAR(lossg, loss, 1e-5 * std::abs(loss)) << dtype_name(dt);
+      expect_close(lg, ref, dt, "cross_entropy gradient (grad_scale " + std::to_string(grad_scale) + ")");
+    }
+}
+
+// ---- optimizer and reductions ------------------------------------------------------------------
+
+TEST(CudaOps, AdamW) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 1003;
+  Tensor p = randn({n}), m = Tensor::zeros({n}, DType::f32), v = Tensor::zeros({n}, DType::f32);
+  Tensor pg = gpu(p), mg = gpu(m), vg = gpu(v);
+  for (int64_t step = 1; step <= 3; ++step) {
+    const ops::AdamWStep s{1e-3, 0.9, 0.95, 1e-8, 0.1, step};
+    Tensor g = randn({n}, 0.01);
+    ops::adamw_update(p, m, v, g, s, 0.5);
+    ops::adamw_update(pg, mg, vg, gpu(g), s, 0.5);
+    expect_close(pg, p, DType::f32, "adamw param step " + std::to_string(step));
+    expect_close(mg, m, DType::f32, "adamw m step " + std::to_string(step));
+    expect_close(vg, v, DType::f32, "adamw v step " + std::to_string(step));
+  }
+}
+
+TEST(CudaOps, SumSquaresAndNonFinite) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kBoth) {
+    Tensor x = as(randn({30011}), dt);  // 118 blocks of partial sums
+    Tensor xg = gpu(x, dt);
+    const double want = ops::sum_squares(x), got = ops::sum_squares(xg);
+    EXPECT_NEAR(got, want, 1e-12 * want) << dtype_name(dt);
+    EXPECT_EQ(ops::sum_squares(xg), got) << "sum_squares is not deterministic";
+    EXPECT_FALSE(ops::has_nonfinite(xg));
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      Tensor y = x.clone();
+      y.data<float>()[12345] = bad;
+      EXPECT_TRUE(ops::has_nonfinite(gpu(y, dt))) << dtype_name(dt) << " " << bad;
+    }
+  }
+}

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Runs tests/test_cuda_ops.cpp against the CUDA kernels executed on the host (see README.md).
+# Usage: tools/cuda_emu/run.sh [gtest flags...]     (builds into build-emu/)
+set -e
+R=$(cd "$(dirname "$0")/../.." && pwd)
+T=$R/tools/cuda_emu
+E=$R/build-emu
+mkdir -p $E/obj $E/tree
+python3 $T/transform.py $R/core/cuda_backend.cu $E/tree/core/cuda_backend.cpp
+for f in $R/kernels/cuda/*.cu; do python3 $T/transform.py $f $E/tree/kernels/cuda/$(basename $f .cu).cpp; done
+python3 $T/transform.py $R/kernels/cuda/common.cuh $E/tree/kernels/cuda/common.cuh
+CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
+CU="-std=c++20 -O1 -include $T/emu.h -I$E/tree -I$R -I$T -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
+CX="-std=c++20 -O1 -I$R -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
+build() {  # flags source object: recompiles when the source or a tool file is newer
+  if [[ ! -f $3 || $2 -nt $3 || $T/emu.h -nt $3 ]]; then g++ $1 -c $2 -o $3; fi
+}
+N=$(nproc)
+for f in $E/tree/core/cuda_backend.cpp $E/tree/kernels/cuda/*.cpp $T/fake_cuda.cpp; do
+  build "$CU" $f $E/obj/emu_$(basename $f .cpp).o &
+  if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
+done
+for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/cpu/*.cpp $R/tests/test_cuda_ops.cpp; do
+  build "$CX" $f $E/obj/cpu_$(basename $f .cpp).o &
+  if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
+done
+wait
+g++ -o $E/emu_tests $E/obj/*.o -lgtest -lgtest_main -lopenblas -lpthread
+exec $E/emu_tests "$@"
