@@ -440,6 +440,7 @@ TEST(CudaOps, ActivityCountsAndRegularizers) {
   const int64_t T = 257, E = 42;
   Tensor r = randn({T, E}, 1.0, -0.8), rg = gpu(r);
   EXPECT_EQ(ops::count_active(rg), ops::count_active(r));
+  EXPECT_EQ(ops::count_tokens_with_active(rg), ops::count_tokens_with_active(r));
   std::vector<int64_t> c(E), cg(E);
   ops::count_active_per_expert(r, c.data());
   ops::count_active_per_expert(rg, cg.data());

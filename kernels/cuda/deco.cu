@@ -140,6 +140,15 @@ struct IsActive {
   const float* r;
   __device__ double operator()(int64_t i) const { return r[i] > 0.0f ? 1.0 : 0.0; }
 };
+struct RowHasActive {  // 1 if token t has at least one active expert
+  const float* r;
+  int64_t E;
+  __device__ double operator()(int64_t t) const {
+    for (int64_t e = 0; e < E; ++e)
+      if (r[t * E + e] > 0.0f) return 1.0;
+    return 0.0;
+  }
+};
 struct IsActiveCol {
   const float* r;
   int64_t E;
@@ -307,6 +316,13 @@ int64_t count_active(const Tensor& r) {
   expect_router(r, "count_active");
   if (r.numel() == 0) return 0;
   return static_cast<int64_t>(sum_to_host(IsActive{ptr<float>(r)}, r.numel()));
+}
+
+int64_t count_tokens_with_active(const Tensor& r) {
+  expect_router(r, "count_tokens_with_active");
+  const int64_t E = r.dim(-1), rows = E ? r.numel() / E : 0;
+  if (rows == 0) return 0;
+  return static_cast<int64_t>(sum_to_host(RowHasActive{ptr<float>(r), E}, rows));
 }
 
 void count_active_per_expert(const Tensor& r, int64_t* counts) {
