@@ -27,6 +27,7 @@ struct ModelConfig {
   std::string expert_scaling = "expert";
   std::string normsilu = "full";
   bool gated_experts = false;
+  std::string expert_compute = "sparse";
   bool parameter_parity = true;
   double rope_base = 10000.0;
   double norm_eps = 1e-5;
@@ -55,6 +56,10 @@ struct ModelConfig {
       "Expert activation: full (mean, then per-expert RMS, then SiLU), no_mean, no_rms (SiLU(u - mean)), silu",
       {"full", "no_mean", "no_rms", "silu"});
     v("gated_experts", gated_experts, "Gated experts: z = NormSiLU(W_gate x) * (W_up x) (the paper's ablation)");
+    v("expert_compute", expert_compute,
+      "How the routed experts are computed (the same math): sparse (only active token-expert pairs, cost ~ the "
+      "activation ratio) or dense (every expert, then masked by the router; the reference)",
+      {"sparse", "dense"});
     v("parameter_parity", parameter_parity,
       "Require 2*E*d + 3*shared = 3*F (DECO has the dense twin's parameter count); gated experts count 3*E*d");
     v("rope_base", rope_base, "Rotary embedding base");

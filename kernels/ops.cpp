@@ -416,6 +416,39 @@ void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tenso
 #endif
 }
 
+void sparse_experts_forward(Tensor& out, SparseExperts& cache, const Tensor& x, const Tensor& r, const Tensor& s,
+                            const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
+                            NormSiluMode mode, double eps) {
+  const Device dev = out.device();
+  DT_ASSERT(!(x.device() != dev || r.device() != dev || s.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (w_up_gated && w_up_gated->device() != dev)), "sparse_experts_forward: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::sparse_experts_forward(out, cache, x, r, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::sparse_experts_forward(out, cache, x, r, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+#else
+  fail("sparse_experts_forward: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_up_gated, Tensor& dgamma,
+                             Tensor& dw_down, const Tensor& dout, const SparseExperts& cache, const Tensor& x,
+                             const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                             const Tensor& w_down, NormSiluMode mode, double eps) {
+  const Device dev = dx.device();
+  DT_ASSERT(!(ds.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || dout.device() != dev || x.device() != dev || s.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "sparse_experts_backward: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::sparse_experts_backward(dx, ds, dw_pre, dw_up_gated, dgamma, dw_down, dout, cache, x, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::sparse_experts_backward(dx, ds, dw_pre, dw_up_gated, dgamma, dw_down, dout, cache, x, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+#else
+  fail("sparse_experts_backward: CUDA tensors in a build without CUDA");
+#endif
+}
+
 double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale) {
   const Device dev = logits.device();
   DT_ASSERT(!(targets.device() != dev), "cross_entropy: tensors on different devices");

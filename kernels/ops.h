@@ -94,6 +94,34 @@ void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t e
 void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tensor& z, const Tensor& s,
                            int64_t experts);
 
+// ---- DECO routed experts on active (token, expert) pairs only ------------------------------------
+// The sparse path (deco-model.md, "Identities that make sparse computation exact"): the same
+// math as router_scale -> linear(W_up) -> normsilu -> expert_scale -> linear(W_down), but each
+// expert's GEMMs run on the tokens that activate it, NormSiLU's mean comes from
+// mean(u) = x . w_bar, and the inactive experts' rows of W_up get only the shared rank-one
+// gradient through the mean. "pre" is the matrix NormSiLU applies to: W_up, or W_gate when
+// experts are gated (then z = NormSiLU(W_gate x) * (W_up x)).
+struct SparseExperts {
+  Tensor offsets;  // i32 [E + 1]: expert e's pairs are [offsets[e], offsets[e+1])
+  Tensor tokens;   // i32 [P]: the token of each active pair, grouped by expert, tokens ascending
+  Tensor pre;      // [P, d] pre-activations of the active pairs
+  Tensor up;       // [P, d] W_up x of the active pairs (gated experts only)
+  Tensor rs;       // [P] 1/rms of each active block (1 where the mode has no RMS step)
+  Tensor y;        // [P, d] s_te * z of the active pairs (the input of W_down)
+  Tensor mu;       // [T] NormSiLU's mean per token (0 where the mode has no mean step)
+  Tensor w_bar;    // [h] mean of the rows of the pre matrix
+};
+// out = the routed experts' output [T, h] (overwritten); fills cache. r: router logits [T, E]
+// (active iff r > 0); s: the scaled scores [T, E]. w_up_gated: W_up when gated, else null.
+void sparse_experts_forward(Tensor& out, SparseExperts& cache, const Tensor& x, const Tensor& r, const Tensor& s,
+                            const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
+                            NormSiluMode mode, double eps);
+// dx +=, ds = (zero for inactive pairs), dw_pre +=, dw_up_gated +=, dgamma +=, dw_down +=
+void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_up_gated, Tensor& dgamma,
+                             Tensor& dw_down, const Tensor& dout, const SparseExperts& cache, const Tensor& x,
+                             const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                             const Tensor& w_down, NormSiluMode mode, double eps);
+
 // ---- softmax cross-entropy ----------------------------------------------------------------------
 // Returns the sum over rows of -log softmax(logits)[target]; targets i32 [T], logits [T, V].
 // If grad_scale != 0 the logits are overwritten in place by grad_scale * (softmax - onehot):

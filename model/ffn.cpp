@@ -49,6 +49,7 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
       mode_(normsilu_mode(cfg.normsilu)),
       eps_(cfg.norm_eps),
       gated_(cfg.gated_experts),
+      sparse_(cfg.expert_compute == "sparse"),
       w_router_(ps.add(name + ".w_router", {cfg.experts, cfg.hidden}, Partition::replicated, Init::normal,
                        cfg.init_std, true)),
       w_up_(ps.add(name + ".w_up", {cfg.experts * cfg.expert_width, cfg.hidden}, Partition::expert_rows,
@@ -88,25 +89,31 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
   ops::linear_forward(r_, x, w_router_.value);
   s_ = make(experts_);
   ops::router_scale_forward(s_, r_, scaling());
-  // 4-5. Non-gated experts u = W_up x, then NormSiLU (or the gated ablation).
-  u_ = make(n);
-  ops::linear_forward(u_, x, w_up_.value);
-  nstats_ = make(1 + experts_);
-  z_ = make(n);
-  if (gated_) {
-    gate_pre_ = make(n);
-    gate_act_ = make(n);
-    ops::linear_forward(gate_pre_, x, w_gate_->value);
-    ops::normsilu_forward(gate_act_, nstats_, gate_pre_, gamma_.value, experts_, mode_, eps_);
-    ops::mul_forward(z_, gate_act_, u_);
-  } else {
-    ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
-  }
-  // 6. Scale each expert's block by s_e and project down.
-  y_ = make(n);
-  ops::expert_scale_forward(y_, z_, s_, experts_);
   Tensor out = make(x.dim(-1));
-  ops::linear_forward(out, y_, w_down_.value);
+  if (sparse_) {
+    // 4-6 on active pairs only (kernels/cpu/sparse_experts.cpp): the same math as below.
+    ops::sparse_experts_forward(out, pairs_, x, r_, s_, gated_ ? w_gate_->value : w_up_.value,
+                                gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+  } else {
+    // 4-5. Non-gated experts u = W_up x, then NormSiLU (or the gated ablation).
+    u_ = make(n);
+    ops::linear_forward(u_, x, w_up_.value);
+    nstats_ = make(1 + experts_);
+    z_ = make(n);
+    if (gated_) {
+      gate_pre_ = make(n);
+      gate_act_ = make(n);
+      ops::linear_forward(gate_pre_, x, w_gate_->value);
+      ops::normsilu_forward(gate_act_, nstats_, gate_pre_, gamma_.value, experts_, mode_, eps_);
+      ops::mul_forward(z_, gate_act_, u_);
+    } else {
+      ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
+    }
+    // 6. Scale each expert's block by s_e and project down.
+    y_ = make(n);
+    ops::expert_scale_forward(y_, z_, s_, experts_);
+    ops::linear_forward(out, y_, w_down_.value);
+  }
   // 7. The shared expert, always on.
   if (shared_) ops::add_(out, shared_->forward(x));
 
@@ -132,21 +139,29 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
 Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
   const int64_t T = x_.numel() / x_.dim(-1);
   auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
-  Tensor dY = like(y_);
-  ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
-  Tensor dz = like(z_), ds = like(s_);
-  ops::expert_scale_backward(dz, ds, dY, z_, s_, experts_);
-  Tensor dx = like(x_);
-  Tensor du = like(u_);
-  if (gated_) {
-    Tensor dact = like(gate_act_), dpre = like(gate_pre_);
-    ops::mul_backward(dact, du, dz, gate_act_, u_);
-    ops::normsilu_backward(dpre, gamma_.grad, dact, gate_pre_, gamma_.value, nstats_, experts_, mode_, eps_);
-    ops::linear_backward(&dx, &w_gate_->grad, dpre, x_, w_gate_->value, false);
-    ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, true);
+  Tensor dx = like(x_), ds = like(s_);
+  if (sparse_) {
+    dx.zero_();
+    ops::sparse_experts_backward(dx, ds, gated_ ? w_gate_->grad : w_up_.grad, gated_ ? &w_up_.grad : nullptr,
+                                 gamma_.grad, w_down_.grad, dy, pairs_, x_, s_,
+                                 gated_ ? w_gate_->value : w_up_.value, gated_ ? &w_up_.value : nullptr,
+                                 gamma_.value, w_down_.value, mode_, eps_);
   } else {
-    ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.value, nstats_, experts_, mode_, eps_);
-    ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, false);
+    Tensor dY = like(y_);
+    ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
+    Tensor dz = like(z_);
+    ops::expert_scale_backward(dz, ds, dY, z_, s_, experts_);
+    Tensor du = like(u_);
+    if (gated_) {
+      Tensor dact = like(gate_act_), dpre = like(gate_pre_);
+      ops::mul_backward(dact, du, dz, gate_act_, u_);
+      ops::normsilu_backward(dpre, gamma_.grad, dact, gate_pre_, gamma_.value, nstats_, experts_, mode_, eps_);
+      ops::linear_backward(&dx, &w_gate_->grad, dpre, x_, w_gate_->value, false);
+      ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, true);
+    } else {
+      ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.value, nstats_, experts_, mode_, eps_);
+      ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, false);
+    }
   }
   // The regularizer's gradient enters at a = ReLU(r), next to the scaling's.
   Tensor da = Tensor::zeros(r_.shape(), dy.dtype(), dy.device());

@@ -88,6 +88,7 @@ class DecoFFNLayer {
   ops::NormSiluMode mode_;
   double eps_;
   bool gated_;
+  bool sparse_;  // compute only active (token, expert) pairs
   Parameter& w_router_;
   Parameter* g_ = nullptr;   // learnable or fixed scaling; null for "none"
   Tensor unit_scale_;        // [1] = 1 for "none"
@@ -98,6 +99,7 @@ class DecoFFNLayer {
   std::unique_ptr<SwiGLULayer> shared_;
   RegularizerSpec reg_;
   Tensor x_, r_, s_, u_, gate_pre_, gate_act_, z_, nstats_, y_;
+  ops::SparseExperts pairs_;  // the sparse path's cache
 };
 
 }  // namespace decotron

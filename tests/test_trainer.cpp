@@ -53,7 +53,7 @@ std::vector<std::string> read_lines(const std::string& path) {
 
 // Drops the wall-clock fields from a metrics line.
 std::string without_timing(std::string line) {
-  for (const char* key : {"\"tokens_per_s\":", "\"tflops\":"}) {
+  for (const char* key : {"\"tokens_per_s\":", "\"tflops\":", "\"peak_memory_bytes\":"}) {
     auto p = line.find(key);
     if (p == std::string::npos) continue;
     auto e = line.find_first_of(",}", p);
