@@ -10,4 +10,6 @@ void register_config(CLI::App& app);      // cli/train.cpp
 void register_tokenizer(CLI::App& app);   // data/commands.cpp
 void register_preprocess(CLI::App& app);  // data/commands.cpp
 void register_data(CLI::App& app);        // data/commands.cpp
+void register_bench(CLI::App& app);       // cli/bench.cpp
+void register_bench_train(CLI::App& bench);  // cli/bench_train.cpp
 }  // namespace decotron::cli

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   app.fallthrough(false);
   decotron::cli::register_train(app);
   decotron::cli::register_config(app);
+  decotron::cli::register_bench(app);
   decotron::cli::register_version(app);
   decotron::cli::register_tokenizer(app);
   decotron::cli::register_preprocess(app);

@@ -4,6 +4,7 @@
 #include "kernels/ops.h"
 
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/op_profile.h"
 #ifdef DECOTRON_WITH_CUDA
 #include "kernels/cuda/cuda_ops.h"
 #endif
@@ -12,6 +13,7 @@ namespace decotron::ops {
 
 void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, bool accumulate) {
   const Device dev = y.device();
+  OpTimer timer("linear_forward", dev);
   DT_ASSERT(!(x.device() != dev || w.device() != dev), "linear_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::linear_forward(y, x, w, accumulate);
@@ -27,6 +29,7 @@ void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, bool accumulate
 void linear_backward(Tensor* dx, Tensor* dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                      bool accumulate_dx) {
   const Device dev = dy.device();
+  OpTimer timer("linear_backward", dev);
   DT_ASSERT(!(x.device() != dev || w.device() != dev || (dx && dx->device() != dev) || (dw && dw->device() != dev)), "linear_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::linear_backward(dx, dw, dy, x, w, accumulate_dx);
@@ -41,6 +44,7 @@ void linear_backward(Tensor* dx, Tensor* dw, const Tensor& dy, const Tensor& x, 
 
 void add_(Tensor& y, const Tensor& x) {
   const Device dev = y.device();
+  OpTimer timer("add_", dev);
   DT_ASSERT(!(x.device() != dev), "add_: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::add_(y, x);
@@ -55,6 +59,7 @@ void add_(Tensor& y, const Tensor& x) {
 
 void scale_(Tensor& y, double alpha) {
   const Device dev = y.device();
+  OpTimer timer("scale_", dev);
   if (dev == Device::cpu) {
     cpu::scale_(y, alpha);
     return;
@@ -68,6 +73,7 @@ void scale_(Tensor& y, double alpha) {
 
 void mul_forward(Tensor& y, const Tensor& a, const Tensor& b) {
   const Device dev = y.device();
+  OpTimer timer("mul_forward", dev);
   DT_ASSERT(!(a.device() != dev || b.device() != dev), "mul_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::mul_forward(y, a, b);
@@ -82,6 +88,7 @@ void mul_forward(Tensor& y, const Tensor& a, const Tensor& b) {
 
 void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, const Tensor& b) {
   const Device dev = da.device();
+  OpTimer timer("mul_backward", dev);
   DT_ASSERT(!(db.device() != dev || dy.device() != dev || a.device() != dev || b.device() != dev), "mul_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::mul_backward(da, db, dy, a, b);
@@ -96,6 +103,7 @@ void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, con
 
 void embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table) {
   const Device dev = y.device();
+  OpTimer timer("embedding_forward", dev);
   DT_ASSERT(!(tokens.device() != dev || table.device() != dev), "embedding_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::embedding_forward(y, tokens, table);
@@ -110,6 +118,7 @@ void embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table) {
 
 void embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy) {
   const Device dev = dtable.device();
+  OpTimer timer("embedding_backward", dev);
   DT_ASSERT(!(tokens.device() != dev || dy.device() != dev), "embedding_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::embedding_backward(dtable, tokens, dy);
@@ -124,6 +133,7 @@ void embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy) 
 
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps) {
   const Device dev = y.device();
+  OpTimer timer("rmsnorm_forward", dev);
   DT_ASSERT(!(rstd.device() != dev || x.device() != dev || w.device() != dev), "rmsnorm_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::rmsnorm_forward(y, rstd, x, w, eps);
@@ -139,6 +149,7 @@ void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, 
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                       const Tensor& rstd) {
   const Device dev = dx.device();
+  OpTimer timer("rmsnorm_backward", dev);
   DT_ASSERT(!(dw.device() != dev || dy.device() != dev || x.device() != dev || w.device() != dev || rstd.device() != dev), "rmsnorm_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::rmsnorm_backward(dx, dw, dy, x, w, rstd);
@@ -154,6 +165,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 void rope_forward(Tensor& y, const Tensor& x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                   double base) {
   const Device dev = y.device();
+  OpTimer timer("rope_forward", dev);
   DT_ASSERT(!(x.device() != dev), "rope_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::rope_forward(y, x, batch, seq, heads, head_dim, base);
@@ -169,6 +181,7 @@ void rope_forward(Tensor& y, const Tensor& x, int64_t batch, int64_t seq, int64_
 void rope_backward(Tensor& dx, const Tensor& dy, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                    double base) {
   const Device dev = dx.device();
+  OpTimer timer("rope_backward", dev);
   DT_ASSERT(!(dy.device() != dev), "rope_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::rope_backward(dx, dy, batch, seq, heads, head_dim, base);
@@ -184,6 +197,7 @@ void rope_backward(Tensor& dx, const Tensor& dy, int64_t batch, int64_t seq, int
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const AttnShape& s) {
   const Device dev = out.device();
+  OpTimer timer("attention_forward", dev);
   DT_ASSERT(!(lse.device() != dev || q.device() != dev || k.device() != dev || v.device() != dev), "attention_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::attention_forward(out, lse, q, k, v, s);
@@ -199,6 +213,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
                         const Tensor& v, const Tensor& out, const Tensor& lse, const AttnShape& s) {
   const Device dev = dq.device();
+  OpTimer timer("attention_backward", dev);
   DT_ASSERT(!(dk.device() != dev || dv.device() != dev || dout.device() != dev || q.device() != dev || k.device() != dev || v.device() != dev || out.device() != dev || lse.device() != dev), "attention_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s);
@@ -213,6 +228,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
 
 void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
   const Device dev = h.device();
+  OpTimer timer("swiglu_forward", dev);
   DT_ASSERT(!(gate.device() != dev || up.device() != dev), "swiglu_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::swiglu_forward(h, gate, up);
@@ -227,6 +243,7 @@ void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
 
 void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate, const Tensor& up) {
   const Device dev = dgate.device();
+  OpTimer timer("swiglu_backward", dev);
   DT_ASSERT(!(dup.device() != dev || dh.device() != dev || gate.device() != dev || up.device() != dev), "swiglu_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::swiglu_backward(dgate, dup, dh, gate, up);
@@ -242,6 +259,7 @@ void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor&
 void normsilu_forward(Tensor& z, Tensor& stats, const Tensor& u, const Tensor& gamma, int64_t experts,
                       NormSiluMode mode, double eps) {
   const Device dev = z.device();
+  OpTimer timer("normsilu_forward", dev);
   DT_ASSERT(!(stats.device() != dev || u.device() != dev || gamma.device() != dev), "normsilu_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::normsilu_forward(z, stats, u, gamma, experts, mode, eps);
@@ -257,6 +275,7 @@ void normsilu_forward(Tensor& z, Tensor& stats, const Tensor& u, const Tensor& g
 void normsilu_backward(Tensor& du, Tensor& dgamma, const Tensor& dz, const Tensor& u, const Tensor& gamma,
                        const Tensor& stats, int64_t experts, NormSiluMode mode, double eps) {
   const Device dev = du.device();
+  OpTimer timer("normsilu_backward", dev);
   DT_ASSERT(!(dgamma.device() != dev || dz.device() != dev || u.device() != dev || gamma.device() != dev || stats.device() != dev), "normsilu_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::normsilu_backward(du, dgamma, dz, u, gamma, stats, experts, mode, eps);
@@ -271,6 +290,7 @@ void normsilu_backward(Tensor& du, Tensor& dgamma, const Tensor& dz, const Tenso
 
 void router_scale_forward(Tensor& s, const Tensor& r, const Tensor& g) {
   const Device dev = s.device();
+  OpTimer timer("router_scale_forward", dev);
   DT_ASSERT(!(r.device() != dev || g.device() != dev), "router_scale_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::router_scale_forward(s, r, g);
@@ -286,6 +306,7 @@ void router_scale_forward(Tensor& s, const Tensor& r, const Tensor& g) {
 void router_scale_backward(Tensor& dr, Tensor* dg, const Tensor& ds, const Tensor& r, const Tensor& g,
                            const Tensor* da_extra) {
   const Device dev = dr.device();
+  OpTimer timer("router_scale_backward", dev);
   DT_ASSERT(!(ds.device() != dev || r.device() != dev || g.device() != dev || (dg && dg->device() != dev) || (da_extra && da_extra->device() != dev)), "router_scale_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::router_scale_backward(dr, dg, ds, r, g, da_extra);
@@ -300,6 +321,7 @@ void router_scale_backward(Tensor& dr, Tensor* dg, const Tensor& ds, const Tenso
 
 int64_t count_active(const Tensor& r) {
   const Device dev = r.device();
+  OpTimer timer("count_active", dev);
   if (dev == Device::cpu) {
     return cpu::count_active(r);
   }
@@ -312,6 +334,7 @@ int64_t count_active(const Tensor& r) {
 
 int64_t count_tokens_with_active(const Tensor& r) {
   const Device dev = r.device();
+  OpTimer timer("count_tokens_with_active", dev);
   if (dev == Device::cpu) {
     return cpu::count_tokens_with_active(r);
   }
@@ -324,6 +347,7 @@ int64_t count_tokens_with_active(const Tensor& r) {
 
 void count_active_per_expert(const Tensor& r, int64_t* counts) {
   const Device dev = r.device();
+  OpTimer timer("count_active_per_expert", dev);
   if (dev == Device::cpu) {
     cpu::count_active_per_expert(r, counts);
     return;
@@ -337,6 +361,7 @@ void count_active_per_expert(const Tensor& r, int64_t* counts) {
 
 double entropy_forward(const Tensor& r) {
   const Device dev = r.device();
+  OpTimer timer("entropy_forward", dev);
   if (dev == Device::cpu) {
     return cpu::entropy_forward(r);
   }
@@ -349,6 +374,7 @@ double entropy_forward(const Tensor& r) {
 
 void entropy_backward(Tensor& da, const Tensor& r, double coef) {
   const Device dev = da.device();
+  OpTimer timer("entropy_backward", dev);
   DT_ASSERT(!(r.device() != dev), "entropy_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::entropy_backward(da, r, coef);
@@ -363,6 +389,7 @@ void entropy_backward(Tensor& da, const Tensor& r, double coef) {
 
 double l1_reg_forward(const Tensor& r, double target) {
   const Device dev = r.device();
+  OpTimer timer("l1_reg_forward", dev);
   if (dev == Device::cpu) {
     return cpu::l1_reg_forward(r, target);
   }
@@ -375,6 +402,7 @@ double l1_reg_forward(const Tensor& r, double target) {
 
 void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef) {
   const Device dev = da.device();
+  OpTimer timer("l1_reg_backward", dev);
   DT_ASSERT(!(r.device() != dev), "l1_reg_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::l1_reg_backward(da, r, target, coef);
@@ -389,6 +417,7 @@ void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef) {
 
 void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t experts) {
   const Device dev = y.device();
+  OpTimer timer("expert_scale_forward", dev);
   DT_ASSERT(!(z.device() != dev || s.device() != dev), "expert_scale_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::expert_scale_forward(y, z, s, experts);
@@ -404,6 +433,7 @@ void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t e
 void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tensor& z, const Tensor& s,
                            int64_t experts) {
   const Device dev = dz.device();
+  OpTimer timer("expert_scale_backward", dev);
   DT_ASSERT(!(ds.device() != dev || dy.device() != dev || z.device() != dev || s.device() != dev), "expert_scale_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::expert_scale_backward(dz, ds, dy, z, s, experts);
@@ -420,6 +450,7 @@ void sparse_experts_forward(Tensor& out, SparseExperts& cache, const Tensor& x, 
                             const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
                             NormSiluMode mode, double eps) {
   const Device dev = out.device();
+  OpTimer timer("sparse_experts_forward", dev);
   DT_ASSERT(!(x.device() != dev || r.device() != dev || s.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (w_up_gated && w_up_gated->device() != dev)), "sparse_experts_forward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::sparse_experts_forward(out, cache, x, r, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
@@ -437,6 +468,7 @@ void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_
                              const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps) {
   const Device dev = dx.device();
+  OpTimer timer("sparse_experts_backward", dev);
   DT_ASSERT(!(ds.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || dout.device() != dev || x.device() != dev || s.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "sparse_experts_backward: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::sparse_experts_backward(dx, ds, dw_pre, dw_up_gated, dgamma, dw_down, dout, cache, x, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
@@ -451,6 +483,7 @@ void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_
 
 double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale) {
   const Device dev = logits.device();
+  OpTimer timer("cross_entropy", dev);
   DT_ASSERT(!(targets.device() != dev), "cross_entropy: tensors on different devices");
   if (dev == Device::cpu) {
     return cpu::cross_entropy(logits, targets, grad_scale);
@@ -464,6 +497,7 @@ double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale) {
 
 void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStep& s, double grad_scale) {
   const Device dev = param.device();
+  OpTimer timer("adamw_update", dev);
   DT_ASSERT(!(m.device() != dev || v.device() != dev || grad.device() != dev), "adamw_update: tensors on different devices");
   if (dev == Device::cpu) {
     cpu::adamw_update(param, m, v, grad, s, grad_scale);
@@ -478,6 +512,7 @@ void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const
 
 double sum_squares(const Tensor& x) {
   const Device dev = x.device();
+  OpTimer timer("sum_squares", dev);
   if (dev == Device::cpu) {
     return cpu::sum_squares(x);
   }
@@ -490,6 +525,7 @@ double sum_squares(const Tensor& x) {
 
 bool has_nonfinite(const Tensor& x) {
   const Device dev = x.device();
+  OpTimer timer("has_nonfinite", dev);
   if (dev == Device::cpu) {
     return cpu::has_nonfinite(x);
   }
