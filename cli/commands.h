@@ -7,4 +7,7 @@ namespace decotron::cli {
 void register_version(CLI::App& app);
 void register_train(CLI::App& app);
 void register_config(CLI::App& app);
+void register_tokenizer(CLI::App& app);   // data/commands.cpp
+void register_preprocess(CLI::App& app);  // data/commands.cpp
+void register_data(CLI::App& app);        // data/commands.cpp
 }  // namespace decotron::cli

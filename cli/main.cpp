@@ -12,6 +12,9 @@ int main(int argc, char** argv) {
   decotron::cli::register_train(app);
   decotron::cli::register_config(app);
   decotron::cli::register_version(app);
+  decotron::cli::register_tokenizer(app);
+  decotron::cli::register_preprocess(app);
+  decotron::cli::register_data(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
