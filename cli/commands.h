@@ -10,4 +10,7 @@ void register_config(CLI::App& app);
 void register_tokenizer(CLI::App& app);   // data/commands.cpp
 void register_preprocess(CLI::App& app);  // data/commands.cpp
 void register_data(CLI::App& app);        // data/commands.cpp
+void register_generate(CLI::App& app);    // inference/commands.cpp
+void register_eval(CLI::App& app);        // inference/commands.cpp
+void register_bench(CLI::App& app);       // inference/commands.cpp
 }  // namespace decotron::cli

@@ -15,6 +15,9 @@ int main(int argc, char** argv) {
   decotron::cli::register_tokenizer(app);
   decotron::cli::register_preprocess(app);
   decotron::cli::register_data(app);
+  decotron::cli::register_generate(app);
+  decotron::cli::register_eval(app);
+  decotron::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
