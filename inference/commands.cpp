@@ -60,7 +60,8 @@ void register_eval(CLI::App& app) {
   auto a = std::make_shared<Args>();
   auto* c = app.add_subcommand("eval", "Perplexity of an export on a Megatron dataset (--data) or a text file (--text)");
   c->add_option("--model", a->model, "Export directory")->required();
-  auto* data = c->add_option("--data", a->ds.prefix, "Megatron dataset prefix (PREFIX.bin/.idx): mean cross-entropy over its samples, as the trainer's validation loss");
+  auto* data = c->add_option("--data", a->ds.prefixes, "Megatron dataset prefix(es) (PREFIX.bin/.idx; several are blended as the trainer's data.prefixes): mean cross-entropy over the split's samples, as the trainer's validation loss");
+  c->add_option("--weights", a->ds.weights, "--data: blend weights, one per prefix (the trainer's data.weights)");
   auto* text = c->add_option("--text", a->text, "Text file: tokenized, scored in non-overlapping windows (llama.cpp's perplexity procedure)");
   data->excludes(text);
   c->add_option("--split", a->ds.split, "--data: which split to read: train, valid or test")->capture_default_str();
@@ -73,13 +74,13 @@ void register_eval(CLI::App& app) {
   c->add_option("--ctx", a->tx.window, "--text: window length in tokens (0: the model's context)")->capture_default_str();
   c->add_option("--score", a->score, "--text: half (score predictions from the second half of each window, as llama.cpp) or all")->capture_default_str();
   c->callback([a] {
-    if (a->ds.prefix.empty() == a->text.empty()) fail("eval: pass exactly one of --data PREFIX or --text FILE");
+    if (a->ds.prefixes.empty() == a->text.empty()) fail("eval: pass exactly one of --data PREFIX or --text FILE");
     Model model(a->model);
     EvalResult r;
-    if (!a->ds.prefix.empty()) {
+    if (!a->ds.prefixes.empty()) {
       r = eval_dataset(model, a->ds);
       std::printf("eval %s (%s split): %" PRId64 " samples, %" PRId64 " tokens: loss %.6f, perplexity %.4f\n",
-                  a->ds.prefix.c_str(), a->ds.split.c_str(), r.windows, r.tokens, r.mean_nll(), r.perplexity());
+                  a->ds.prefixes[0].c_str(), a->ds.split.c_str(), r.windows, r.tokens, r.mean_nll(), r.perplexity());
       return;
     }
     if (a->score != "half" && a->score != "all") fail("--score ", a->score, ": use half or all");

@@ -23,7 +23,8 @@ EvalResult eval_dataset(Model& model, const DatasetEvalOptions& opt) {
     fail("--seq-len ", S, " is longer than the model's context of ", model.context_length(), " tokens");
   if (opt.samples <= 0) fail("--samples must be positive (the number of samples to evaluate)");
   data::DataOptions d;
-  d.prefixes = {opt.prefix};
+  d.prefixes = opt.prefixes;
+  d.weights = opt.weights;
   d.split = opt.split_string;
   d.seq_len = S;
   d.seed = opt.seed;

@@ -21,7 +21,8 @@ struct EvalResult {
 };
 
 struct DatasetEvalOptions {
-  std::string prefix;                  // Megatron dataset prefix (PREFIX.bin / PREFIX.idx)
+  std::vector<std::string> prefixes;   // Megatron dataset prefixes (PREFIX.bin / PREFIX.idx), blended if several
+  std::vector<double> weights;         // blend weights, one per prefix (empty: proportional to size)
   std::string split = "valid";         // which split: train | valid | test
   std::string split_string = "969,30,1";  // the trainer's data.split
   int64_t seq_len = 0;                 // tokens per sample; 0: the model's context

@@ -52,7 +52,7 @@ TEST(InferenceEval, DatasetPerplexityEqualsTrainerLoss) {
     const std::string dir = scratch_dir(cat("infer_eval_ds_", arch));
     Model rt(export_to(*m, c, cat("eval_ds_", arch), FileDType::f32));
     DatasetEvalOptions o;
-    o.prefix = write_random_dataset(dir);
+    o.prefixes = {write_random_dataset(dir)};
     o.split = "valid";
     o.split_string = "60,40,0";
     o.samples = 5;
@@ -64,7 +64,7 @@ TEST(InferenceEval, DatasetPerplexityEqualsTrainerLoss) {
 
     // The trainer's side: the same loader options, Transformer::forward over the same samples.
     data::DataOptions d;
-    d.prefixes = {o.prefix};
+    d.prefixes = o.prefixes;
     d.split = o.split_string;
     d.seq_len = c.model.seq_len;
     d.cache_dir = o.cache_dir;
