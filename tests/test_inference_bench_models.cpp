@@ -1,5 +1,5 @@
 // Writes the two exports docs/inference.md measures with `decotron bench decode`: a dense
-// model and a DECO model of the same total size (the paper's 0.1B shapes). Skipped unless
+// model and a DECO model of the same total size (the paper's 0.1B shapes), at two vocabularies. Skipped unless
 // DECOTRON_BENCH_EXPORT_DIR is set (it takes minutes and ~1 GB of disk); no timing here.
 //
 // Random weights route about half of the (token, expert) pairs, not the ~20% a trained DECO
@@ -17,11 +17,11 @@ using namespace decotron::inference::testing;
 
 namespace {
 
-Config paper_01b(const std::string& arch) {
+Config paper_01b(const std::string& arch, int64_t vocab) {
   Config c;
   ModelConfig& m = c.model;
   m.arch = arch;
-  m.vocab_size = 73448;
+  m.vocab_size = vocab;
   m.seq_len = 512;
   m.hidden = 768;
   m.layers = 16;
@@ -60,8 +60,12 @@ double activation_ratio(Transformer& m, const Config& c) {
 TEST(InferenceBenchModels, WriteDenseAndDecoExportsWhenAsked) {
   const char* out = std::getenv("DECOTRON_BENCH_EXPORT_DIR");
   if (!out) GTEST_SKIP() << "set DECOTRON_BENCH_EXPORT_DIR to write the benchmark exports";
+  // The paper's vocabulary (the LM head is a third of the bytes a token reads) and 8192 (the
+  // FFN dominates), each as a dense / DECO pair.
+  for (int64_t vocab : {73448L, 8192L})
   for (const char* arch : {"dense", "deco"}) {
-    Config c = paper_01b(arch);
+    Config c = paper_01b(arch, vocab);
+    const std::string name = cat(arch, "-0.1b", vocab == 73448 ? "" : "-v8k");
     Transformer m(c.model, DType::f32, Device::cpu);
     m.params().initialize(1234);
     Tensor& emb = m.params().find("embedding.weight").value;
@@ -79,7 +83,7 @@ TEST(InferenceBenchModels, WriteDenseAndDecoExportsWhenAsked) {
     ExportOptions o;
     o.dtype = FileDType::bf16;
     o.force = true;
-    export_model(m, c, tiny_model(), std::string(out) + "/" + arch + "-0.1b", o);
-    std::printf("wrote %s/%s-0.1b (%lld parameters)\n", out, arch, static_cast<long long>(m.params().count()));
+    export_model(m, c, tiny_model(), std::string(out) + "/" + name, o);
+    std::printf("wrote %s/%s (%lld parameters)\n", out, name.c_str(), static_cast<long long>(m.params().count()));
   }
 }
