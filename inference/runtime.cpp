@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "inference/model_file.h"
 #include "kernels/ops.h"
+#include "model/layers.h"
 
 namespace decotron::inference {
 
@@ -28,12 +29,6 @@ struct Model::Layer {
 
 namespace {
 
-ops::NormSiluMode normsilu_mode(const std::string& s) {
-  if (s == "full") return ops::NormSiluMode::full;
-  if (s == "no_mean") return ops::NormSiluMode::no_mean;
-  if (s == "no_rms") return ops::NormSiluMode::no_rms;
-  return ops::NormSiluMode::silu;
-}
 bool uses_mean(ops::NormSiluMode m) { return m == ops::NormSiluMode::full || m == ops::NormSiluMode::no_rms; }
 
 // The NormSiLU mode to run on one expert's block once the mean has been subtracted by us:

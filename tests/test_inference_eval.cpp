@@ -1,8 +1,6 @@
 // Eval, sampling, generation and the inference CLI: perplexity over a Megatron dataset equals
 // the trainer's mean cross-entropy on the same samples; the text procedure scores exactly the
 // documented tokens; sampling is deterministic by seed and greedy is argmax.
-#include <array>
-#include <cstdio>
 #include <fstream>
 #include <set>
 
@@ -17,19 +15,11 @@ using namespace decotron;
 using namespace decotron::inference;
 using namespace decotron::inference::testing;
 using decotron::data::testing::expect_error;
+using decotron::data::testing::run_command;
 using decotron::data::testing::scratch_dir;
 
 namespace {
 
-std::pair<int, std::string> run(const std::string& cmd) {
-  std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = pclose(p);
-  return {WEXITSTATUS(st), out};
-}
 
 // 30 documents of 5..44 random ids below the tokenizer's 360.
 std::string write_random_dataset(const std::string& dir) {
@@ -184,27 +174,27 @@ TEST(InferenceCli, GenerateEvalBench) {
   auto m = random_model(c);
   const std::string dir = export_to(*m, c, "cli", FileDType::bf16);
   const std::string bin = DECOTRON_BINARY;
-  auto [rc, out] = run(bin + " generate --model " + dir + " --prompt 'the kernel' --max-tokens 4 --temperature 0 --stats");
+  auto [rc, out] = run_command(bin + " generate --model " + dir + " --prompt 'the kernel' --max-tokens 4 --temperature 0 --stats");
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("the kernel"), std::string::npos) << out;
-  std::tie(rc, out) = run(bin + " generate --model " + dir + " --prompt '" + std::string(100, 'q') + " the memory driver page'");
+  std::tie(rc, out) = run_command(bin + " generate --model " + dir + " --prompt '" + std::string(100, 'q') + " the memory driver page'");
   EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find("the prompt is"), std::string::npos) << out;
   const std::string txt = scratch_dir("infer_cli_text") + "/t.txt";
   std::ofstream(txt) << "the kernel maps a page table. the scheduler reads the queue. the driver writes the buffer.";
-  std::tie(rc, out) = run(bin + " eval --model " + dir + " --text " + txt + " --ctx 8 --score all");
+  std::tie(rc, out) = run_command(bin + " eval --model " + dir + " --text " + txt + " --ctx 8 --score all");
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("perplexity"), std::string::npos) << out;
   const std::string ds = scratch_dir("infer_cli_ds");
   const std::string prefix = write_random_dataset(ds);
-  std::tie(rc, out) = run(bin + " eval --model " + dir + " --data " + prefix + " --split-string 60,40,0 --samples 2 --cache-dir " + ds + "/cache");
+  std::tie(rc, out) = run_command(bin + " eval --model " + dir + " --data " + prefix + " --split-string 60,40,0 --samples 2 --cache-dir " + ds + "/cache");
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("2 samples, 32 tokens"), std::string::npos) << out;
-  std::tie(rc, out) = run(bin + " bench decode --model " + dir + " --tokens 8");
+  std::tie(rc, out) = run_command(bin + " bench decode --model " + dir + " --tokens 8");
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("ms/token"), std::string::npos) << out;
   EXPECT_NE(out.find("activation ratio"), std::string::npos) << out;
-  std::tie(rc, out) = run(bin + " generate --model " + ds);
+  std::tie(rc, out) = run_command(bin + " generate --model " + ds);
   EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find("config.json"), std::string::npos) << out;
 }
