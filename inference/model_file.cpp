@@ -18,7 +18,8 @@ using json = nlohmann::json;
 
 namespace {
 constexpr uint64_t kMaxHeader = 100ull << 20;  // the safetensors limit (100 MB)
-}
+bool is_experts_down(const std::string& name) { return name.ends_with(".experts.down"); }
+}  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
@@ -141,7 +142,9 @@ Tensor SafetensorsFile::read_f32(const std::string& name) const {
       std::vector<float> scale(shape_numel(s.shape));
       std::memcpy(scale.data(), s.data, scale.size() * 4);
       const int64_t cols = e.shape.back();
-      const bool down = e.shape.size() == 3 && s.shape == Shape{e.shape[0], e.shape[2]};
+      // experts.down has one scale per (expert, output channel i): [E, h] over w[e, j, i]. Told
+      // by name, not by the scale's shape: [E, d] (experts.up) and [E, h] agree when d == h.
+      const bool down = is_experts_down(name);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = i / cols;
         const float sc = down ? scale[(row / e.shape[1]) * cols + i % cols] : scale[row];
@@ -214,7 +217,7 @@ void check_against_config(const SafetensorsFile& f, const ExportInfo& info, cons
       const std::string sn = t.name + ".scale";
       if (!f.has(sn)) fail(both, ": int8 tensor '", t.name, "' has no '", sn, "'");
       const TensorEntry& s = f.get(sn);
-      const bool down = t.name.size() > 13 && t.name.compare(t.name.size() - 13, 13, ".experts.down") == 0;
+      const bool down = is_experts_down(t.name);
       const Shape want_s = down ? Shape{t.shape[0], t.shape[2]} : Shape(t.shape.begin(), t.shape.end() - 1);
       if (s.dtype != FileDType::f32 || s.shape != want_s)
         fail(both, ": '", sn, "' must be F32 ", shape_str(want_s), ", is ", file_dtype_name(s.dtype), " ",

@@ -220,3 +220,34 @@ TEST(InferenceRuntime, ContextOverflowIsAnError) {
   const int32_t one = 1;
   data::testing::expect_error([&] { rt.forward(std::span<const int32_t>(&one, 1), false); }, {"context is 16 tokens"});
 }
+
+// int8 scales: per row for experts.up ([E, d]), per (expert, output channel) for experts.down
+// ([E, h]); with d == h both shapes agree and the reader must still tell them apart.
+TEST(InferenceRuntime, Int8ExpertScalesWhenWidthEqualsHidden) {
+  Config c = tiny_infer_config("deco");
+  apply_override(c, "model.hidden=16");
+  apply_override(c, "model.heads=2");
+  apply_override(c, "model.expert_width=16");
+  validate_config(c);
+  auto m = random_model(c);
+  Model rt(export_to(*m, c, "int8_d_eq_h", FileDType::f32, /*int8=*/true));
+  const int64_t E = c.model.experts, d = 16, h = 16;
+  const float* up = rt.weight("layers.1.ffn.experts.up").data<float>();
+  const float* down = rt.weight("layers.1.ffn.experts.down").data<float>();
+  const float* w_up = m->params().find("layers.1.ffn.w_up").value.data<float>();
+  const float* w_down = m->params().find("layers.1.ffn.w_down").value.data<float>();
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t j = 0; j < d; ++j) {  // experts.up: one scale per row (e, j)
+      float mx = 0;
+      for (int64_t i = 0; i < h; ++i) mx = std::max(mx, std::fabs(w_up[(e * d + j) * h + i]));
+      for (int64_t i = 0; i < h; ++i)
+        ASSERT_LE(std::fabs(up[(e * d + j) * h + i] - w_up[(e * d + j) * h + i]), mx / 127 * 0.5001) << e << " " << j;
+    }
+    for (int64_t i = 0; i < h; ++i) {  // experts.down: one scale per (e, i) over j
+      float mx = 0;
+      for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(w_down[i * E * d + e * d + j]));
+      for (int64_t j = 0; j < d; ++j)
+        ASSERT_LE(std::fabs(down[(e * d + j) * h + i] - w_down[i * E * d + e * d + j]), mx / 127 * 0.5001) << e << " " << i;
+    }
+  }
+}
