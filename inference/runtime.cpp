@@ -248,64 +248,70 @@ Tensor Model::deco_ffn(int layer, const Tensor& x) {
   count_weight(L.g);
   count_weight(L.gamma);
   if (uses_mean(mode)) count_weight(L.w_bar, -1, true);
-  Tensor out = Tensor::zeros({n, h}, DType::f32);
-  std::vector<char> touched(E, 0);  // experts read by this call (bytes are counted once per block)
-  std::vector<int64_t> active;
-  for (int64_t t = 0; t < n; ++t) {
-    const Tensor xt = x.rows(t, 1);
-    const float* rt = r.data<float>() + t * E;
-    active.clear();
+  // Active pairs grouped by expert: expert e runs on the rows t with a_te = ReLU(r_te) > 0,
+  // so each active block is read once per call, however many tokens use it (prefill), and
+  // inactive experts are never touched.
+  std::vector<std::vector<int64_t>> rows_of(E);
+  const float* rp = r.data<float>();
+  for (int64_t t = 0; t < n; ++t)
     for (int64_t e = 0; e < E; ++e)
-      if (rt[e] > 0) active.push_back(e);  // a_e = max(r_e, 0) > 0
-    counters_.active_pairs += static_cast<int64_t>(active.size());
-    counters_.routed_pairs += E;
-    if (active.empty()) continue;
-    const int64_t k = static_cast<int64_t>(active.size());
-    // 4. u_e = W_up,e x for the active experts only: U [k, d] (and the gate's pre-activation).
+      if (rp[t * E + e] > 0) rows_of[e].push_back(t);
+  // 5a. NormSiLU's mean over all E*d entries of each token: mean(p_t) = x_t . w_bar.
+  std::vector<double> mu(n, 0.0);
+  if (uses_mean(mode))
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < h; ++j) mu[t] += static_cast<double>(x.data<float>()[t * h + j]) * L.w_bar.data<float>()[j];
+  Tensor out = Tensor::zeros({n, h}, DType::f32);
+  for (int64_t e = 0; e < E; ++e) {
+    const std::vector<int64_t>& rows = rows_of[e];
+    const int64_t k = static_cast<int64_t>(rows.size());
+    counters_.active_pairs += k;
+    if (k == 0) continue;
+    Tensor X = k == 1 ? x.rows(rows[0], 1) : Tensor::empty({k, h}, DType::f32);  // the rows routed to e
+    if (k > 1)
+      for (int64_t i = 0; i < k; ++i) std::copy_n(x.data<float>() + rows[i] * h, h, X.data<float>() + i * h);
+    // 4. u = X up_e^T [k, d] from expert e's contiguous block (and the gate's pre-activation).
     Tensor U = Tensor::empty({k, d}, DType::f32);
-    Tensor P = m.gated_experts ? Tensor::empty({k, d}, DType::f32) : U;  // what NormSiLU normalizes
-    for (int64_t i = 0; i < k; ++i) {
-      Tensor ui = U.rows(i, 1);
-      ops::linear_forward(ui, xt, block(L.up, active[i]));
-      if (m.gated_experts) {
-        Tensor pi = P.rows(i, 1);
-        ops::linear_forward(pi, xt, block(L.gate, active[i]));
-      }
+    ops::linear_forward(U, X, block(L.up, e));
+    Tensor P = U;  // what NormSiLU normalizes
+    if (m.gated_experts) {
+      P = Tensor::empty({k, d}, DType::f32);
+      ops::linear_forward(P, X, block(L.gate, e));
     }
-    // 5. NormSiLU. mean(u) over all E*d entries = x . w_bar (no inactive block needed); then
-    //    per active block c_e = u_e - mean, n_e = gamma * c_e / rms(c_e), z_e = SiLU(n_e).
+    // 5b. c = p - mean_t, then the per-block rest of NormSiLU (RMS over this block's d
+    //     entries, gamma, SiLU) by the trainer's kernel on these blocks alone.
     Tensor C = P;
     if (uses_mean(mode)) {
-      double mu = 0;
-      for (int64_t j = 0; j < h; ++j) mu += static_cast<double>(xt.data<float>()[j]) * L.w_bar.data<float>()[j];
       C = Tensor::empty({k, d}, DType::f32);
-      for (int64_t i = 0; i < k * d; ++i) C.data<float>()[i] = static_cast<float>(P.data<float>()[i] - mu);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < d; ++j)
+          C.data<float>()[i * d + j] = static_cast<float>(P.data<float>()[i * d + j] - mu[rows[i]]);
     }
     Tensor Z = Tensor::empty({k, d}, DType::f32), nstats = Tensor::empty({k, 2}, DType::f32);
     ops::normsilu_forward(Z, nstats, C, L.gamma, 1, block_mode, m.norm_eps);
-    if (m.gated_experts) {  // 8. gated ablation: z_e = NormSiLU(W_gate x)_e * (W_up x)_e
+    if (m.gated_experts) {  // 8. gated ablation: z = NormSiLU(W_gate x)_e * (W_up x)_e
       Tensor zg = Tensor::empty({k, d}, DType::f32);
       ops::mul_forward(zg, Z, U);
       Z = zg;
     }
-    // 6. y_e = s_e z_e; out += W_down,e y_e, reading expert e's contiguous [d, h] down block.
+    // 6. y = s_te z; out_t += y down_e: expert e's contiguous [d, h] block of W_down^T, through
+    //    the input-gradient GEMM of a linear layer (dx = dy . W).
     Tensor S = Tensor::empty({k, 1}, DType::f32);
-    for (int64_t i = 0; i < k; ++i) S.data<float>()[i] = s.data<float>()[t * E + active[i]];
+    for (int64_t i = 0; i < k; ++i) S.data<float>()[i] = s.data<float>()[rows[i] * E + e];
     Tensor Y = Tensor::empty({k, d}, DType::f32);
     ops::expert_scale_forward(Y, Z, S, 1);
-    Tensor ot = out.rows(t, 1);
+    Tensor O = Tensor::empty({k, h}, DType::f32);
+    ops::linear_backward(&O, nullptr, Y, X, block(L.down, e));
     for (int64_t i = 0; i < k; ++i) {
-      // out_t += y_e [1, d] . down_e [d, h]: the input-gradient GEMM of a linear layer (dx += dy . W).
-      ops::linear_backward(&ot, nullptr, Y.rows(i, 1), xt, block(L.down, active[i]), /*accumulate_dx=*/true);
-      touched[active[i]] = 1;
+      float* dst = out.data<float>() + rows[i] * h;
+      const float* src = O.data<float>() + i * h;
+      for (int64_t j = 0; j < h; ++j) dst[j] += src[j];
     }
-  }
-  for (int64_t e = 0; e < E; ++e) {
-    if (!touched[e]) continue;
     count_weight(L.up, d * h);
     if (m.gated_experts) count_weight(L.gate, d * h);
     count_weight(L.down, d * h, false, /*scales: per (expert, output channel)*/ h);
   }
+  counters_.routed_pairs += n * E;
   // 7. The shared expert, always on.
   if (L.sh_up.defined()) ops::add_(out, swiglu(x, L.sh_gate, L.sh_up, L.sh_down));
   return out;
