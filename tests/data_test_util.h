@@ -6,7 +6,6 @@
 
 #include <array>
 #include <cstdio>
-
 #include <filesystem>
 #include <fstream>
 #include <iterator>
