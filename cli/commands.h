@@ -4,12 +4,16 @@
 #include <CLI/CLI.hpp>
 
 namespace decotron::cli {
-void register_version(CLI::App& app);     // cli/version.cpp
-void register_train(CLI::App& app);       // cli/train.cpp
-void register_config(CLI::App& app);      // cli/train.cpp
-void register_tokenizer(CLI::App& app);   // data/commands.cpp
-void register_preprocess(CLI::App& app);  // data/commands.cpp
-void register_data(CLI::App& app);        // data/commands.cpp
-void register_bench(CLI::App& app);       // cli/bench.cpp
-void register_bench_train(CLI::App& bench);  // cli/bench_train.cpp
+void register_version(CLI::App& app);         // cli/version.cpp
+void register_train(CLI::App& app);           // cli/train.cpp
+void register_config(CLI::App& app);          // cli/train.cpp
+void register_export(CLI::App& app);          // cli/export.cpp
+void register_tokenizer(CLI::App& app);       // data/commands.cpp
+void register_preprocess(CLI::App& app);      // data/commands.cpp
+void register_data(CLI::App& app);            // data/commands.cpp
+void register_generate(CLI::App& app);        // inference/commands.cpp
+void register_eval(CLI::App& app);            // inference/commands.cpp
+void register_bench(CLI::App& app);           // cli/bench.cpp: the `bench` parent
+void register_bench_train(CLI::App& bench);   // cli/bench_train.cpp
+void register_bench_decode(CLI::App& bench);  // inference/commands.cpp
 }  // namespace decotron::cli

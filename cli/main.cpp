@@ -11,11 +11,14 @@ int main(int argc, char** argv) {
   app.fallthrough(false);
   decotron::cli::register_train(app);
   decotron::cli::register_config(app);
-  decotron::cli::register_bench(app);
-  decotron::cli::register_version(app);
   decotron::cli::register_tokenizer(app);
   decotron::cli::register_preprocess(app);
   decotron::cli::register_data(app);
+  decotron::cli::register_export(app);
+  decotron::cli::register_generate(app);
+  decotron::cli::register_eval(app);
+  decotron::cli::register_bench(app);
+  decotron::cli::register_version(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -34,14 +34,12 @@ Tensor SwiGLULayer::backward(const Tensor& dy, Tensor* accumulate_into) {
   return dx;
 }
 
-namespace {
 ops::NormSiluMode normsilu_mode(const std::string& s) {
   if (s == "full") return ops::NormSiluMode::full;
   if (s == "no_mean") return ops::NormSiluMode::no_mean;
   if (s == "no_rms") return ops::NormSiluMode::no_rms;
   return ops::NormSiluMode::silu;
 }
-}  // namespace
 
 DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg)
     : experts_(cfg.experts),

@@ -74,6 +74,9 @@ struct RegularizerSpec {
   double target = 0.2;   // for L1
 };
 
+// model.normsilu ("full" | "no_mean" | "no_rms" | "silu", validated by the config) -> the op's mode.
+ops::NormSiluMode normsilu_mode(const std::string& config_value);
+
 class DecoFFNLayer {
  public:
   DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg);

@@ -1,8 +1,11 @@
 // Helpers shared by the data tests: a scratch directory and the spec's tiny dataset.
 #pragma once
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -48,6 +51,17 @@ inline void write_dataset(const std::string& prefix, const std::vector<std::vect
   IndexedDatasetWriter w(prefix, dtype);
   for (const auto& s : seqs) w.add_document(s);
   w.finalize();
+}
+
+// Runs a shell command, returns (exit code, stdout+stderr).
+inline std::pair<int, std::string> run_command(const std::string& cmd) {
+  std::string out;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = pclose(p);
+  return {WEXITSTATUS(st), out};
 }
 
 // Runs f, expects a decotron::Error whose message contains every needle.
