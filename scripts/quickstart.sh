@@ -20,3 +20,12 @@ export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 "$BUILD_DIR/decotron" train --config configs/tiny-deco.yaml --run-dir "$RUN" \
   --set data.prefixes="[$CORPUS/kernel_docs]" --set data.tokenizer_model="$CORPUS/tokenizer.model" "$@"
 echo "quickstart: trained; metrics in $RUN/metrics.jsonl"
+
+OUT=$RUN/export
+"$BUILD_DIR/decotron" export "$RUN" --out "$OUT" --dtype bf16
+"$BUILD_DIR/decotron" eval --model "$OUT" --data "$CORPUS/kernel_docs" --split valid --split-string 98,2,0 \
+  --seq-len 128 --samples 64
+echo "quickstart: generating from $OUT"
+"$BUILD_DIR/decotron" generate --model "$OUT" --prompt "The Linux kernel" --max-tokens 64 --temperature 0.8 --top-k 40 --seed 1
+echo
+echo "quickstart: done. Run dir $RUN (metrics.jsonl, checkpoints/), export $OUT."
