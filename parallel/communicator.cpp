@@ -60,7 +60,8 @@ void report_collective_timeout(const CollectiveLog& log, int world_rank, const s
                "(parallel.timeout_s); a peer rank of group '%s' is hung, dead or issued a different collective. "
                "Aborting the job.\n"
                "  last collectives issued by rank %d (oldest first):\n%s"
-               "  (every live rank prints its own list; a rank that printed nothing is the stuck one)\n",
+               "  (every rank that reaches its deadline prints its own list: compare the sequence numbers; a "
+               "rank that prints nothing is hung or dead)\n",
                world_rank, static_cast<unsigned long long>(seq), op, group.c_str(), waited_s, group.c_str(),
                world_rank, log.format().c_str());
   std::fflush(stderr);

@@ -54,7 +54,9 @@ std::shared_ptr<ParallelContext> make_parallel_context(const ParallelConfig& cfg
   std::shared_ptr<MpiCommunicator> tp = world->split(l.tp_color(), l.tp_rank, "tp");
   std::shared_ptr<MpiCommunicator> dp = world->split(l.dp_color(), l.dp_rank, "dp");
   std::shared_ptr<MpiCommunicator> ep = world->split(l.ep_color(), l.ep_rank, "ep");
-  std::shared_ptr<MpiCommunicator> edp = world->split(l.edp_color(), l.edp_rank, "edp");
+  // Without expert parallelism the expert-data-parallel group is the data-parallel group: the
+  // same communicator, so that expert and other gradients share buckets.
+  std::shared_ptr<MpiCommunicator> edp = l.ep_size == 1 ? dp : world->split(l.edp_color(), l.edp_rank, "edp");
   DT_ASSERT(tp->size() == l.tp_size && dp->size() == l.dp_size && ep->size() == l.ep_size &&
                 edp->size() == l.edp_size && tp->rank() == l.tp_rank && dp->rank() == l.dp_rank,
             "process groups disagree with the layout");
@@ -75,7 +77,7 @@ std::shared_ptr<ParallelContext> make_parallel_context(const ParallelConfig& cfg
     ctx->tp = make_nccl_communicator(*tp);
     ctx->dp = make_nccl_communicator(*dp);
     ctx->ep = make_nccl_communicator(*ep);
-    ctx->edp = make_nccl_communicator(*edp);
+    ctx->edp = l.ep_size == 1 ? ctx->dp : make_nccl_communicator(*edp);
 #else
     // Built without NCCL: the MPI communicators work on host buffers and callers stage device
     // data through host memory (slow, but correct).

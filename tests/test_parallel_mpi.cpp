@@ -1,0 +1,399 @@
+// Parallelism: the process grid, the communicators (single rank here, two ranks through
+// mpirun), data-parallel training equal to one rank, a signal on one rank stopping every rank
+// at the same step, and the watchdog aborting a job whose rank hangs.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "checkpoint/manager.h"
+#include "model/parameter.h"
+#include "parallel/grad_sync.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/process_groups.h"
+
+namespace fs = std::filesystem;
+using namespace decotron;
+
+namespace {
+
+const char* kMpirun = "mpirun --allow-run-as-root --oversubscribe";
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::string fresh_dir(const std::string& name) {
+  fs::path d = fs::temp_directory_path() / ("decotron_parallel_" + name);
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d.string();
+}
+
+// Starts `sh -c command` (output to `log`) in its own process group; returns its pid.
+pid_t spawn(const std::string& command, const std::string& log) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    setpgid(0, 0);
+    // This test process may have initialized MPI as a singleton, which leaves its runtime's
+    // variables in the environment; a child mpirun must not see them.
+    std::vector<std::string> names;
+    for (char** e = environ; *e; ++e) {
+      std::string var(*e);
+      for (const char* prefix : {"OMPI_", "PMIX_", "OPAL_", "ORTE_"})
+        if (var.rfind(prefix, 0) == 0) names.push_back(var.substr(0, var.find('=')));
+    }
+    for (const auto& n : names) unsetenv(n.c_str());
+    std::string full = command + " > " + log + " 2>&1";
+    execl("/bin/sh", "sh", "-c", full.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  return pid;
+}
+
+// Waits up to `limit_s` for `pid`; returns its exit code (128 + signal), or -1 on timeout (the
+// process group is then killed).
+int wait_exit(pid_t pid, double limit_s) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > limit_s) {
+      kill(-pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+int run(const std::string& command, const std::string& log, double limit_s = 120) {
+  return wait_exit(spawn(command, log), limit_s);
+}
+
+// Pid of the process whose environment holds `tag` and OMPI_COMM_WORLD_RANK=rank (0 if none).
+pid_t find_rank(const std::string& tag, int rank) {
+  const std::string want_rank = "OMPI_COMM_WORLD_RANK=" + std::to_string(rank);
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string env = read_file(e.path().string() + "/environ");
+    std::set<std::string> vars;
+    for (size_t i = 0, j; i < env.size(); i = j + 1) {
+      j = env.find('\0', i);
+      if (j == std::string::npos) j = env.size();
+      vars.insert(env.substr(i, j - i));
+    }
+    if (vars.count(tag) && vars.count(want_rank)) return std::stoi(name);
+  }
+  return 0;
+}
+
+std::vector<nlohmann::json> train_records(const std::string& metrics) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+int64_t last_iter(const std::string& metrics) {
+  int64_t it = 0;
+  for (const auto& j : train_records(metrics))
+    if (j.contains("iter")) it = j["iter"].get<int64_t>();
+  return it;
+}
+
+std::string tiny_config(const std::string& dir, int64_t iters, int64_t global_batch, double timeout_s) {
+  std::string path = dir + "/tiny.yaml";
+  std::ofstream(path) << "model: {arch: deco, vocab_size: 64, seq_len: 16, hidden: 32, layers: 2, heads: 2,\n"
+                         "        ffn_hidden: 64, experts: 8, expert_width: 8, shared_expert_width: 16,\n"
+                         "        parameter_parity: false}\n"
+                         "train: {iters: " << iters << ", micro_batch: 2, global_batch: " << global_batch
+                      << ", warmup_iters: 2, decay_iters: 5,\n"
+                         "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4}\n"
+                         "parallel: {timeout_s: " << timeout_s << "}\n"
+                         "log: {interval: 1}\n";
+  return path;
+}
+
+std::string train_cmd(const std::string& cfg, const std::string& run_dir) {
+  return std::string(DECOTRON_BINARY) + " train --config " + cfg + " --synthetic-data --run-dir " + run_dir;
+}
+
+void expect_close(double a, double b, double rel, const std::string& what) {
+  EXPECT_LE(std::fabs(a - b), rel * std::max(std::fabs(a), std::fabs(b)) + 1e-12) << what << ": " << a << " vs " << b;
+}
+
+}  // namespace
+
+// ---- the grid --------------------------------------------------------------------------------
+
+TEST(ParallelLayout, GridAndGroupsForEveryRank) {
+  ParallelConfig cfg;
+  cfg.tensor = 2, cfg.expert = 2;  // world 8: tp 2 x dp 4, ep 2 within dp, edp 2
+  std::map<std::pair<std::string, int>, std::vector<int>> groups;
+  for (int r = 0; r < 8; ++r) {
+    ParallelLayout l = make_layout(cfg, 8, r);
+    EXPECT_EQ(l.tp_size, 2);
+    EXPECT_EQ(l.dp_size, 4);
+    EXPECT_EQ(l.ep_size, 2);
+    EXPECT_EQ(l.edp_size, 2);
+    EXPECT_EQ(l.tp_rank, r % 2);
+    EXPECT_EQ(l.dp_rank, r / 2);
+    EXPECT_EQ(l.ep_rank, (r / 2) % 2);
+    EXPECT_EQ(l.edp_rank, (r / 2) / 2);
+    groups[{"tp", l.tp_color()}].push_back(r);
+    groups[{"dp", l.dp_color()}].push_back(r);
+    groups[{"ep", l.ep_color()}].push_back(r);
+    groups[{"edp", l.edp_color()}].push_back(r);
+  }
+  // Tensor peers are neighbours; data peers share the tensor rank; an expert group is two
+  // consecutive data ranks; expert-data peers hold the same experts.
+  EXPECT_EQ((groups[{"tp", 1}]), (std::vector<int>{2, 3}));
+  EXPECT_EQ((groups[{"dp", 1}]), (std::vector<int>{1, 3, 5, 7}));
+  EXPECT_EQ((groups[{"ep", 1}]), (std::vector<int>{4, 6}));  // tp 0, dp ranks 2 and 3
+  EXPECT_EQ((groups[{"edp", 1}]), (std::vector<int>{2, 6}));  // tp 0, ep rank 1
+  for (const auto& [key, members] : groups) {
+    const size_t want = key.first == "dp" ? 4 : 2;
+    EXPECT_EQ(members.size(), want) << key.first << " " << key.second;
+  }
+  EXPECT_NE(describe_layout(cfg, 8).find("rank 5: tp 1 dp 2 ep 0 edp 1"), std::string::npos)
+      << describe_layout(cfg, 8);
+}
+
+TEST(ParallelLayout, RejectsSizesThatDoNotDivide) {
+  ParallelConfig cfg;
+  cfg.tensor = 4;
+  EXPECT_THROW(make_layout(cfg, 6, 0), Error);
+  cfg.tensor = 1, cfg.expert = 3;
+  EXPECT_THROW(make_layout(cfg, 4, 0), Error);
+  cfg.expert = 1, cfg.data = 3;
+  EXPECT_THROW(make_layout(cfg, 4, 0), Error);
+  cfg.data = 0;
+  EXPECT_EQ(make_layout(cfg, 4, 3).dp_size, 4);
+}
+
+// ---- communicators ---------------------------------------------------------------------------
+
+// Every collective on the groups of `ctx`, checked against the sums each rank can compute.
+void check_collectives(const ParallelContext& ctx) {
+  Communicator& c = *ctx.world;
+  const int n = c.size(), r = c.rank();
+  std::vector<float> f = {1.0f + r, 2.0f * r};
+  c.all_reduce(f.data(), 2, CommType::f32);
+  EXPECT_EQ(f[0], n + n * (n - 1) / 2.0f);
+  EXPECT_EQ(f[1], static_cast<float>(n * (n - 1)));
+  std::vector<double> d = {0.5 * (r + 1)};
+  c.all_reduce(d.data(), 1, CommType::f64);
+  EXPECT_DOUBLE_EQ(d[0], 0.25 * n * (n + 1));
+  EXPECT_EQ(c.sum(int64_t{1} << 40), (int64_t{1} << 40) * n);
+  // reduce_scatter: rank j receives the sum of every rank's block j.
+  std::vector<double> send(2 * n), recv(2);
+  for (int j = 0; j < 2 * n; ++j) send[j] = 100.0 * r + j;
+  c.reduce_scatter(send.data(), recv.data(), 2, CommType::f64);
+  EXPECT_DOUBLE_EQ(recv[0], 100.0 * n * (n - 1) / 2 + n * (2 * r));
+  EXPECT_DOUBLE_EQ(recv[1], 100.0 * n * (n - 1) / 2 + n * (2 * r + 1));
+  // all_gather
+  std::vector<int64_t> mine = {r, -r}, all(2 * n);
+  c.all_gather(mine.data(), all.data(), 2, CommType::i64);
+  for (int j = 0; j < n; ++j) {
+    EXPECT_EQ(all[2 * j], j);
+    EXPECT_EQ(all[2 * j + 1], -j);
+  }
+  // all_to_all with per-rank counts: rank i sends i + j + 1 values to rank j, each 1000i + j.
+  std::vector<int64_t> sc(n), rc(n);
+  std::vector<float> out, in;
+  for (int j = 0; j < n; ++j) {
+    sc[j] = r + j + 1, rc[j] = j + r + 1;
+    for (int k = 0; k < sc[j]; ++k) out.push_back(1000.0f * r + j);
+  }
+  int64_t total_in = 0;
+  for (int64_t x : rc) total_in += x;
+  in.assign(total_in, -1.0f);
+  c.all_to_all(out.data(), sc, in.data(), rc, CommType::f32);
+  size_t pos = 0;
+  for (int j = 0; j < n; ++j)
+    for (int k = 0; k < rc[j]; ++k) EXPECT_EQ(in[pos++], 1000.0f * j + r) << "from rank " << j;
+  // broadcast from the last rank
+  std::vector<double> b = {static_cast<double>(r)};
+  c.broadcast(b.data(), 1, CommType::f64, n - 1);
+  EXPECT_EQ(b[0], n - 1);
+  c.barrier();
+  // The log saw them all, completed.
+  auto recent = ctx.log->recent();
+  ASSERT_FALSE(recent.empty());
+  EXPECT_EQ(recent.back().op, "barrier");
+  EXPECT_TRUE(recent.back().done);
+  EXPECT_NE(ctx.log->format().find("world all_to_all"), std::string::npos) << ctx.log->format();
+
+  // Gradient averaging: bucketed (tiny buckets: several of them), replicated and expert
+  // parameters, each rank's gradient filled with its rank.
+  ParameterSet ps(DType::f32, Device::cpu);
+  ps.add("a", {3, 4}, Partition::replicated, Init::ones, 0, false);
+  ps.add("w_up", {8, 4}, Partition::expert_rows, Init::ones, 0, true, 4);
+  ps.add("b", {5}, Partition::column, Init::ones, 0, false);
+  for (Parameter* p : ps.all())
+    for (int64_t i = 0; i < p->grad.numel(); ++i) p->grad.data<float>()[i] = static_cast<float>(r + i);
+  GradientSync sync(ps.all(), ctx, 64);
+  if (ctx.dp->size() > 1) EXPECT_GE(sync.num_buckets(), 2u);
+  sync.all_reduce_mean();
+  const int dp = ctx.dp->size();
+  for (Parameter* p : ps.all()) {
+    for (int64_t i = 0; i < p->grad.numel(); ++i)
+      ASSERT_FLOAT_EQ(p->grad.data<float>()[i], (dp - 1) / 2.0f + i) << p->name << "[" << i << "]";
+  }
+}
+
+TEST(Communicator, SingleRankIsTheSameCodePath) {
+  if (std::getenv("DECOTRON_MPI_WORKER")) GTEST_SKIP() << "inside the two-rank worker";
+  auto ctx = make_parallel_context(ParallelConfig{}, Device::cpu);
+  ASSERT_EQ(ctx->world->size(), 1);
+  for (auto* g : {ctx->tp.get(), ctx->dp.get(), ctx->ep.get(), ctx->edp.get()}) EXPECT_EQ(g->size(), 1);
+  EXPECT_TRUE(ctx->is_main());
+  check_collectives(*ctx);
+}
+
+// Run by the next test under mpirun (skipped otherwise): the collectives on two ranks, then on
+// the groups of a tensor-parallel grid (tp 2: the dp group has one rank).
+TEST(MpiWorker, Collectives) {
+  if (!std::getenv("DECOTRON_MPI_WORKER")) GTEST_SKIP() << "runs under mpirun (ParallelMpi.CollectivesOnTwoRanks)";
+  auto ctx = make_parallel_context(ParallelConfig{}, Device::cpu);
+  ASSERT_EQ(ctx->world->size(), 2);
+  EXPECT_EQ(ctx->dp->size(), 2);
+  check_collectives(*ctx);
+  ParallelConfig tp2;
+  tp2.tensor = 2;
+  auto ctx2 = make_parallel_context(tp2, Device::cpu);
+  EXPECT_EQ(ctx2->tp->size(), 2);
+  EXPECT_EQ(ctx2->dp->size(), 1);
+  double v = ctx2->tp->rank() + 1.0;
+  EXPECT_EQ(ctx2->tp->sum(v), 3.0);
+}
+
+TEST(ParallelMpi, CollectivesOnTwoRanks) {
+  const std::string dir = fresh_dir("collectives");
+  char self[4096] = {0};
+  ASSERT_GT(readlink("/proc/self/exe", self, sizeof self - 1), 0);
+  int rc = run(std::string("DECOTRON_MPI_WORKER=1 ") + kMpirun + " -x DECOTRON_MPI_WORKER -np 2 " + self +
+                   " --gtest_color=no --gtest_filter=MpiWorker.*",
+               dir + "/log", 60);
+  const std::string log = read_file(dir + "/log");
+  EXPECT_EQ(rc, 0) << log;
+  size_t passed = 0;
+  for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
+    ++passed;
+  EXPECT_EQ(passed, 2u) << log;
+  EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
+}
+
+// ---- data-parallel training ------------------------------------------------------------------
+
+// 20 steps on 2 and 4 data-parallel ranks against one rank: the same samples per step, so the
+// same trajectory up to the order of floating-point sums.
+TEST(ParallelMpi, DataParallelMatchesSingleRank) {
+  const std::string dir = fresh_dir("dp");
+  const std::string cfg = tiny_config(dir, 20, 8, 60);
+  ASSERT_EQ(run(train_cmd(cfg, dir + "/one"), dir + "/one.log"), 0) << read_file(dir + "/one.log");
+  const auto ref = train_records(dir + "/one/metrics.jsonl");
+  ASSERT_EQ(ref.size(), 22u);  // 20 steps + 2 evaluations
+  for (int np : {2, 4}) {
+    const std::string name = "dp" + std::to_string(np);
+    ASSERT_EQ(run(std::string(kMpirun) + " -np " + std::to_string(np) + " " + train_cmd(cfg, dir + "/" + name),
+                  dir + "/" + name + ".log"),
+              0)
+        << read_file(dir + "/" + name + ".log");
+    const std::string log = read_file(dir + "/" + name + ".log");
+    EXPECT_NE(log.find("data " + std::to_string(np)), std::string::npos) << log;  // the layout, printed once
+    EXPECT_EQ(log.find("training:"), log.rfind("training:")) << "only rank 0 prints: " << log;
+    const auto got = train_records(dir + "/" + name + "/metrics.jsonl");
+    ASSERT_EQ(got.size(), ref.size()) << "only rank 0 writes metrics.jsonl";
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const std::string at = name + " record " + std::to_string(i);
+      if (ref[i].contains("val_loss")) {
+        expect_close(got[i]["val_loss"], ref[i]["val_loss"], 1e-5, at + " val_loss");
+        continue;
+      }
+      EXPECT_EQ(got[i]["iter"], ref[i]["iter"]);
+      EXPECT_EQ(got[i]["consumed_samples"], ref[i]["consumed_samples"]) << at;
+      for (const char* key : {"lm_loss", "reg_loss", "act_ratio", "entropy", "grad_norm", "reg_coef"})
+        expect_close(got[i][key], ref[i][key], 1e-5, at + " " + key);
+    }
+    EXPECT_EQ(CheckpointManager::latest(dir + "/" + name + "/checkpoints"),
+              dir + "/" + name + "/checkpoints/iter_0000020.h5");
+  }
+}
+
+// SIGTERM reaching one rank only: every rank stops after the same iteration, rank 0 saves it.
+TEST(ParallelMpi, SignalOnOneRankStopsAllAtTheSameStep) {
+  const std::string dir = fresh_dir("sigterm");
+  const std::string cfg = tiny_config(dir, 2000, 8, 30);
+  const std::string tag = "DECOTRON_TEST_TAG=sigterm" + std::to_string(getpid());
+  pid_t job = spawn(tag + " " + kMpirun + " -x DECOTRON_TEST_TAG -np 2 " + train_cmd(cfg, dir + "/run"),
+                    dir + "/log");
+  const std::string metrics = dir + "/run/metrics.jsonl";
+  auto t0 = std::chrono::steady_clock::now();
+  pid_t rank1 = 0;
+  while ((rank1 == 0 || last_iter(metrics) < 3) &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30)) {
+    if (!rank1) rank1 = find_rank(tag, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GT(rank1, 0) << read_file(dir + "/log");
+  kill(rank1, SIGTERM);
+  const int rc = wait_exit(job, 60);
+  const std::string log = read_file(dir + "/log");
+  ASSERT_EQ(rc, 0) << log;
+  const auto loaded = CheckpointManager::read_newest_good(dir + "/run/checkpoints");
+  const int64_t stopped = loaded.data.state.iteration;
+  EXPECT_GE(stopped, 3);
+  EXPECT_LT(stopped, 2000);
+  EXPECT_EQ(last_iter(metrics), stopped);
+  EXPECT_NE(log.find("signal 15: stopping after iteration " + std::to_string(stopped)), std::string::npos) << log;
+  EXPECT_NE(log.find("stop request: stopping after iteration " + std::to_string(stopped)), std::string::npos) << log;
+}
+
+// A rank that stops responding (SIGSTOP) makes the others' next collective time out: the job
+// aborts within parallel.timeout_s with the watchdog's diagnostic instead of hanging.
+TEST(ParallelMpi, WatchdogAbortsWhenARankHangs) {
+  const std::string dir = fresh_dir("watchdog");
+  const std::string cfg = tiny_config(dir, 100000, 8, 2);
+  const std::string tag = "DECOTRON_TEST_TAG=watchdog" + std::to_string(getpid());
+  pid_t job = spawn(tag + " " + kMpirun + " -x DECOTRON_TEST_TAG -np 2 " + train_cmd(cfg, dir + "/run"),
+                    dir + "/log");
+  const std::string metrics = dir + "/run/metrics.jsonl";
+  auto t0 = std::chrono::steady_clock::now();
+  pid_t rank1 = 0;
+  while ((rank1 == 0 || last_iter(metrics) < 2) &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30)) {
+    if (!rank1) rank1 = find_rank(tag, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GT(rank1, 0) << read_file(dir + "/log");
+  kill(rank1, SIGSTOP);
+  auto t1 = std::chrono::steady_clock::now();
+  const int rc = wait_exit(job, 40);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  kill(rank1, SIGKILL);  // in case the launcher left it stopped
+  const std::string log = read_file(dir + "/log");
+  ASSERT_NE(rc, -1) << "the job hung: " << log;
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_LT(took, 30) << log;
+  EXPECT_NE(log.find("watchdog: rank 0: collective #"), std::string::npos) << log;
+  EXPECT_NE(log.find("did not complete within"), std::string::npos) << log;
+  EXPECT_NE(log.find("last collectives issued by rank 0"), std::string::npos) << log;
+  EXPECT_NE(log.find("<- not completed"), std::string::npos) << log;
+}
