@@ -117,13 +117,14 @@ int64_t last_iter(const std::string& metrics) {
   return it;
 }
 
-std::string tiny_config(const std::string& dir, int64_t iters, int64_t global_batch, double timeout_s) {
+std::string tiny_config(const std::string& dir, int64_t iters, int64_t global_batch, double timeout_s,
+                        const std::string& lr_schedule = "wsd") {
   std::string path = dir + "/tiny.yaml";
   std::ofstream(path) << "model: {arch: deco, vocab_size: 64, seq_len: 16, hidden: 32, layers: 2, heads: 2,\n"
                          "        ffn_hidden: 64, experts: 8, expert_width: 8, shared_expert_width: 16,\n"
                          "        parameter_parity: false}\n"
                          "train: {iters: " << iters << ", micro_batch: 2, global_batch: " << global_batch
-                      << ", warmup_iters: 2, decay_iters: 5,\n"
+                      << ", warmup_iters: 2, decay_iters: 5, lr_schedule: " << lr_schedule << ",\n"
                          "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4}\n"
                          "parallel: {timeout_s: " << timeout_s << "}\n"
                          "log: {interval: 1}\n";
@@ -337,10 +338,12 @@ TEST(ParallelMpi, DataParallelMatchesSingleRank) {
   }
 }
 
-// SIGTERM reaching one rank only: every rank stops after the same iteration, rank 0 saves it.
-TEST(ParallelMpi, SignalOnOneRankStopsAllAtTheSameStep) {
+// SIGTERM reaching one rank only: every rank stops after the same iteration, rank 0 saves it;
+// the run resumed on two ranks follows the single-rank trajectory (constant learning rate, so
+// that a shorter run is a prefix of a longer one).
+TEST(ParallelMpi, SignalOnOneRankStopsAllAtTheSameStepAndResumes) {
   const std::string dir = fresh_dir("sigterm");
-  const std::string cfg = tiny_config(dir, 2000, 8, 30);
+  const std::string cfg = tiny_config(dir, 2000, 8, 30, "constant");
   const std::string tag = "DECOTRON_TEST_TAG=sigterm" + std::to_string(getpid());
   pid_t job = spawn(tag + " " + kMpirun + " -x DECOTRON_TEST_TAG -np 2 " + train_cmd(cfg, dir + "/run"),
                     dir + "/log");
@@ -364,6 +367,23 @@ TEST(ParallelMpi, SignalOnOneRankStopsAllAtTheSameStep) {
   EXPECT_EQ(last_iter(metrics), stopped);
   EXPECT_NE(log.find("signal 15: stopping after iteration " + std::to_string(stopped)), std::string::npos) << log;
   EXPECT_NE(log.find("stop request: stopping after iteration " + std::to_string(stopped)), std::string::npos) << log;
+
+  const std::string more = " --set train.iters=" + std::to_string(stopped + 3);
+  ASSERT_EQ(run(std::string(kMpirun) + " -np 2 " + train_cmd(cfg, dir + "/run") + more, dir + "/resume.log"), 0)
+      << read_file(dir + "/resume.log");
+  ASSERT_EQ(run(train_cmd(cfg, dir + "/one") + more, dir + "/one.log"), 0) << read_file(dir + "/one.log");
+  std::vector<nlohmann::json> got, ref;
+  for (const auto& j : train_records(metrics))
+    if (!j.contains("val_loss")) got.push_back(j);
+  for (const auto& j : train_records(dir + "/one/metrics.jsonl"))
+    if (!j.contains("val_loss")) ref.push_back(j);
+  ASSERT_EQ(got.size(), static_cast<size_t>(stopped + 3));
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(got[i]["consumed_samples"], ref[i]["consumed_samples"]) << i;
+    for (const char* key : {"lm_loss", "grad_norm", "reg_coef", "act_ratio"})
+      expect_close(got[i][key], ref[i][key], 1e-5, "record " + std::to_string(i) + " " + key);
+  }
 }
 
 // A rank that stops responding (SIGSTOP) makes the others' next collective time out: the job
