@@ -65,6 +65,8 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
     fail(cfg.where(lay.tp_size > 1 ? "parallel.tensor" : "parallel.expert"), ": tensor and expert parallelism are "
          "not implemented in the layers yet (docs/parallelism.md); use data parallelism (parallel.tensor: 1, "
          "parallel.expert: 1)");
+  if (cfg.parallel.sequence)
+    fail(cfg.where("parallel.sequence"), ": sequence parallelism is not implemented yet; set parallel.sequence: false");
   if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
     fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
