@@ -111,6 +111,20 @@ Plan plan_run(const TrainArgs& a) {
   return p;
 }
 
+// Every rank must train the same model on the same settings (a rank launched with another
+// --set would silently diverge): the resolved configs' hashes are compared.
+void check_same_config_on_all_ranks(Communicator& world, const std::string& yaml) {
+  const int64_t mine = static_cast<int64_t>(std::hash<std::string>{}(yaml) & 0x7fffffffffffffffull);
+  std::vector<int64_t> all(world.size());
+  world.all_gather(&mine, all.data(), 1, CommType::i64);
+  std::string differ;
+  for (int r = 0; r < world.size(); ++r)
+    if (all[r] != all[0]) differ += cat(differ.empty() ? "" : ", ", r);
+  if (!differ.empty())
+    fail("the resolved config differs between ranks (rank(s) ", differ, " vs rank 0): launch every rank with the "
+         "same --config and --set arguments");
+}
+
 void run_train(const TrainArgs& a) {
   // Installed first: a signal during setup then also stops the run cleanly at its first step.
   std::signal(SIGTERM, on_stop_signal);
@@ -122,6 +136,10 @@ void run_train(const TrainArgs& a) {
   if (!main_rank && !std::freopen("/dev/null", "w", stdout)) fail("cannot silence stdout of rank ", mpi_world_rank());
   Plan p = plan_run(a);
   const Config& cfg = p.cfg;
+  // Before the groups are built from cfg.parallel (different sizes on different ranks would
+  // build mismatched groups).
+  check_same_config_on_all_ranks(*MpiCommunicator::world(cfg.parallel.timeout_s, std::make_shared<CollectiveLog>()),
+                                 config_to_yaml(cfg));
   // Collective over the world: no rank gets past it (and creates metrics.jsonl) before every
   // rank has planned its run (plan_run refuses a directory that holds metrics but no checkpoint).
   std::shared_ptr<ParallelContext> par =

@@ -338,6 +338,20 @@ TEST(ParallelMpi, DataParallelMatchesSingleRank) {
   }
 }
 
+// Ranks launched with different settings are refused before training, and the job ends.
+TEST(ParallelMpi, DifferentConfigsOnRanksAreRefused) {
+  const std::string dir = fresh_dir("mismatch");
+  const std::string cfg = tiny_config(dir, 20, 8, 30);
+  const int rc = run(std::string(kMpirun) + " -np 1 " + train_cmd(cfg, dir + "/run") + " --set train.lr=1e-3 : -np 1 " +
+                         train_cmd(cfg, dir + "/run") + " --set train.lr=2e-3",
+                     dir + "/log", 60);
+  const std::string log = read_file(dir + "/log");
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_NE(rc, -1) << "hung: " << log;
+  EXPECT_NE(log.find("the resolved config differs between ranks (rank(s) 1 vs rank 0)"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl")) << "no step may have run";
+}
+
 // SIGTERM reaching one rank only: every rank stops after the same iteration, rank 0 saves it;
 // the run resumed on two ranks follows the single-rank trajectory (constant learning rate, so
 // that a shorter run is a prefix of a longer one).
