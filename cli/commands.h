@@ -10,4 +10,5 @@ void register_config(CLI::App& app);      // cli/train.cpp
 void register_tokenizer(CLI::App& app);   // data/commands.cpp
 void register_preprocess(CLI::App& app);  // data/commands.cpp
 void register_data(CLI::App& app);        // data/commands.cpp
+void register_bench_comm(CLI::App& app);  // cli/bench_comm.cpp
 }  // namespace decotron::cli

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   decotron::cli::register_tokenizer(app);
   decotron::cli::register_preprocess(app);
   decotron::cli::register_data(app);
+  decotron::cli::register_bench_comm(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

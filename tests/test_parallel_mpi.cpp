@@ -301,6 +301,23 @@ TEST(ParallelMpi, CollectivesOnTwoRanks) {
   EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
 }
 
+// The benchmark checks every op's result on two ranks in the same run as it times them.
+TEST(ParallelMpi, BenchCommChecksEveryOp) {
+  const std::string dir = fresh_dir("bench");
+  for (const char* op : {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}) {
+    const int rc = run(std::string(kMpirun) + " -np 2 " + DECOTRON_BINARY + " bench-comm --op " + op +
+                           " --min-bytes 1024 --max-bytes 65536 --iters 2",
+                       dir + "/log", 60);
+    const std::string log = read_file(dir + "/log");
+    EXPECT_EQ(rc, 0) << op << ": " << log;
+    EXPECT_NE(log.find(std::string(op) + " on 2 ranks"), std::string::npos) << log;
+    size_t oks = 0;
+    for (size_t p = log.find("  ok\n"); p != std::string::npos; p = log.find("  ok\n", p + 1)) ++oks;
+    EXPECT_EQ(oks, 4u) << op << ": " << log;  // 1, 4, 16 and 64 KiB
+    EXPECT_EQ(log.find("WRONG"), std::string::npos) << log;
+  }
+}
+
 // ---- data-parallel training ------------------------------------------------------------------
 
 // 20 steps on 2 and 4 data-parallel ranks against one rank: the same samples per step, so the
