@@ -18,7 +18,10 @@
 #include <thread>
 
 #include "checkpoint/manager.h"
+#include "core/rng.h"
 #include "model/parameter.h"
+#include "model/transformer.h"
+#include "parallel/tensor_parallel.h"
 #include "parallel/grad_sync.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
@@ -285,6 +288,62 @@ TEST(MpiWorker, Collectives) {
   EXPECT_EQ(ctx2->tp->sum(v), 3.0);
 }
 
+// Tensor parallel on two ranks equals one rank, in fp64: the loss, the routing statistics, and
+// every parameter's gradient (the shards gathered into whole tensors).
+TEST(MpiWorker, TensorParallelEqualsOneRank) {
+  if (!std::getenv("DECOTRON_MPI_WORKER")) GTEST_SKIP() << "runs under mpirun (ParallelMpi.CollectivesOnTwoRanks)";
+  ParallelConfig pc;
+  pc.tensor = 2;
+  auto ctx = make_parallel_context(pc, Device::cpu);
+  ModelConfig m;
+  m.vocab_size = 64, m.seq_len = 8, m.hidden = 32, m.layers = 3, m.heads = 4, m.ffn_hidden = 64, m.experts = 8;
+  m.expert_width = 8, m.shared_expert_width = 16, m.dense_layers = 1, m.parameter_parity = false;
+  m.init_std = 0.2;  // large enough that routers activate a mix of experts
+  Transformer one(m, DType::f64, Device::cpu), tp(m, DType::f64, Device::cpu, ctx->tp.get());
+  one.params().initialize(11);
+  tp.params().initialize(11);
+  const BatchShape bs{2, m.seq_len};
+  Tensor tok = Tensor::empty({bs.tokens()}, DType::i32), tgt = Tensor::empty({bs.tokens()}, DType::i32);
+  for (int64_t i = 0; i < bs.tokens(); ++i) {
+    tok.data<int32_t>()[i] = static_cast<int32_t>(rng::random4(5, 1, i).v[0] % m.vocab_size);
+    tgt.data<int32_t>()[i] = static_cast<int32_t>(rng::random4(5, 2, i).v[0] % m.vocab_size);
+  }
+  RegularizerSpec reg;
+  reg.kind = RegularizerSpec::Kind::entropy, reg.coef = 0.05;
+  ForwardResult a = one.forward(tok, tgt, bs, reg, 0.5, true);
+  one.backward(0.5);
+  ForwardResult b = tp.forward(tok, tgt, bs, reg, 0.5, true);
+  tp.backward(0.5);
+  EXPECT_NEAR(a.lm_loss_sum, b.lm_loss_sum, 1e-10 * std::fabs(a.lm_loss_sum));
+  EXPECT_NEAR(a.reg_loss, b.reg_loss, 1e-10 * std::fabs(a.reg_loss) + 1e-15);
+  ASSERT_EQ(a.routing.size(), b.routing.size());
+  for (size_t l = 0; l < a.routing.size(); ++l) {
+    EXPECT_EQ(a.routing[l].active_per_expert, b.routing[l].active_per_expert);
+    EXPECT_GT(a.routing[l].active_pairs, 0);
+    EXPECT_LT(a.routing[l].active_pairs, bs.tokens() * m.experts);
+  }
+  auto ps1 = one.params().all(), ps2 = tp.params().all();
+  ASSERT_EQ(ps1.size(), ps2.size());
+  int split = 0;
+  for (size_t i = 0; i < ps1.size(); ++i) {
+    ASSERT_EQ(ps1[i]->name, ps2[i]->name);
+    split += ps2[i]->shard_dim >= 0;
+    Tensor v = tp_gather_shards(*ctx->tp, ps2[i]->value, ps2[i]->shard_dim);
+    Tensor g = tp_gather_shards(*ctx->tp, ps2[i]->grad, ps2[i]->shard_dim);
+    ASSERT_EQ(v.shape(), ps1[i]->value.shape()) << ps1[i]->name;
+    double scale = 0, err = 0, verr = 0;
+    for (int64_t k = 0; k < v.numel(); ++k) {
+      scale = std::max(scale, std::fabs(ps1[i]->grad.data<double>()[k]));
+      err = std::max(err, std::fabs(ps1[i]->grad.data<double>()[k] - g.data<double>()[k]));
+      verr = std::max(verr, std::fabs(ps1[i]->value.data<double>()[k] - v.data<double>()[k]));
+    }
+    EXPECT_EQ(verr, 0.0) << ps1[i]->name << ": the same initial weights";
+    EXPECT_GT(scale, 0.0) << ps1[i]->name;
+    EXPECT_LE(err, 1e-10 * scale) << ps1[i]->name << " (" << partition_name(ps1[i]->partition) << ")";
+  }
+  EXPECT_GE(split, 10);  // attention, FFN, experts, embedding and LM head are split
+}
+
 TEST(ParallelMpi, CollectivesOnTwoRanks) {
   const std::string dir = fresh_dir("collectives");
   char self[4096] = {0};
@@ -295,7 +354,7 @@ TEST(ParallelMpi, CollectivesOnTwoRanks) {
   const std::string log = read_file(dir + "/log");
   EXPECT_EQ(rc, 0) << log;
   size_t passed = 0;
-  for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
+  for (size_t p = log.find("[  PASSED  ] 2 tests"); p != std::string::npos; p = log.find("[  PASSED  ] 2 tests", p + 1))
     ++passed;
   EXPECT_EQ(passed, 2u) << log;
   EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;

@@ -61,19 +61,21 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
          "); set train.device: cpu");
   // The model computes in the master dtype here; bf16 compute is the GPU path's business.
   const ParallelLayout& lay = par_->layout;
-  if (lay.tp_size > 1 || lay.ep_size > 1)
-    fail(cfg.where(lay.tp_size > 1 ? "parallel.tensor" : "parallel.expert"), ": tensor and expert parallelism are "
-         "not implemented in the layers yet (docs/parallelism.md); use data parallelism (parallel.tensor: 1, "
-         "parallel.expert: 1)");
+  if (lay.ep_size > 1)
+    fail(cfg.where("parallel.expert"), ": expert parallelism is not implemented in the layers yet "
+         "(docs/parallelism.md); use data and tensor parallelism (parallel.expert: 1)");
+  if (lay.tp_size > 1 && cfg.train.device != "cpu")
+    fail(cfg.where("parallel.tensor"), ": tensor parallelism runs on the CPU so far (docs/parallelism.md)");
   if (cfg.parallel.sequence)
     fail(cfg.where("parallel.sequence"), ": sequence parallelism is not implemented yet; set parallel.sequence: false");
   if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
     fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
-  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device));
+  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get());
   (void)dtype_of_name;
   model_->params().initialize(cfg.train.seed);  // the same weights on every rank (keyed by seed and name)
   optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train);
+  optimizer_->set_tensor_parallel(par_->tp.get());
   grad_sync_ = std::make_unique<GradientSync>(model_->params().all(), *par_);
   last_active_.assign(model_->num_deco_layers(), std::vector<int64_t>(cfg.model.experts, 0));
   warned_.assign(model_->num_deco_layers(), std::vector<bool>(cfg.model.experts, false));
