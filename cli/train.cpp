@@ -153,10 +153,11 @@ void run_train(const TrainArgs& a) {
                                         lay.dp_rank, lay.dp_size)
                   : make_training_data(cfg, consumed, lay.dp_rank, lay.dp_size);
   Trainer trainer(cfg, std::move(data), p.run_dir, par);
-  // Checkpoints hold whole tensors; with data parallelism every rank has the same state, and
-  // the main rank alone writes it.
+  // Checkpoints hold whole tensors and the main rank alone writes them. Data-parallel ranks
+  // hold the same state; tensor-parallel ranks take part in gathering the split tensors.
   std::optional<CheckpointManager> manager;
-  if (main_rank) manager.emplace(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
+  if (main_rank || lay.tp_size > 1)
+    manager.emplace(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async, main_rank);
   if (p.loaded) {
     // Restored (and the shapes checked) before metrics.jsonl is touched.
     restore_checkpoint(trainer, p.loaded->data, p.loaded->path);
@@ -168,8 +169,9 @@ void run_train(const TrainArgs& a) {
       std::string side = discard_metrics_after((fs::path(p.run_dir) / "metrics.jsonl").string(),
                                                trainer.state().iteration);
       if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
-      if (fs::equivalent(p.source, manager->dir())) manager->mark_saved(trainer.state().iteration);
     }
+    std::error_code ec;
+    if (manager && fs::equivalent(p.source, manager->dir(), ec)) manager->mark_saved(trainer.state().iteration);
     std::fflush(stdout);
     p.loaded.reset();  // the host copy is no longer needed
   }
@@ -196,7 +198,8 @@ void run_train(const TrainArgs& a) {
   if (manager) {
     manager->save(trainer);
     manager->wait();
-    std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
+    if (main_rank)
+      std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
                 manager->dir().c_str());
   }
   // No rank leaves (and finalizes MPI) while the main rank may still fail its save.

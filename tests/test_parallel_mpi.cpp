@@ -379,27 +379,36 @@ TEST(ParallelMpi, BenchCommChecksEveryOp) {
 
 // ---- data-parallel training ------------------------------------------------------------------
 
-// 20 steps on 2 and 4 data-parallel ranks against one rank: the same samples per step, so the
-// same trajectory up to the order of floating-point sums.
-TEST(ParallelMpi, DataParallelMatchesSingleRank) {
-  const std::string dir = fresh_dir("dp");
+// 20 steps in several layouts against one rank: data parallel on 2 and 4 ranks, tensor
+// parallel on 2, and tensor 2 x data 2. The same samples per step, so the same trajectory up to
+// the order of floating-point sums; the checkpoints hold the same whole tensors.
+TEST(ParallelMpi, LayoutsMatchSingleRank) {
+  const std::string dir = fresh_dir("layouts");
   const std::string cfg = tiny_config(dir, 20, 8, 60);
   ASSERT_EQ(run(train_cmd(cfg, dir + "/one"), dir + "/one.log"), 0) << read_file(dir + "/one.log");
   const auto ref = train_records(dir + "/one/metrics.jsonl");
   ASSERT_EQ(ref.size(), 22u);  // 20 steps + 2 evaluations
-  for (int np : {2, 4}) {
-    const std::string name = "dp" + std::to_string(np);
-    ASSERT_EQ(run(std::string(kMpirun) + " -np " + std::to_string(np) + " " + train_cmd(cfg, dir + "/" + name),
-                  dir + "/" + name + ".log"),
+  const auto ref_ckpt = CheckpointManager::read_newest_good(dir + "/one/checkpoints");
+  struct Layout {
+    std::string name;
+    int np, tensor;
+  };
+  for (const Layout& l : {Layout{"dp2", 2, 1}, Layout{"dp4", 4, 1}, Layout{"tp2", 2, 2}, Layout{"tp2dp2", 4, 2}}) {
+    const std::string run_dir = dir + "/" + l.name, log_path = run_dir + ".log";
+    ASSERT_EQ(run(std::string(kMpirun) + " -np " + std::to_string(l.np) + " " + train_cmd(cfg, run_dir) +
+                      " --set parallel.tensor=" + std::to_string(l.tensor),
+                  log_path),
               0)
-        << read_file(dir + "/" + name + ".log");
-    const std::string log = read_file(dir + "/" + name + ".log");
-    EXPECT_NE(log.find("data " + std::to_string(np)), std::string::npos) << log;  // the layout, printed once
+        << read_file(log_path);
+    const std::string log = read_file(log_path);
+    EXPECT_NE(log.find("tensor " + std::to_string(l.tensor) + " x data " + std::to_string(l.np / l.tensor)),
+              std::string::npos)
+        << log;  // the layout, printed once
     EXPECT_EQ(log.find("training:"), log.rfind("training:")) << "only rank 0 prints: " << log;
-    const auto got = train_records(dir + "/" + name + "/metrics.jsonl");
+    const auto got = train_records(run_dir + "/metrics.jsonl");
     ASSERT_EQ(got.size(), ref.size()) << "only rank 0 writes metrics.jsonl";
     for (size_t i = 0; i < ref.size(); ++i) {
-      const std::string at = name + " record " + std::to_string(i);
+      const std::string at = l.name + " record " + std::to_string(i);
       if (ref[i].contains("val_loss")) {
         expect_close(got[i]["val_loss"], ref[i]["val_loss"], 1e-5, at + " val_loss");
         continue;
@@ -409,9 +418,33 @@ TEST(ParallelMpi, DataParallelMatchesSingleRank) {
       for (const char* key : {"lm_loss", "reg_loss", "act_ratio", "entropy", "grad_norm", "reg_coef"})
         expect_close(got[i][key], ref[i][key], 1e-5, at + " " + key);
     }
-    EXPECT_EQ(CheckpointManager::latest(dir + "/" + name + "/checkpoints"),
-              dir + "/" + name + "/checkpoints/iter_0000020.h5");
+    ASSERT_EQ(CheckpointManager::latest(run_dir + "/checkpoints"), run_dir + "/checkpoints/iter_0000020.h5");
+    const auto ckpt = CheckpointManager::read_newest_good(run_dir + "/checkpoints");
+    ASSERT_EQ(ckpt.data.model.size(), ref_ckpt.data.model.size());
+    for (size_t i = 0; i < ckpt.data.model.size(); ++i) {
+      const auto &a = ckpt.data.model[i], &b = ref_ckpt.data.model[i];
+      ASSERT_EQ(a.name, b.name);
+      ASSERT_EQ(a.shape, b.shape) << l.name << " " << a.name << ": checkpoints hold whole tensors";
+      double diff = 0, scale = 0;
+      for (size_t k = 0; k < a.data.size(); ++k)
+        diff = std::max(diff, std::fabs(double(a.data[k]) - b.data[k])), scale = std::max(scale, std::fabs(double(b.data[k])));
+      EXPECT_LE(diff, 1e-4 * scale) << l.name << " " << a.name;
+    }
   }
+  // Resuming reads the whole tensors and cuts each rank's shard: 5 more steps on TP2 follow
+  // the single-rank run's 5 more steps.
+  const std::string more = " --set train.iters=25";
+  ASSERT_EQ(run(train_cmd(cfg, dir + "/one") + more, dir + "/one2.log"), 0) << read_file(dir + "/one2.log");
+  ASSERT_EQ(run(std::string(kMpirun) + " -np 2 " + train_cmd(cfg, dir + "/tp2") + " --set parallel.tensor=2" + more,
+                dir + "/tp2b.log"),
+            0)
+      << read_file(dir + "/tp2b.log");
+  EXPECT_NE(read_file(dir + "/tp2b.log").find("resumed from"), std::string::npos);
+  const auto a = train_records(dir + "/one/metrics.jsonl"), b = train_records(dir + "/tp2/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_EQ(a.back()["iter"], 25);
+  for (size_t i = 22; i < a.size(); ++i)
+    if (!a[i].contains("val_loss")) expect_close(b[i]["lm_loss"], a[i]["lm_loss"], 1e-5, "resumed record " + std::to_string(i));
 }
 
 // Ranks launched with different settings are refused before training, and the job ends.
