@@ -1,5 +1,6 @@
 #include "parallel/process_groups.h"
 
+#include "core/backend.h"
 #include "core/cuda_check.h"
 #include "core/error.h"
 #include "parallel/mpi_communicator.h"
@@ -61,15 +62,16 @@ std::shared_ptr<ParallelContext> make_parallel_context(const ParallelConfig& cfg
                 edp->size() == l.edp_size && tp->rank() == l.tp_rank && dp->rank() == l.dp_rank,
             "process groups disagree with the layout");
 #ifdef DECOTRON_WITH_CUDA
-  if (device == Device::cuda) {
+  if (device == Device::cuda && cuda_available()) {
     // GPU binding: local rank i uses visible device i (mod the count), before any CUDA use.
+    // (Without a usable GPU the trainer reports train.device = cuda with its own message.)
     int n = 0;
     CUDA_CHECK(cudaGetDeviceCount(&n));
     if (n < 1) fail("train.device = cuda but no GPU is visible (", rank_and_host(), ")");
     CUDA_CHECK(cudaSetDevice(ctx->local_rank % n));
   }
 #endif
-  if (device == Device::cpu) {
+  if (device == Device::cpu || !cuda_available()) {  // no GPU: the trainer says train.device = cuda cannot run
     ctx->world = world, ctx->tp = tp, ctx->dp = dp, ctx->ep = ep, ctx->edp = edp;
   } else {
 #ifdef DECOTRON_WITH_NCCL
