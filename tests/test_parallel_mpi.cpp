@@ -191,6 +191,30 @@ TEST(ParallelLayout, RejectsSizesThatDoNotDivide) {
   EXPECT_EQ(make_layout(cfg, 4, 3).dp_size, 4);
 }
 
+TEST(TensorParallelShard, SplitsByPartition) {
+  // W_up of 8 experts of width 4 over 2 ranks: rank 1 holds experts 4..7 (rows 16..31).
+  Shard s = shard_of("w_up", Partition::expert_rows, {32, 6}, 4, 1, 2);
+  EXPECT_EQ(s.dim, 0);
+  EXPECT_EQ(s.start, 16);
+  EXPECT_EQ(s.count, 16);
+  s = shard_of("w_down", Partition::expert_cols, {6, 32}, 4, 0, 2);
+  EXPECT_EQ(s.dim, 1);
+  EXPECT_EQ(s.count, 16);
+  EXPECT_EQ(shard_of("wo", Partition::row, {6, 8}, 0, 1, 2).start, 4);
+  EXPECT_EQ(shard_of("emb", Partition::vocab, {10, 3}, 0, 1, 2).dim, 0);
+  EXPECT_EQ(shard_of("g", Partition::expert_entries, {8}, 1, 1, 2).dim, -1);  // replicated with the router
+  EXPECT_EQ(shard_of("norm", Partition::replicated, {8}, 0, 1, 2).dim, -1);
+  EXPECT_EQ(shard_of("wq", Partition::column, {8, 8}, 0, 0, 1).dim, -1);      // one rank: whole
+  EXPECT_THROW(shard_of("w_up", Partition::expert_rows, {12, 6}, 4, 0, 2), Error);  // 3 experts over 2 ranks
+  // slice_shard cuts columns of a row-major matrix.
+  Tensor t = Tensor::empty({2, 4}, DType::f32);
+  for (int i = 0; i < 8; ++i) t.data<float>()[i] = static_cast<float>(i);
+  Tensor c = slice_shard(t, Shard{1, 2, 2});
+  EXPECT_EQ(c.shape(), (Shape{2, 2}));
+  EXPECT_EQ(c.data<float>()[0], 2.0f);
+  EXPECT_EQ(c.data<float>()[3], 7.0f);
+}
+
 // ---- communicators ---------------------------------------------------------------------------
 
 // Every collective on the groups of `ctx`, checked against the sums each rank can compute.
