@@ -200,7 +200,7 @@ void run_train(const TrainArgs& a) {
     manager->wait();
     if (main_rank)
       std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
-                manager->dir().c_str());
+                  manager->dir().c_str());
   }
   // No rank leaves (and finalizes MPI) while the main rank may still fail its save.
   par->world->barrier();

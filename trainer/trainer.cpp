@@ -179,7 +179,7 @@ StepResult Trainer::train_step() {
     ++state_.consecutive_skips;
     if (par_->is_main())
       std::fprintf(stderr, "warning: iteration %lld skipped: %s\n", static_cast<long long>(state_.iteration + 1),
-                 res.skip_reason.c_str());
+                   res.skip_reason.c_str());
     if (state_.consecutive_skips >= t.max_skipped_steps)
       fail("stopped: ", state_.consecutive_skips, " consecutive steps skipped (last: ", res.skip_reason,
            ") at iteration ", state_.iteration + 1,
@@ -297,9 +297,9 @@ void Trainer::train() {
   const TrainConfig& t = cfg_.train;
   if (par_->is_main())
     std::printf("training: %s, %lld parameters (%lld non-embedding), %d DECO layers, data: %s\n",
-              cfg_.model.arch.c_str(), static_cast<long long>(model_->params().count()),
-              static_cast<long long>(model_->params().count() - 2 * cfg_.model.vocab_size * cfg_.model.hidden),
-              model_->num_deco_layers(), data_->describe().c_str());
+                cfg_.model.arch.c_str(), static_cast<long long>(model_->params().count()),
+                static_cast<long long>(model_->params().count() - 2 * cfg_.model.vocab_size * cfg_.model.hidden),
+                model_->num_deco_layers(), data_->describe().c_str());
   std::fflush(stdout);
   auto t0 = std::chrono::steady_clock::now();
   while (state_.iteration < t.iters && !stop_requested_) {
