@@ -7,6 +7,8 @@
 
 #include "checkpoint/hdf5_util.h"
 #include "core/version.h"
+#include "parallel/tensor_parallel.h"
+#include "trainer/trainer.h"
 
 namespace decotron {
 
@@ -25,9 +27,18 @@ CheckpointTensor capture_tensor(const Parameter& p, const Tensor& t) {
   return c;
 }
 
-void copy_into(Tensor& dst, const CheckpointTensor& src) {
+// The whole tensor from this rank's shard of it (a gather over the tensor-parallel group).
+Tensor whole_tensor(const Parameter& p, const Tensor& t, Communicator* tp) {
+  if (p.shard_dim < 0) return t;
+  DT_ASSERT(tp && tp->size() > 1, p.name, " is split but no tensor-parallel group was given");
+  return tp_gather_shards(*tp, t.device() == Device::cpu ? t : t.to(Device::cpu), p.shard_dim);
+}
+
+// dst gets src, or this rank's shard of it when the parameter is split.
+void copy_into(Tensor& dst, const CheckpointTensor& src, const Parameter& p) {
   Tensor host = Tensor::empty(src.shape, DType::f32);
   std::memcpy(host.data<float>(), src.data.data(), src.data.size() * sizeof(float));
+  if (p.shard_dim >= 0) host = slice_shard(host, Shard{p.shard_dim, p.shard_start, dst.dim(p.shard_dim)});
   // Models in another dtype (fp64 gradient checks, bf16 inference) get a converted copy.
   dst.copy_from(dst.dtype() == DType::f32 ? host : cast_cpu(host, dst.dtype()));
 }
@@ -76,11 +87,12 @@ void match_parameters(const std::vector<Parameter*>& params, const std::vector<C
   for (const Parameter* p : params) {
     auto it = by_name.find(p->name);
     if (it == by_name.end())
-      fail("checkpoint ", path, " has no parameter '", p->name, "' (shape ", shape_str(p->value.shape()),
+      fail("checkpoint ", path, " has no parameter '", p->name, "' (shape ", shape_str(p->global_shape),
            " in this model): it was written by a different model", fix);
-    if (it->second->shape != p->value.shape())
+    // Whole tensors in any layout: a tensor-parallel rank compares the whole shape.
+    if (it->second->shape != p->global_shape)
       fail("checkpoint ", path, ": parameter '", p->name, "' has shape ", shape_str(it->second->shape),
-           " in the checkpoint but ", shape_str(p->value.shape()), " in this model", fix);
+           " in the checkpoint but ", shape_str(p->global_shape), " in this model", fix);
     matched.push_back(it->second);
     by_name.erase(it);
   }
@@ -97,10 +109,12 @@ CheckpointData capture_checkpoint(Trainer& trainer) {
   CheckpointData d;
   AdamW& opt = trainer.optimizer();
   const std::vector<Parameter*>& params = opt.params();
+  // Under tensor parallelism every rank of the group must be here: split tensors are gathered.
+  Communicator* tp = trainer.parallel().tp.get();
   for (size_t i = 0; i < params.size(); ++i) {
-    d.model.push_back(capture_tensor(*params[i], params[i]->value));
-    d.exp_avg.push_back(capture_tensor(*params[i], opt.exp_avg(i)));
-    d.exp_avg_sq.push_back(capture_tensor(*params[i], opt.exp_avg_sq(i)));
+    d.model.push_back(capture_tensor(*params[i], whole_tensor(*params[i], params[i]->value, tp)));
+    d.exp_avg.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg(i), tp)));
+    d.exp_avg_sq.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg_sq(i), tp)));
   }
   d.optimizer_step = opt.step();
   d.state = trainer.state();
@@ -216,9 +230,10 @@ void restore_checkpoint(Trainer& trainer, const CheckpointData& d, const std::st
   for (size_t i = 0; i < d.model.size(); ++i) index[d.model[i].name] = i;
   match_parameters(opt.params(), d.model, path, [&](size_t i, const CheckpointTensor& t) {
     const size_t k = index.at(t.name);
-    copy_into(opt.params()[i]->value, t);
-    copy_into(opt.exp_avg(i), d.exp_avg[k]);
-    copy_into(opt.exp_avg_sq(i), d.exp_avg_sq[k]);
+    const Parameter& p = *opt.params()[i];
+    copy_into(opt.params()[i]->value, t, p);
+    copy_into(opt.exp_avg(i), d.exp_avg[k], p);
+    copy_into(opt.exp_avg_sq(i), d.exp_avg_sq[k], p);
   });
   opt.set_step(d.optimizer_step);
   trainer.state() = d.state;
@@ -250,7 +265,8 @@ Config read_checkpoint_config(const std::string& path) {
 void load_model_weights(Transformer& model, const std::string& path) {
   CheckpointData d = read_checkpoint(path, true);
   std::vector<Parameter*> params = model.params().all();
-  match_parameters(params, d.model, path, [&](size_t i, const CheckpointTensor& t) { copy_into(params[i]->value, t); });
+  match_parameters(params, d.model, path,
+                   [&](size_t i, const CheckpointTensor& t) { copy_into(params[i]->value, t, *params[i]); });
 }
 
 }  // namespace decotron

@@ -54,8 +54,9 @@ std::string file_size_str(const std::string& path) {
 
 }  // namespace
 
-CheckpointManager::CheckpointManager(const std::string& dir, int64_t keep, bool async)
-    : dir_(dir), keep_(keep), async_(async) {
+CheckpointManager::CheckpointManager(const std::string& dir, int64_t keep, bool async, bool writer)
+    : dir_(dir), keep_(keep), async_(async), writer_(writer) {
+  if (!writer_) return;
   std::error_code ec;
   fs::create_directories(dir_, ec);
   if (ec) fail("cannot create checkpoint directory ", dir_, ": ", ec.message(), " (set checkpoint.dir elsewhere)");
@@ -130,6 +131,7 @@ void CheckpointManager::save(Trainer& trainer) {
   auto data = std::make_shared<CheckpointData>(capture_checkpoint(trainer));
   const double snapshot_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   last_saved_ = it;
+  if (!writer_) return;
   if (!async_) {
     write_and_publish(*data);
     const std::string path = (fs::path(dir_) / file_name(it)).string();

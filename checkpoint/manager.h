@@ -23,7 +23,9 @@ namespace decotron {
 class CheckpointManager {
  public:
   // Creates `dir` if needed and removes temporary files a crashed save left behind.
-  CheckpointManager(const std::string& dir, int64_t keep, bool async);
+  // writer = false (tensor-parallel ranks other than rank 0): save() only takes part in the
+  // gathers of the snapshot; nothing is written or created.
+  CheckpointManager(const std::string& dir, int64_t keep, bool async, bool writer = true);
   // Waits for an in-flight save; an error it raised is printed (a destructor cannot throw):
   // call wait() before exiting normally so such an error fails the run.
   ~CheckpointManager();
@@ -68,6 +70,7 @@ class CheckpointManager {
   std::string dir_;
   int64_t keep_;
   bool async_;
+  bool writer_ = true;
   int64_t last_saved_ = -1;  // iteration of the last save started or checkpoint loaded
   std::thread worker_;
   std::exception_ptr error_;  // set by the worker, taken by wait()

@@ -16,4 +16,5 @@ void register_eval(CLI::App& app);            // inference/commands.cpp
 void register_bench(CLI::App& app);           // cli/bench.cpp: the `bench` parent
 void register_bench_train(CLI::App& bench);   // cli/bench_train.cpp
 void register_bench_decode(CLI::App& bench);  // inference/commands.cpp
+void register_bench_comm(CLI::App& app);      // cli/bench_comm.cpp
 }  // namespace decotron::cli

@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "parallel/mpi_communicator.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"decotron: pretrain, export and run DECO sparse mixture-of-experts language models"};
@@ -18,16 +19,19 @@ int main(int argc, char** argv) {
   decotron::cli::register_generate(app);
   decotron::cli::register_eval(app);
   decotron::cli::register_bench(app);
+  decotron::cli::register_bench_comm(app);
   decotron::cli::register_version(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const decotron::Error& e) {
-    std::fprintf(stderr, "decotron: error: %s\n", e.what());
+    std::fprintf(stderr, "decotron: error: %s%s\n", e.what(), decotron::mpi_rank_suffix().c_str());
+    decotron::mpi_abort_if_multi_rank(1);  // the other ranks would wait for this one forever
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "decotron: fatal: %s\n", e.what());
+    std::fprintf(stderr, "decotron: fatal: %s%s\n", e.what(), decotron::mpi_rank_suffix().c_str());
+    decotron::mpi_abort_if_multi_rank(2);
     return 2;
   }
   return 0;

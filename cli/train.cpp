@@ -11,6 +11,8 @@
 #include "checkpoint/resume.h"
 #include "cli/commands.h"
 #include "core/config.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/process_groups.h"
 #include "trainer/trainer.h"
 
 namespace decotron::cli {
@@ -109,51 +111,99 @@ Plan plan_run(const TrainArgs& a) {
   return p;
 }
 
+// Every rank must train the same model on the same settings (a rank launched with another
+// --set would silently diverge): the resolved configs' hashes are compared.
+void check_same_config_on_all_ranks(Communicator& world, const std::string& yaml) {
+  const int64_t mine = static_cast<int64_t>(std::hash<std::string>{}(yaml) & 0x7fffffffffffffffull);
+  std::vector<int64_t> all(world.size());
+  world.all_gather(&mine, all.data(), 1, CommType::i64);
+  std::string differ;
+  for (int r = 0; r < world.size(); ++r)
+    if (all[r] != all[0]) differ += cat(differ.empty() ? "" : ", ", r);
+  if (!differ.empty())
+    fail("the resolved config differs between ranks (rank(s) ", differ, " vs rank 0): launch every rank with the "
+         "same --config and --set arguments");
+}
+
 void run_train(const TrainArgs& a) {
   // Installed first: a signal during setup then also stops the run cleanly at its first step.
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
+  // Under mpirun/srun every rank runs this; rank 0 alone prints (the others keep stderr for
+  // warnings and errors) and writes config.yaml, metrics.jsonl and checkpoints.
+  mpi_ensure_initialized();
+  const bool main_rank = mpi_world_rank() == 0;
+  if (!main_rank && !std::freopen("/dev/null", "w", stdout)) fail("cannot silence stdout of rank ", mpi_world_rank());
   Plan p = plan_run(a);
   const Config& cfg = p.cfg;
+  // Before the groups are built from cfg.parallel (different sizes on different ranks would
+  // build mismatched groups).
+  check_same_config_on_all_ranks(*MpiCommunicator::world(cfg.parallel.timeout_s, std::make_shared<CollectiveLog>()),
+                                 config_to_yaml(cfg));
+  // Collective over the world: no rank gets past it (and creates metrics.jsonl) before every
+  // rank has planned its run (plan_run refuses a directory that holds metrics but no checkpoint).
+  std::shared_ptr<ParallelContext> par =
+      make_parallel_context(cfg.parallel, cfg.train.device == "cuda" ? Device::cuda : Device::cpu);
+  par->world->barrier();
+  const ParallelLayout& lay = par->layout;
 
   const int64_t consumed = p.loaded ? p.loaded->data.state.consumed_samples : 0;
   std::unique_ptr<TrainingData> data =
-      a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, consumed)
-                  : make_training_data(cfg, consumed);
-  Trainer trainer(cfg, std::move(data), p.run_dir);
-  CheckpointManager manager(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async);
+      a.synthetic ? make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed, consumed,
+                                        lay.dp_rank, lay.dp_size)
+                  : make_training_data(cfg, consumed, lay.dp_rank, lay.dp_size);
+  Trainer trainer(cfg, std::move(data), p.run_dir, par);
+  // Checkpoints hold whole tensors and the main rank alone writes them. Data-parallel ranks
+  // hold the same state; tensor-parallel ranks take part in gathering the split tensors.
+  std::optional<CheckpointManager> manager;
+  if (main_rank || lay.tp_size > 1)
+    manager.emplace(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async, main_rank);
   if (p.loaded) {
     // Restored (and the shapes checked) before metrics.jsonl is touched.
     restore_checkpoint(trainer, p.loaded->data, p.loaded->path);
     std::printf("resumed from %s at iteration %lld (%lld samples consumed; read and checked in %.3f s)\n",
                 p.loaded->path.c_str(), static_cast<long long>(trainer.state().iteration),
                 static_cast<long long>(trainer.state().consumed_samples), p.read_seconds);
-    // The dead run's records after the checkpoint would repeat in the resumed trajectory.
-    std::string side = discard_metrics_after((fs::path(p.run_dir) / "metrics.jsonl").string(),
-                                             trainer.state().iteration);
-    if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
+    if (main_rank) {
+      // The dead run's records after the checkpoint would repeat in the resumed trajectory.
+      std::string side = discard_metrics_after((fs::path(p.run_dir) / "metrics.jsonl").string(),
+                                               trainer.state().iteration);
+      if (!side.empty()) std::printf("metrics.jsonl records after the checkpoint moved to %s\n", side.c_str());
+    }
+    std::error_code ec;
+    if (manager && fs::equivalent(p.source, manager->dir(), ec)) manager->mark_saved(trainer.state().iteration);
     std::fflush(stdout);
-    if (fs::equivalent(p.source, manager.dir())) manager.mark_saved(trainer.state().iteration);
     p.loaded.reset();  // the host copy is no longer needed
   }
-  write_run_config(p.run_dir, config_to_yaml(cfg));
+  if (main_rank) write_run_config(p.run_dir, config_to_yaml(cfg));
 
   const int64_t interval = cfg.checkpoint.interval;
   trainer.after_iteration = [&manager, interval](Trainer& t) {
-    if (interval > 0 && t.state().iteration % interval == 0) manager.save(t);
-    if (g_stop_signal) {
-      std::fprintf(stderr, "signal %d: stopping after iteration %lld\n", static_cast<int>(g_stop_signal),
-                   static_cast<long long>(t.state().iteration));
+    if (manager && interval > 0 && t.state().iteration % interval == 0) manager->save(t);
+    // A signal may reach one rank only (a scheduler, a user's kill): every rank learns of it
+    // here, so that all stop after the same iteration.
+    const int64_t signalled = t.parallel().world->sum(int64_t{g_stop_signal != 0});
+    if (signalled > 0) {
+      if (g_stop_signal || t.parallel().is_main())
+        std::fprintf(stderr, "%s: stopping after iteration %lld%s\n",
+                     g_stop_signal ? cat("signal ", static_cast<int>(g_stop_signal)).c_str() : "stop request",
+                     static_cast<long long>(t.state().iteration),
+                     t.parallel().layout.world_size > 1 ? cat(" (", signalled, " rank(s) signalled)").c_str() : "");
       t.request_stop();
     }
   };
   trainer.train();
   // At the end, and after a stop request: a signal-triggered save may fall inside a log
   // interval (docs/checkpoints.md says what a resume from it does to metrics.jsonl).
-  manager.save(trainer);
-  manager.wait();
-  std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
-              manager.dir().c_str());
+  if (manager) {
+    manager->save(trainer);
+    manager->wait();
+    if (main_rank)
+      std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
+                  manager->dir().c_str());
+  }
+  // No rank leaves (and finalizes MPI) while the main rank may still fail its save.
+  par->world->barrier();
 }
 
 }  // namespace

@@ -16,6 +16,13 @@ void register_version(CLI::App& app) {
                                                                           ""
 #endif
     );
+    std::printf("communication: mpi%s\n",
+#ifdef DECOTRON_WITH_NCCL
+                ", nccl"
+#else
+                ""
+#endif
+    );
   });
 }
 

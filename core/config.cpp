@@ -319,6 +319,7 @@ void validate_config(const Config& c) {
     if (!(w >= 0) || !std::isfinite(w)) fail(c.where("data.weights"), ": weights must be finite and >= 0");
   if (c.parallel.tensor < 1 || c.parallel.expert < 1 || c.parallel.data < 0)
     fail(c.where("parallel.tensor"), ": parallel sizes must be >= 1 (data: 0 for auto)");
+  if (!(c.parallel.timeout_s > 0)) fail(c.where("parallel.timeout_s"), " must be positive");
   if (c.log.interval < 1) fail(c.where("log.interval"), " must be >= 1");
   if (c.checkpoint.keep < 1) fail(c.where("checkpoint.keep"), " must be >= 1");
   if (c.checkpoint.interval < 0) fail(c.where("checkpoint.interval"), " must be >= 0");

@@ -181,12 +181,15 @@ struct ParallelConfig {
   int64_t expert = 1;
   int64_t data = 0;
   bool sequence = false;
+  double timeout_s = 300.0;
 
   template <class V> void fields(V& v) {
     v("tensor", tensor, "Tensor-parallel size");
     v("expert", expert, "Expert-parallel size (carved out of the data-parallel ranks)");
     v("data", data, "Data-parallel size; 0 = world / tensor");
     v("sequence", sequence, "Sequence parallelism within the tensor-parallel group");
+    v("timeout_s", timeout_s,
+      "Watchdog: a collective not completed within this many seconds aborts the job with a diagnostic");
   }
 };
 

@@ -1,14 +1,17 @@
 // The dense SwiGLU FFN and the DECO FFN (deco-model.md, "The DECO FFN", steps 1-8).
 #include "model/layers.h"
+#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
-SwiGLULayer::SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std)
+SwiGLULayer::SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std,
+                         Communicator* tp)
     : w_gate_(ps.add(name + ".w_gate", {width, hidden}, Partition::column, Init::normal, init_std, true)),
       w_up_(ps.add(name + ".w_up", {width, hidden}, Partition::column, Init::normal, init_std, true)),
-      w_down_(ps.add(name + ".w_down", {hidden, width}, Partition::row, Init::normal, init_std, true)) {}
+      w_down_(ps.add(name + ".w_down", {hidden, width}, Partition::row, Init::normal, init_std, true)),
+      tp_(tp && tp->size() > 1 ? tp : nullptr) {}
 
-Tensor SwiGLULayer::forward(const Tensor& x) {
+Tensor SwiGLULayer::forward(const Tensor& x, bool reduce_output) {
   x_ = x;
   const int64_t T = x.numel() / x.dim(-1), F = w_up_.value.dim(0);
   gate_ = Tensor::empty({T, F}, x.dtype(), x.device());
@@ -19,6 +22,7 @@ Tensor SwiGLULayer::forward(const Tensor& x) {
   ops::swiglu_forward(h_, gate_, up_);
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   ops::linear_forward(y, h_, w_down_.value);
+  if (tp_ && reduce_output) tp_all_reduce(*tp_, y);  // row-parallel W_down: partial sums
   return y;
 }
 
@@ -31,6 +35,7 @@ Tensor SwiGLULayer::backward(const Tensor& dy, Tensor* accumulate_into) {
   Tensor dx = accumulate_into ? *accumulate_into : Tensor::empty(x_.shape(), dy.dtype(), dy.device());
   ops::linear_backward(&dx, &w_gate_.grad, dgate, x_, w_gate_.value, accumulate_into != nullptr);
   ops::linear_backward(&dx, &w_up_.grad, dup, x_, w_up_.value, true);
+  if (tp_ && !accumulate_into) tp_all_reduce(*tp_, dx);  // column-parallel W_gate, W_up
   return dx;
 }
 
@@ -41,8 +46,9 @@ ops::NormSiluMode normsilu_mode(const std::string& s) {
   return ops::NormSiluMode::silu;
 }
 
-DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg)
-    : experts_(cfg.experts),
+DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp)
+    : tp_(tp && tp->size() > 1 ? tp : nullptr),
+      experts_(cfg.experts),
       width_(cfg.expert_width),
       mode_(normsilu_mode(cfg.normsilu)),
       eps_(cfg.norm_eps),
@@ -71,13 +77,16 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
     w_gate_ = &ps.add(name + ".w_gate", {cfg.experts * cfg.expert_width, cfg.hidden}, Partition::expert_rows,
                       Init::normal, cfg.init_std, true, cfg.expert_width);
   if (cfg.shared_expert_width > 0)
-    shared_ = std::make_unique<SwiGLULayer>(ps, name + ".shared", cfg.hidden, cfg.shared_expert_width, cfg.init_std);
+    shared_ = std::make_unique<SwiGLULayer>(ps, name + ".shared", cfg.hidden, cfg.shared_expert_width, cfg.init_std,
+                                            tp);
+  if (tp_ && gated_) fail("model.gated_experts is not supported with parallel.tensor > 1 yet");
 }
 
 
 const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->value : unit_scale_; }
 
 Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss) {
+  if (tp_) return forward_tp(x, reg, stats, reg_loss);
   x_ = x;
   reg_ = reg;
   const int64_t T = x.numel() / x.dim(-1), n = experts_ * width_;
@@ -114,7 +123,12 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
   }
   // 7. The shared expert, always on.
   if (shared_) ops::add_(out, shared_->forward(x));
+  routing_stats(stats, reg, reg_loss);
+  return out;
+}
 
+void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss) {
+  const int64_t T = r_.dim(0);
   stats.tokens = T;
   stats.active_per_expert.assign(experts_, 0);
   ops::count_active_per_expert(r_, stats.active_per_expert.data());
@@ -131,10 +145,69 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
     stats.l1_value = ops::l1_reg_forward(r_, reg.target);
     reg_loss = reg.coef * stats.l1_value;
   }
+}
+
+// Tensor parallel: this rank holds experts [rank*E_l, (rank+1)*E_l) (rows of W_up, columns of
+// W_down). The router is replicated (every rank computes the whole r and s); u is gathered so
+// that NormSiLU's mean over all E*d entries is exact, then each rank keeps its experts' columns.
+Tensor DecoFFNLayer::forward_tp(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss) {
+  x_ = x;
+  reg_ = reg;
+  const int rank = tp_->rank(), size = tp_->size();
+  const int64_t T = x.numel() / x.dim(-1), n = experts_ * width_, E_l = experts_ / size;
+  auto make = [&](int64_t cols) { return Tensor::empty({T, cols}, x.dtype(), x.device()); };
+  r_ = make(experts_);
+  ops::linear_forward(r_, x, w_router_.value);
+  s_ = make(experts_);
+  ops::router_scale_forward(s_, r_, scaling());
+  Tensor u_local = make(E_l * width_);
+  ops::linear_forward(u_local, x, w_up_.value);
+  u_ = tp_gather_columns(*tp_, u_local);
+  nstats_ = make(1 + experts_);
+  z_ = make(n);
+  ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
+  z_local_ = tp_slice_columns(z_, rank, size);
+  s_local_ = tp_slice_columns(s_, rank, size);
+  y_ = make(E_l * width_);
+  ops::expert_scale_forward(y_, z_local_, s_local_, E_l);
+  Tensor out = make(x.dim(-1));
+  ops::linear_forward(out, y_, w_down_.value);
+  if (shared_) ops::add_(out, shared_->forward(x, /*reduce_output=*/false));
+  tp_all_reduce(*tp_, out);  // one reduction for the routed and the shared experts' partial sums
+  routing_stats(stats, reg, reg_loss);
   return out;
 }
 
+Tensor DecoFFNLayer::backward_tp(const Tensor& dy, double loss_scale) {
+  const int rank = tp_->rank(), size = tp_->size();
+  const int64_t T = x_.numel() / x_.dim(-1), E_l = experts_ / size;
+  auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
+  Tensor dY = like(y_);
+  ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
+  Tensor dz_local = like(z_local_), ds_local = like(s_local_);
+  ops::expert_scale_backward(dz_local, ds_local, dY, z_local_, s_local_, E_l);
+  // NormSiLU couples every expert of a token (the mean): its backward runs on the whole row.
+  Tensor dz = tp_gather_columns(*tp_, dz_local);
+  Tensor du = like(u_);
+  ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.value, nstats_, experts_, mode_, eps_);
+  Tensor du_local = tp_slice_columns(du, rank, size);
+  Tensor dx = like(x_);
+  ops::linear_backward(&dx, &w_up_.grad, du_local, x_, w_up_.value, false);
+  if (shared_) shared_->backward(dy, &dx);
+  tp_all_reduce(*tp_, dx);  // column-parallel W_up and shared expert: partial sums
+  // The replicated router: every rank computes the same gradient from the whole ds.
+  Tensor ds = tp_gather_columns(*tp_, ds_local);
+  Tensor da = Tensor::zeros(r_.shape(), dy.dtype(), dy.device());
+  if (reg_.kind == RegularizerSpec::Kind::entropy) ops::entropy_backward(da, r_, loss_scale * reg_.coef / T);
+  if (reg_.kind == RegularizerSpec::Kind::l1) ops::l1_reg_backward(da, r_, reg_.target, loss_scale * reg_.coef);
+  Tensor dr = like(r_);
+  ops::router_scale_backward(dr, (g_ && g_->trainable) ? &g_->grad : nullptr, ds, r_, scaling(), &da);
+  ops::linear_backward(&dx, &w_router_.grad, dr, x_, w_router_.value, true);
+  return dx;
+}
+
 Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
+  if (tp_) return backward_tp(dy, loss_scale);
   const int64_t T = x_.numel() / x_.dim(-1);
   auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
   Tensor dx = like(x_), ds = like(s_);

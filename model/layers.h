@@ -1,6 +1,12 @@
 // The layers of the DECO transformer. Each layer creates its parameters (with their partition),
 // caches what its backward needs during forward, and in backward overwrites the input gradient
 // it returns and accumulates (+=) its parameters' gradients. The math is in kernels/ops.h.
+//
+// Tensor parallelism (`tp`, null or a group of size one for none): the ParameterSet holds each
+// split parameter's local part; attention splits heads and SwiGLU its width (column-parallel in,
+// row-parallel out: the output is all-reduced in forward, the input gradient in backward);
+// DECO splits whole experts (NormSiLU's mean stays exact: it is taken over the gathered u) and
+// keeps the router replicated. Inputs and outputs of every layer are replicated.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -8,6 +14,7 @@
 #include "core/config.h"
 #include "kernels/ops.h"
 #include "model/parameter.h"
+#include "parallel/communicator.h"
 
 namespace decotron {
 
@@ -31,13 +38,14 @@ class RMSNormLayer {
 
 class AttentionLayer {
  public:
-  AttentionLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg);
+  AttentionLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp = nullptr);
   Tensor forward(const Tensor& x, const BatchShape& bs);
   Tensor backward(const Tensor& dy);
 
  private:
   Parameter &wq_, &wk_, &wv_, &wo_;
-  int64_t heads_, kv_heads_, head_dim_;
+  Communicator* tp_;
+  int64_t heads_, kv_heads_, head_dim_;  // heads on this rank
   double rope_base_;
   BatchShape bs_;
   Tensor x_, q_, k_, v_, o_, lse_;
@@ -46,13 +54,17 @@ class AttentionLayer {
 // SwiGLU: W_down (SiLU(W_gate x) * (W_up x)); the dense FFN and DECO's shared expert.
 class SwiGLULayer {
  public:
-  SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std);
-  Tensor forward(const Tensor& x);
-  // Returns dx; with accumulate_into, adds dx into it instead (and returns it).
+  SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std,
+              Communicator* tp = nullptr);
+  // reduce_output = false leaves a tensor-parallel partial sum (the caller reduces it).
+  Tensor forward(const Tensor& x, bool reduce_output = true);
+  // Returns dx; with accumulate_into, adds dx into it instead (and returns it; under tensor
+  // parallelism a partial sum the caller reduces).
   Tensor backward(const Tensor& dy, Tensor* accumulate_into = nullptr);
 
  private:
   Parameter &w_gate_, &w_up_, &w_down_;
+  Communicator* tp_;
   Tensor x_, gate_, up_, h_;
 };
 
@@ -79,7 +91,7 @@ ops::NormSiluMode normsilu_mode(const std::string& config_value);
 
 class DecoFFNLayer {
  public:
-  DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg);
+  DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp = nullptr);
   // Returns the FFN output; stats are filled; returns the regularization term through reg_loss.
   Tensor forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
   // loss_scale multiplies the regularizer's gradient (1 / micro-batches).
@@ -87,6 +99,10 @@ class DecoFFNLayer {
 
  private:
   const Tensor& scaling() const;
+  void routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss);
+  Tensor forward_tp(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
+  Tensor backward_tp(const Tensor& dy, double loss_scale);
+  Communicator* tp_;
   int64_t experts_, width_;
   ops::NormSiluMode mode_;
   double eps_;
@@ -103,6 +119,7 @@ class DecoFFNLayer {
   RegularizerSpec reg_;
   Tensor x_, r_, s_, u_, gate_pre_, gate_act_, z_, nstats_, y_;
   ops::SparseExperts pairs_;  // the sparse path's cache
+  Tensor z_local_, s_local_;  // tensor parallel: this rank's experts' columns
 };
 
 }  // namespace decotron

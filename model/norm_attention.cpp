@@ -1,5 +1,6 @@
 // RMSNorm and attention layers: forward and backward written out in order.
 #include "model/layers.h"
+#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
@@ -20,7 +21,7 @@ Tensor RMSNormLayer::backward(const Tensor& dy) {
   return dx;
 }
 
-AttentionLayer::AttentionLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg)
+AttentionLayer::AttentionLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp)
     : wq_(ps.add(name + ".wq", {cfg.hidden, cfg.hidden}, Partition::column, Init::normal, cfg.init_std, true)),
       wk_(ps.add(name + ".wk",
                  {(cfg.kv_heads ? cfg.kv_heads : cfg.heads) * (cfg.hidden / cfg.heads), cfg.hidden},
@@ -29,10 +30,18 @@ AttentionLayer::AttentionLayer(ParameterSet& ps, const std::string& name, const 
                  {(cfg.kv_heads ? cfg.kv_heads : cfg.heads) * (cfg.hidden / cfg.heads), cfg.hidden},
                  Partition::column, Init::normal, cfg.init_std, true)),
       wo_(ps.add(name + ".wo", {cfg.hidden, cfg.hidden}, Partition::row, Init::normal, cfg.init_std, true)),
+      tp_(tp && tp->size() > 1 ? tp : nullptr),
       heads_(cfg.heads),
       kv_heads_(cfg.kv_heads ? cfg.kv_heads : cfg.heads),
       head_dim_(cfg.hidden / cfg.heads),
-      rope_base_(cfg.rope_base) {}
+      rope_base_(cfg.rope_base) {
+  if (tp_) {
+    if (heads_ % tp_->size() != 0 || kv_heads_ % tp_->size() != 0)
+      fail("model.heads = ", heads_, " and kv_heads = ", kv_heads_, " must be multiples of parallel.tensor = ",
+           tp_->size(), " (attention splits whole heads)");
+    heads_ /= tp_->size(), kv_heads_ /= tp_->size();
+  }
+}
 
 Tensor AttentionLayer::forward(const Tensor& x, const BatchShape& bs) {
   bs_ = bs;
@@ -52,6 +61,7 @@ Tensor AttentionLayer::forward(const Tensor& x, const BatchShape& bs) {
   ops::attention_forward(o_, lse_, q_, k_, v_, {bs.batch, bs.seq, heads_, kv_heads_, head_dim_});
   Tensor y = make(wo_.value.dim(0));
   ops::linear_forward(y, o_, wo_.value);
+  if (tp_) tp_all_reduce(*tp_, y);  // row-parallel: each rank's heads contribute a partial sum
   return y;
 }
 
@@ -68,6 +78,7 @@ Tensor AttentionLayer::backward(const Tensor& dy) {
   ops::linear_backward(&dx, &wq_.grad, dq, x_, wq_.value, false);
   ops::linear_backward(&dx, &wk_.grad, dk, x_, wk_.value, true);
   ops::linear_backward(&dx, &wv_.grad, dv, x_, wv_.value, true);
+  if (tp_) tp_all_reduce(*tp_, dx);  // column-parallel: x fed every rank's heads
   return dx;
 }
 

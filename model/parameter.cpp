@@ -1,6 +1,7 @@
 #include "model/parameter.h"
 
 #include "core/rng.h"
+#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
@@ -22,8 +23,14 @@ Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partit
   for (const auto& e : entries_) DT_ASSERT(e.p->name != name, "duplicate parameter ", name);
   auto p = std::make_unique<Parameter>();
   p->name = name;
-  p->value = Tensor::zeros(shape, dtype_, device_);
-  p->grad = Tensor::zeros(shape, dtype_, device_);
+  p->global_shape = shape;
+  Shape local = shape;
+  if (tp_size_ > 1) {
+    Shard sh = shard_of(name, partition, shape, expert_block, tp_rank_, tp_size_);
+    if (sh.dim >= 0) local[sh.dim] = sh.count, p->shard_dim = sh.dim, p->shard_start = sh.start;
+  }
+  p->value = Tensor::zeros(local, dtype_, device_);
+  p->grad = Tensor::zeros(local, dtype_, device_);
   p->partition = partition;
   p->expert_block = expert_block;
   p->weight_decay = weight_decay;
@@ -33,7 +40,8 @@ Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partit
 
 void ParameterSet::initialize(uint64_t seed) {
   for (auto& e : entries_) {
-    Tensor host = Tensor::empty(e.p->value.shape(), DType::f64);
+    // The whole tensor, then this rank's part: the same weights in any layout.
+    Tensor host = Tensor::empty(e.p->global_shape, DType::f64);
     double* h = host.data<double>();
     const uint64_t stream = rng::stream_of(e.p->name);
     for (int64_t i = 0; i < host.numel(); ++i) {
@@ -43,6 +51,8 @@ void ParameterSet::initialize(uint64_t seed) {
         case Init::constant: h[i] = e.init_value; break;
       }
     }
+    if (e.p->shard_dim >= 0)
+      host = slice_shard(host, Shard{e.p->shard_dim, e.p->shard_start, e.p->value.dim(e.p->shard_dim)});
     e.p->value.copy_from(cast_cpu(host, dtype_).to(device_));
   }
 }
@@ -66,7 +76,7 @@ Parameter& ParameterSet::find(const std::string& name) const {
 int64_t ParameterSet::count() const {
   int64_t n = 0;
   for (const auto& e : entries_)
-    if (e.p->trainable) n += e.p->value.numel();
+    if (e.p->trainable) n += shape_numel(e.p->global_shape);
   return n;
 }
 

@@ -33,12 +33,21 @@ struct Parameter {
   int64_t expert_block = 0;  // rows/cols per expert for expert_* partitions
   bool weight_decay = true;  // matrices decay; norms, g and gamma do not
   bool trainable = true;     // false for buffers (fixed router scaling)
+  // Tensor parallelism: the whole tensor's shape, and which part of it `value` holds (dim -1:
+  // all of it; else [shard_start, shard_start + value.dim(shard_dim)) along shard_dim).
+  Shape global_shape;
+  int shard_dim = -1;
+  int64_t shard_start = 0;
 };
 
 // Owns the parameters of a model in creation order (the order of the optimizer and checkpoints).
 class ParameterSet {
  public:
-  ParameterSet(DType dtype, Device device) : dtype_(dtype), device_(device) {}
+  // tp_rank/tp_size: under tensor parallelism each split parameter (by its Partition) holds its
+  // rank's part only (parallel/tensor_parallel.h); 1 = whole tensors.
+  ParameterSet(DType dtype, Device device, int tp_rank = 0, int tp_size = 1)
+      : dtype_(dtype), device_(device), tp_rank_(tp_rank), tp_size_(tp_size) {}
+  // `shape` is the whole tensor's; the layer reads the local shape from the returned value.
   Parameter& add(const std::string& name, const Shape& shape, Partition partition, Init init, double init_value,
                  bool weight_decay, int64_t expert_block = 0);
   // Fills every parameter from its init rule, keyed by (seed, name): the same weights on any
@@ -47,7 +56,9 @@ class ParameterSet {
   void zero_grad();
   std::vector<Parameter*> all() const;
   Parameter& find(const std::string& name) const;
-  int64_t count() const;  // scalars in trainable parameters
+  int64_t count() const;  // scalars in trainable parameters (whole tensors)
+  int tp_rank() const { return tp_rank_; }
+  int tp_size() const { return tp_size_; }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
 
@@ -60,6 +71,7 @@ class ParameterSet {
   std::vector<Entry> entries_;
   DType dtype_;
   Device device_;
+  int tp_rank_ = 0, tp_size_ = 1;
 };
 
 }  // namespace decotron

@@ -1,15 +1,19 @@
 #include "model/transformer.h"
 
+#include "parallel/tensor_parallel.h"
+
 namespace decotron {
 
-TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn)
+TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn,
+                                   Communicator* tp)
     : norm1_(ps, cat("layers.", index, ".attn_norm"), cfg.hidden, cfg.norm_eps),
       norm2_(ps, cat("layers.", index, ".ffn_norm"), cfg.hidden, cfg.norm_eps),
-      attn_(ps, cat("layers.", index, ".attn"), cfg) {
+      attn_(ps, cat("layers.", index, ".attn"), cfg, tp) {
   if (deco_ffn)
-    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg);
+    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg, tp);
   else
-    dense_ = std::make_unique<SwiGLULayer>(ps, cat("layers.", index, ".ffn"), cfg.hidden, cfg.ffn_hidden, cfg.init_std);
+    dense_ = std::make_unique<SwiGLULayer>(ps, cat("layers.", index, ".ffn"), cfg.hidden, cfg.ffn_hidden, cfg.init_std,
+                                           tp);
 }
 
 Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
@@ -32,14 +36,15 @@ Tensor TransformerBlock::backward(const Tensor& dy, double loss_scale) {
   return dx;
 }
 
-Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device)
+Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp)
     : cfg_(cfg),
-      params_(dtype, device),
+      tp_(tp && tp->size() > 1 ? tp : nullptr),
+      params_(dtype, device, tp_ ? tp_->rank() : 0, tp_ ? tp_->size() : 1),
       embedding_(params_.add("embedding.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
                              cfg.init_std, true)) {
   for (int i = 0; i < cfg.layers; ++i) {
     bool deco = cfg.arch == "deco" && i >= cfg.dense_layers;
-    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco));
+    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco, tp_));
     if (deco) deco_ids_.push_back(i);
   }
   num_deco_ = static_cast<int>(deco_ids_.size());
@@ -53,7 +58,13 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
   tokens_ = tokens;
   bs_ = bs;
   Tensor x = Tensor::empty({bs.tokens(), cfg_.hidden}, params_.dtype(), params_.device());
-  ops::embedding_forward(x, tokens, embedding_.value);
+  if (tp_) {
+    // Vocabulary-parallel embedding: each rank looks up the ids in its range, the sum is the lookup.
+    vocab_embedding_forward(x, tokens, embedding_.value, embedding_.shard_start);
+    tp_all_reduce(*tp_, x);
+  } else {
+    ops::embedding_forward(x, tokens, embedding_.value);
+  }
   for (auto& b : blocks_) {
     double reg_loss = 0;
     RoutingStats stats;
@@ -72,8 +83,7 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
   ForwardResult res;
   res.tokens = bs.tokens();
   Tensor h = trunk_forward(tokens, bs, reg, &res);
-  Tensor logits = Tensor::empty({bs.tokens(), cfg_.vocab_size}, h.dtype(), h.device());
-  ops::linear_forward(logits, h, lm_head_->value);
+  Tensor logits = lm_logits(h);
   // The CE gradient replaces the logits in place: the [T, V] matrix exists once.
   res.lm_loss_sum = ops::cross_entropy(logits, targets, with_grad ? loss_scale / bs.tokens() : 0.0);
   dlogits_ = with_grad ? logits : Tensor();
@@ -83,19 +93,37 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
 void Transformer::backward(double loss_scale) {
   DT_ASSERT(dlogits_.defined(), "backward() without a forward(with_grad=true)");
   Tensor dh = Tensor::empty(h_final_.shape(), h_final_.dtype(), h_final_.device());
-  ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
+  if (tp_) {
+    // Every rank holds the whole dlogits; its vocabulary columns feed its LM-head rows.
+    Tensor mine = tp_slice_columns(dlogits_, tp_->rank(), tp_->size());
+    ops::linear_backward(&dh, &lm_head_->grad, mine, h_final_, lm_head_->value);
+    tp_all_reduce(*tp_, dh);
+  } else {
+    ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
+  }
   dlogits_ = Tensor();
   Tensor dx = final_norm_->backward(dh);
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) dx = (*it)->backward(dx, loss_scale);
-  ops::embedding_backward(embedding_.grad, tokens_, dx);
+  if (tp_) vocab_embedding_backward(embedding_.grad, tokens_, dx, embedding_.shard_start);
+  else ops::embedding_backward(embedding_.grad, tokens_, dx);
+}
+
+Tensor Transformer::lm_logits(const Tensor& h) {
+  if (!tp_) {
+    Tensor logits = Tensor::empty({h.dim(0), cfg_.vocab_size}, h.dtype(), h.device());
+    ops::linear_forward(logits, h, lm_head_->value);
+    return logits;
+  }
+  // Vocabulary-parallel LM head; the cross-entropy runs on the gathered logits on every rank.
+  Tensor mine = Tensor::empty({h.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
+  ops::linear_forward(mine, h, lm_head_->value);
+  return tp_gather_columns(*tp_, mine);
 }
 
 Tensor Transformer::logits(const Tensor& tokens, const BatchShape& bs) {
   RegularizerSpec none;
   Tensor h = trunk_forward(tokens, bs, none, nullptr);
-  Tensor out = Tensor::empty({bs.tokens(), cfg_.vocab_size}, h.dtype(), h.device());
-  ops::linear_forward(out, h, lm_head_->value);
-  return out;
+  return lm_logits(h);
 }
 
 double Transformer::train_flops_per_token(double ratio) const {

@@ -11,7 +11,7 @@ namespace decotron {
 
 class TransformerBlock {
  public:
-  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn);
+  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn, Communicator* tp = nullptr);
   Tensor forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
                  double& reg_loss);
   Tensor backward(const Tensor& dy, double loss_scale);
@@ -33,7 +33,10 @@ struct ForwardResult {
 
 class Transformer {
  public:
-  Transformer(const ModelConfig& cfg, DType dtype, Device device);
+  // tp: the tensor-parallel group (null or size one: whole tensors, the single-rank code path).
+  // Under tensor parallelism the embedding and the LM head are split by vocabulary range; the
+  // logits are gathered for the cross-entropy.
+  Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp = nullptr);
 
   ParameterSet& params() { return params_; }
   const ModelConfig& config() const { return cfg_; }
@@ -58,7 +61,11 @@ class Transformer {
  private:
   Tensor trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg, ForwardResult* res);
 
+  // Under tensor parallelism: logits [T, V] from this rank's vocabulary rows of the LM head.
+  Tensor lm_logits(const Tensor& h);
+
   ModelConfig cfg_;
+  Communicator* tp_;
   ParameterSet params_;
   Parameter& embedding_;
   std::vector<std::unique_ptr<TransformerBlock>> blocks_;

@@ -11,7 +11,7 @@ namespace {
 
 class MegatronData final : public TrainingData {
  public:
-  MegatronData(const Config& cfg, int64_t consumed) : cfg_(cfg) {
+  MegatronData(const Config& cfg, int64_t consumed, int dp_rank, int dp_size) : cfg_(cfg) {
     if (cfg.data.prefixes.empty())
       fail(cfg.where("data.prefixes"),
            " is empty: name a Megatron dataset prefix (PREFIX.bin + PREFIX.idx, made by `decotron preprocess`), "
@@ -26,7 +26,8 @@ class MegatronData final : public TrainingData {
     opt.vocab_size = cfg.model.vocab_size;  // every id must index the embedding
     const TrainConfig& t = cfg.train;
     train_ = std::make_unique<data::BatchLoader>(opt, data::Split::train, t.micro_batch,
-                                                 data::megatron_train_samples(t.iters, t.global_batch), consumed);
+                                                 data::megatron_train_samples(t.iters, t.global_batch), consumed,
+                                                 dp_rank, dp_size);
     if (t.eval_interval > 0) {
       valid_ = std::make_unique<data::BatchLoader>(
           opt, data::Split::valid, t.micro_batch,
@@ -45,8 +46,10 @@ class MegatronData final : public TrainingData {
   int64_t consumed_samples() const override { return train_->consumed_samples(); }
   bool has_valid() const override { return valid_ != nullptr; }
   std::vector<int32_t> valid_batch(int64_t k, int64_t micro_batch) override {
-    // Evaluations read the validation split's first eval_iters micro-batches, in order.
-    if (k == 0) valid_->reset(0);
+    // Evaluations read the validation split's first eval_iters micro-batches; a rank reads
+    // its share of them (k = dp_rank, dp_rank + dp_size, ...), jumping where k is not the next.
+    if (k != next_valid_) valid_->reset(k * micro_batch);
+    next_valid_ = k + 1;
     return valid_->next();
   }
   std::string describe() const override { return describe_; }
@@ -55,12 +58,14 @@ class MegatronData final : public TrainingData {
   Config cfg_;
   std::unique_ptr<data::BatchLoader> train_, valid_;
   std::string describe_;
+  int64_t next_valid_ = -1;
 };
 
 }  // namespace
 
-std::unique_ptr<TrainingData> make_training_data(const Config& cfg, int64_t consumed_samples) {
-  return std::make_unique<MegatronData>(cfg, consumed_samples);
+std::unique_ptr<TrainingData> make_training_data(const Config& cfg, int64_t consumed_samples, int dp_rank,
+                                                 int dp_size) {
+  return std::make_unique<MegatronData>(cfg, consumed_samples, dp_rank, dp_size);
 }
 
 }  // namespace decotron

@@ -14,10 +14,11 @@ AdamW::AdamW(ParameterSet& params, const TrainConfig& cfg) : params_(params.all(
 }
 
 double AdamW::grad_norm() const {
-  double s = 0;
+  double s = 0, split = 0;  // whole on this rank; split over the tensor-parallel ranks
   for (Parameter* p : params_)
-    if (p->trainable) s += ops::sum_squares(p->grad);
-  return std::sqrt(s);
+    if (p->trainable) (p->shard_dim >= 0 ? split : s) += ops::sum_squares(p->grad);
+  if (tp_) split = tp_->sum(split);
+  return std::sqrt(s + split);
 }
 
 bool AdamW::grads_finite() const {

@@ -6,13 +6,16 @@
 
 #include "core/config.h"
 #include "model/parameter.h"
+#include "parallel/communicator.h"
 
 namespace decotron {
 
 class AdamW {
  public:
   AdamW(ParameterSet& params, const TrainConfig& cfg);
-  // sqrt(sum of squares of every trainable gradient)
+  // Tensor parallelism: the split parameters' squares are summed over this group in grad_norm().
+  void set_tensor_parallel(Communicator* tp) { tp_ = tp && tp->size() > 1 ? tp : nullptr; }
+  // sqrt(sum of squares of every trainable gradient), of the whole tensors
   double grad_norm() const;
   bool grads_finite() const;
   // One update at learning rate lr; gradients are scaled by `clip_scale` first. Increments step().
@@ -29,6 +32,7 @@ class AdamW {
   std::vector<Tensor> m_, v_;
   TrainConfig cfg_;
   int64_t step_ = 0;
+  Communicator* tp_ = nullptr;
 };
 
 }  // namespace decotron

@@ -9,12 +9,14 @@ namespace {
 
 class SyntheticData final : public TrainingData {
  public:
-  SyntheticData(int64_t vocab, int64_t seq_len, uint64_t seed, int64_t consumed)
-      : vocab_(vocab), seq_len_(seq_len), seed_(seed), consumed_(consumed) {}
+  SyntheticData(int64_t vocab, int64_t seq_len, uint64_t seed, int64_t consumed, int dp_rank, int dp_size)
+      : vocab_(vocab), seq_len_(seq_len), seed_(seed), consumed_(consumed), dp_rank_(dp_rank), dp_size_(dp_size) {}
 
   std::vector<int32_t> next_train(int64_t micro_batch) override {
     std::vector<int32_t> out;
-    for (int64_t b = 0; b < micro_batch; ++b) append_sample(out, 1, consumed_++);
+    const int64_t first = consumed_ + dp_rank_ * micro_batch;  // this rank's slice of the micro-step
+    for (int64_t b = 0; b < micro_batch; ++b) append_sample(out, 1, first + b);
+    consumed_ += micro_batch * dp_size_;
     return out;
   }
   int64_t consumed_samples() const override { return consumed_; }
@@ -42,12 +44,14 @@ class SyntheticData final : public TrainingData {
   int64_t vocab_, seq_len_;
   uint64_t seed_;
   int64_t consumed_;
+  int dp_rank_, dp_size_;
 };
 
 }  // namespace
 
-std::unique_ptr<TrainingData> make_synthetic_data(int64_t vocab, int64_t seq_len, uint64_t seed, int64_t consumed) {
-  return std::make_unique<SyntheticData>(vocab, seq_len, seed, consumed);
+std::unique_ptr<TrainingData> make_synthetic_data(int64_t vocab, int64_t seq_len, uint64_t seed, int64_t consumed,
+                                                  int dp_rank, int dp_size) {
+  return std::make_unique<SyntheticData>(vocab, seq_len, seed, consumed, dp_rank, dp_size);
 }
 
 }  // namespace decotron

@@ -44,8 +44,10 @@ std::string human_bytes(size_t b) {
 
 }  // namespace
 
-Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const std::string& run_dir)
+Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const std::string& run_dir,
+                 std::shared_ptr<ParallelContext> par)
     : cfg_(cfg),
+      par_(par ? std::move(par) : make_parallel_context(cfg.parallel, device_of(cfg.train.device))),
       data_(std::move(data)),
       run_dir_(run_dir),
       controller_(cfg.train.target_ratio, cfg.train.reg_lambda0, cfg.train.reg_multiplier) {
@@ -58,13 +60,26 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
 #endif
          "); set train.device: cpu");
   // The model computes in the master dtype here; bf16 compute is the GPU path's business.
-  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device));
+  const ParallelLayout& lay = par_->layout;
+  if (lay.ep_size > 1)
+    fail(cfg.where("parallel.expert"), ": expert parallelism is not implemented in the layers yet "
+         "(docs/parallelism.md); use data and tensor parallelism (parallel.expert: 1)");
+  if (lay.tp_size > 1 && cfg.train.device != "cpu")
+    fail(cfg.where("parallel.tensor"), ": tensor parallelism runs on the CPU so far (docs/parallelism.md)");
+  if (cfg.parallel.sequence)
+    fail(cfg.where("parallel.sequence"), ": sequence parallelism is not implemented yet; set parallel.sequence: false");
+  if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
+    fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
+         "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
+  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get());
   (void)dtype_of_name;
-  model_->params().initialize(cfg.train.seed);
+  model_->params().initialize(cfg.train.seed);  // the same weights on every rank (keyed by seed and name)
   optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train);
+  optimizer_->set_tensor_parallel(par_->tp.get());
+  grad_sync_ = std::make_unique<GradientSync>(model_->params().all(), *par_);
   last_active_.assign(model_->num_deco_layers(), std::vector<int64_t>(cfg.model.experts, 0));
   warned_.assign(model_->num_deco_layers(), std::vector<bool>(cfg.model.experts, false));
-  if (!run_dir_.empty()) {
+  if (!run_dir_.empty() && par_->is_main()) {
     fs::create_directories(run_dir_);
     std::string path = run_dir_ + "/metrics.jsonl";
     metrics_ = std::fopen(path.c_str(), "a");
@@ -79,7 +94,8 @@ Trainer::~Trainer() {
 StepResult Trainer::train_step() {
   const TrainConfig& t = cfg_.train;
   const int64_t B = t.micro_batch, S = cfg_.model.seq_len;
-  const int64_t n_micro = t.global_batch / t.micro_batch;
+  const int dp = par_->layout.dp_size;
+  const int64_t n_micro = t.global_batch / (t.micro_batch * dp);  // this rank's micro-steps
   const double loss_scale = 1.0 / n_micro;
   const int L = cfg_.model.layers, D = model_->num_deco_layers();
   StepResult res;
@@ -100,7 +116,7 @@ StepResult Trainer::train_step() {
   std::vector<std::vector<int64_t>> per_expert(D, std::vector<int64_t>(cfg_.model.experts, 0));
   for (int64_t m = 0; m < n_micro; ++m) {
     std::vector<int32_t> batch = data_->next_train(B);
-    state_.consumed_samples += B;
+    state_.consumed_samples += B * dp;
     Tensor tok, tgt;
     split_batch(batch, B, S, model_->params().device(), tok, tgt);
     ForwardResult f = model_->forward(tok, tgt, {B, S}, reg, loss_scale, true);
@@ -114,6 +130,23 @@ StepResult Trainer::train_step() {
       entropy_sum += f.routing[l].entropy_sum;
       for (int64_t e = 0; e < cfg_.model.experts; ++e) per_expert[l][e] += f.routing[l].active_per_expert[e];
     }
+  }
+  // Data parallel: average the gradients, and sum the statistics over the ranks (every rank
+  // then computes the same losses, rho, lambda, norm and skip decision).
+  grad_sync_->all_reduce_mean();
+  {
+    std::vector<double> sums = {lm_sum, reg_sum, entropy_sum};
+    par_->dp->sum_in_place(sums);
+    lm_sum = sums[0], reg_sum = sums[1] / dp, entropy_sum = sums[2];  // reg: each rank's is a mean over its micro-steps
+    std::vector<int64_t> counts = {tokens, no_expert};
+    counts.insert(counts.end(), layer_active.begin(), layer_active.end());
+    for (const auto& pe : per_expert) counts.insert(counts.end(), pe.begin(), pe.end());
+    par_->dp->sum_in_place(counts);
+    size_t i = 0;
+    tokens = counts[i++], no_expert = counts[i++];
+    for (auto& a : layer_active) a = counts[i++];
+    for (auto& pe : per_expert)
+      for (auto& c : pe) c = counts[i++];
   }
   res.tokens = tokens;
   res.lm_loss = lm_sum / tokens;
@@ -144,8 +177,9 @@ StepResult Trainer::train_step() {
   if (res.skipped) {
     ++state_.skipped_total;
     ++state_.consecutive_skips;
-    std::fprintf(stderr, "warning: iteration %lld skipped: %s\n", static_cast<long long>(state_.iteration + 1),
-                 res.skip_reason.c_str());
+    if (par_->is_main())
+      std::fprintf(stderr, "warning: iteration %lld skipped: %s\n", static_cast<long long>(state_.iteration + 1),
+                   res.skip_reason.c_str());
     if (state_.consecutive_skips >= t.max_skipped_steps)
       fail("stopped: ", state_.consecutive_skips, " consecutive steps skipped (last: ", res.skip_reason,
            ") at iteration ", state_.iteration + 1,
@@ -166,7 +200,7 @@ StepResult Trainer::train_step() {
 
 void Trainer::check_inactive(const std::vector<std::vector<int64_t>>& per_expert) {
   const int64_t alarm = cfg_.train.inactive_alarm_iters, it = state_.iteration;
-  if (alarm <= 0) return;
+  if (alarm <= 0 || !par_->is_main()) return;  // the counts are global: one rank warns
   const auto& ids = model_->deco_layer_ids();
   for (size_t l = 0; l < per_expert.size(); ++l) {
     bool layer_any = false;
@@ -190,7 +224,9 @@ double Trainer::evaluate() {
   const int64_t B = cfg_.train.micro_batch, S = cfg_.model.seq_len;
   double sum = 0;
   int64_t n = 0;
-  for (int64_t k = 0; k < cfg_.train.eval_iters; ++k) {
+  // Data parallel: the ranks share the eval_iters micro-batches and sum their results.
+  const ParallelLayout& lay = par_->layout;
+  for (int64_t k = lay.dp_rank; k < cfg_.train.eval_iters; k += lay.dp_size) {
     std::vector<int32_t> batch = data_->valid_batch(k, B);
     if (batch.empty()) break;
     Tensor tok, tgt;
@@ -199,6 +235,8 @@ double Trainer::evaluate() {
     sum += f.lm_loss_sum;
     n += f.tokens;
   }
+  sum = par_->dp->sum(sum);
+  n = par_->dp->sum(n);
   return n ? sum / n : NAN;
 }
 
@@ -210,6 +248,7 @@ void Trainer::write_metrics(const std::string& line) {
 }
 
 void Trainer::log_interval(const StepResult& last, double seconds) {
+  if (!par_->is_main()) return;  // every rank holds the same numbers: one prints and writes them
   // Averages over the interval's steps; lr, lambda and grad norm are the last step's.
   double lm = 0, reg = 0, act = 0, noexp = 0, ent = 0;
   int64_t tokens = 0, skipped = 0;
@@ -256,10 +295,11 @@ void Trainer::log_interval(const StepResult& last, double seconds) {
 
 void Trainer::train() {
   const TrainConfig& t = cfg_.train;
-  std::printf("training: %s, %lld parameters (%lld non-embedding), %d DECO layers, data: %s\n",
-              cfg_.model.arch.c_str(), static_cast<long long>(model_->params().count()),
-              static_cast<long long>(model_->params().count() - 2 * cfg_.model.vocab_size * cfg_.model.hidden),
-              model_->num_deco_layers(), data_->describe().c_str());
+  if (par_->is_main())
+    std::printf("training: %s, %lld parameters (%lld non-embedding), %d DECO layers, data: %s\n",
+                cfg_.model.arch.c_str(), static_cast<long long>(model_->params().count()),
+                static_cast<long long>(model_->params().count() - 2 * cfg_.model.vocab_size * cfg_.model.hidden),
+                model_->num_deco_layers(), data_->describe().c_str());
   std::fflush(stdout);
   auto t0 = std::chrono::steady_clock::now();
   while (state_.iteration < t.iters && !stop_requested_) {
@@ -273,7 +313,7 @@ void Trainer::train() {
     }
     if (t.eval_interval > 0 && (state_.iteration % t.eval_interval == 0 || state_.iteration == t.iters)) {
       double v = evaluate();
-      if (std::isfinite(v)) {
+      if (std::isfinite(v) && par_->is_main()) {
         std::printf("eval   %6lld | val_loss %.4f | val_ppl %.2f\n", static_cast<long long>(state_.iteration), v,
                     std::exp(v));
         nlohmann::json j;

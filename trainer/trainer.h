@@ -11,6 +11,8 @@
 
 #include "core/config.h"
 #include "model/transformer.h"
+#include "parallel/grad_sync.h"
+#include "parallel/process_groups.h"
 #include "trainer/optimizer.h"
 #include "trainer/sparsity_controller.h"
 #include "trainer/training_data.h"
@@ -37,9 +39,16 @@ struct StepResult {
   int64_t tokens = 0;
 };
 
+// Under data parallelism every rank runs a Trainer on its slice of each step's samples; the
+// gradients are averaged over the data-parallel group before the update, and the step's
+// statistics (losses, activation counts, hence the controller's rho and lambda) are summed over
+// it, so every rank holds the same weights, lambda and numbers. Only the main rank (world rank
+// 0) prints and writes metrics.jsonl.
 class Trainer {
  public:
-  Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const std::string& run_dir);
+  // `par`: the process groups (nullptr: built here from cfg.parallel; one process = world of one).
+  Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const std::string& run_dir,
+          std::shared_ptr<ParallelContext> par = nullptr);
   ~Trainer();
 
   // Trains until cfg.train.iters or a stop request; returns normally in both cases.
@@ -57,6 +66,7 @@ class Trainer {
   TrainState& state() { return state_; }
   const Config& config() const { return cfg_; }
   const std::string& run_dir() const { return run_dir_; }
+  const ParallelContext& parallel() const { return *par_; }
   // Replaces the data source (after a resume restores consumed_samples).
   void set_data(std::unique_ptr<TrainingData> data) { data_ = std::move(data); }
 
@@ -69,6 +79,8 @@ class Trainer {
   void write_metrics(const std::string& json_line);
 
   Config cfg_;
+  std::shared_ptr<ParallelContext> par_;
+  std::unique_ptr<GradientSync> grad_sync_;
   std::unique_ptr<TrainingData> data_;
   std::string run_dir_;
   std::unique_ptr<Transformer> model_;

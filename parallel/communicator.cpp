@@ -1,0 +1,106 @@
+#include "parallel/communicator.h"
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "core/error.h"
+
+namespace decotron {
+
+size_t comm_type_size(CommType t) { return t == CommType::f32 ? 4 : 8; }
+
+const char* comm_type_name(CommType t) {
+  switch (t) {
+    case CommType::f32: return "fp32";
+    case CommType::f64: return "fp64";
+    case CommType::i64: return "i64";
+  }
+  return "?";
+}
+
+uint64_t CollectiveLog::begin(const std::string& group, const char* op, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry e;
+  e.seq = next_seq_++;
+  e.group = group;
+  e.op = op;
+  e.bytes = bytes;
+  ring_.push_back(std::move(e));
+  while (ring_.size() > capacity_) ring_.pop_front();
+  return ring_.back().seq;
+}
+
+void CollectiveLog::end(uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = ring_.rbegin(); it != ring_.rend(); ++it)
+    if (it->seq == seq) {
+      it->done = true;
+      return;
+    }
+}
+
+std::vector<CollectiveLog::Entry> CollectiveLog::recent() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {ring_.begin(), ring_.end()};
+}
+
+std::string CollectiveLog::format() const {
+  std::string out;
+  for (const Entry& e : recent())
+    out += cat("    #", e.seq, " ", e.group, " ", e.op, " ", e.bytes, " bytes", e.done ? "" : "  <- not completed",
+               "\n");
+  return out;
+}
+
+void report_collective_timeout(const CollectiveLog& log, int world_rank, const std::string& group, const char* op,
+                               uint64_t seq, double waited_s) {
+  std::fprintf(stderr,
+               "decotron: watchdog: rank %d: collective #%llu %s on group '%s' did not complete within %.1f s "
+               "(parallel.timeout_s); a peer rank of group '%s' is hung, dead or issued a different collective. "
+               "Aborting the job.\n"
+               "  last collectives issued by rank %d (oldest first):\n%s"
+               "  (every rank that reaches its deadline prints its own list: compare the sequence numbers; a "
+               "rank that prints nothing is hung or dead)\n",
+               world_rank, static_cast<unsigned long long>(seq), op, group.c_str(), waited_s, group.c_str(),
+               world_rank, log.format().c_str());
+  std::fflush(stderr);
+  // Peers waiting in the same collective reach their deadline at about the same time: give
+  // them a moment to print their lists before the abort tears the job down.
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+}
+
+void Communicator::all_reduce_host(void* buf, int64_t count, CommType type) {
+  if (device() == Device::cpu) {
+    all_reduce(buf, count, type);
+    return;
+  }
+  const size_t bytes = count * comm_type_size(type);
+  // Device staging: one device buffer of the same bytes.
+  DeviceAllocator& a = allocator_for(device());
+  void* dev = a.allocate(bytes);
+  a.copy(dev, device(), buf, Device::cpu, bytes);
+  all_reduce(dev, count, type);
+  a.copy(buf, Device::cpu, dev, device(), bytes);
+  a.release(dev, bytes);
+}
+
+double Communicator::sum(double v) {
+  all_reduce_host(&v, 1, CommType::f64);
+  return v;
+}
+
+int64_t Communicator::sum(int64_t v) {
+  all_reduce_host(&v, 1, CommType::i64);
+  return v;
+}
+
+void Communicator::sum_in_place(std::vector<double>& v) {
+  if (!v.empty()) all_reduce_host(v.data(), static_cast<int64_t>(v.size()), CommType::f64);
+}
+
+void Communicator::sum_in_place(std::vector<int64_t>& v) {
+  if (!v.empty()) all_reduce_host(v.data(), static_cast<int64_t>(v.size()), CommType::i64);
+}
+
+}  // namespace decotron

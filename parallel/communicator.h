@@ -1,0 +1,94 @@
+// One communicator interface for every process group, with two backends: MPI on host buffers
+// (parallel/mpi_communicator.cpp) and NCCL on device buffers (parallel/nccl_communicator.cpp,
+// CUDA builds only). Every collective is checked and watched: it is recorded in a per-rank ring
+// of recent collectives, and one that does not complete within the timeout aborts the whole job
+// after printing the rank, the group, the collective and this rank's recent history
+// (docs/parallelism.md).
+//
+// Buffer contract: all_reduce and broadcast work in place; the others read `send` and overwrite
+// `recv`; counts are in elements. All ranks of the group must call the same collectives in the
+// same order with matching counts. A group of size one is a valid communicator: every
+// collective is then a copy (or nothing), the same code path as a multi-rank run.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+
+namespace decotron {
+
+// Element types the collectives move.
+enum class CommType : uint8_t { f32, f64, i64 };
+size_t comm_type_size(CommType t);
+const char* comm_type_name(CommType t);
+
+// The watchdog's memory of one rank: the last collectives it issued (all groups), each with its
+// sequence number, group, op and size, and whether it completed.
+class CollectiveLog {
+ public:
+  struct Entry {
+    uint64_t seq = 0;      // per-rank sequence number over every group
+    std::string group;     // communicator name ("dp", "tp", ...)
+    std::string op;        // "all_reduce", ...
+    size_t bytes = 0;      // bytes this rank contributes
+    bool done = false;
+  };
+  explicit CollectiveLog(size_t capacity = 16) : capacity_(capacity) {}
+  uint64_t begin(const std::string& group, const char* op, size_t bytes);  // returns the seq
+  void end(uint64_t seq);
+  std::vector<Entry> recent() const;  // oldest first
+  std::string format() const;         // one line per entry
+
+ private:
+  mutable std::mutex mu_;
+  std::deque<Entry> ring_;
+  size_t capacity_;
+  uint64_t next_seq_ = 1;
+};
+
+// Called when a collective misses its deadline: prints the diagnostic to stderr (rank, group,
+// op, seq, seconds waited, the log), waits a short grace period so that peers stuck in the same
+// collective can print theirs, and returns; the backend then aborts the job.
+void report_collective_timeout(const CollectiveLog& log, int world_rank, const std::string& group,
+                               const char* op, uint64_t seq, double waited_s);
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;  // rank within this group
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // group name for logs ("dp", "tp", "world", ...)
+  // Where the buffers live: cpu for MPI, cuda for NCCL.
+  virtual Device device() const = 0;
+
+  // buf[i] = sum over ranks of buf[i], in place.
+  virtual void all_reduce(void* buf, int64_t count, CommType type) = 0;
+  // recv[0:recv_count] = sum over ranks of send[rank*recv_count : (rank+1)*recv_count].
+  virtual void reduce_scatter(const void* send, void* recv, int64_t recv_count, CommType type) = 0;
+  // recv[r*send_count : (r+1)*send_count] = send of rank r.
+  virtual void all_gather(const void* send, void* recv, int64_t send_count, CommType type) = 0;
+  // Rank i sends send_counts[j] elements (consecutive in `send`, in rank order) to rank j and
+  // receives recv_counts[j] from rank j (consecutive in `recv`, in rank order).
+  virtual void all_to_all(const void* send, const std::vector<int64_t>& send_counts, void* recv,
+                          const std::vector<int64_t>& recv_counts, CommType type) = 0;
+  // buf of `root` copied to every rank, in place.
+  virtual void broadcast(void* buf, int64_t count, CommType type, int root) = 0;
+  virtual void barrier() = 0;
+
+  // Convenience on host scalars (any backend; device backends stage through device memory).
+  double sum(double v);
+  int64_t sum(int64_t v);
+  // Element-wise sum of a host vector, in place.
+  void sum_in_place(std::vector<double>& v);
+  void sum_in_place(std::vector<int64_t>& v);
+
+ protected:
+  // Host <-> backend buffer staging for the convenience calls.
+  void all_reduce_host(void* buf, int64_t count, CommType type);
+};
+
+}  // namespace decotron

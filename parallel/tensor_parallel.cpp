@@ -1,0 +1,131 @@
+#include "parallel/tensor_parallel.h"
+
+#include <cstring>
+
+#include "core/error.h"
+
+namespace decotron {
+
+namespace {
+
+CommType comm_type_of(const Tensor& t) {
+  DT_ASSERT(t.dtype() == DType::f32 || t.dtype() == DType::f64, "tensor-parallel mappings take fp32 or fp64, not ",
+            dtype_name(t.dtype()));
+  return t.dtype() == DType::f32 ? CommType::f32 : CommType::f64;
+}
+
+void require_host(const Tensor& t, const char* what) {
+  if (t.device() != Device::cpu)
+    fail(what, ": tensor parallelism runs on the CPU so far (docs/parallelism.md); set train.device: cpu");
+}
+
+}  // namespace
+
+bool is_tensor_parallel_split(Partition p) {
+  return p == Partition::column || p == Partition::row || p == Partition::vocab || p == Partition::expert_rows ||
+         p == Partition::expert_cols;
+}
+
+Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_t expert_block, int rank, int size) {
+  Shard s;
+  if (size == 1 || !is_tensor_parallel_split(p)) return s;
+  s.dim = (p == Partition::row || p == Partition::expert_cols) ? 1 : 0;
+  DT_ASSERT(static_cast<int>(global.size()) > s.dim, name, ": partition ", partition_name(p), " on a ",
+            global.size(), "-d tensor");
+  const int64_t n = global[s.dim];
+  const int64_t unit = (p == Partition::expert_rows || p == Partition::expert_cols) ? expert_block : 1;
+  if (unit <= 0 || n % unit != 0 || (n / unit) % size != 0)
+    fail(name, ": ", n / std::max<int64_t>(unit, 1), unit > 1 ? " experts" : " rows/columns",
+         " do not split over parallel.tensor = ", size, " ranks; pick a tensor-parallel size that divides the heads, "
+         "widths, experts and vocabulary");
+  s.count = n / size;
+  s.start = rank * s.count;
+  return s;
+}
+
+Tensor slice_shard(const Tensor& global, const Shard& s) {
+  require_host(global, "slice_shard");
+  if (s.dim < 0) return global.clone();
+  if (s.dim == 0) return global.rows(s.start, s.count).clone();
+  const int64_t rows = global.dim(0), cols = global.dim(1), es = dtype_size(global.dtype());
+  Tensor out = Tensor::empty({rows, s.count}, global.dtype());
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(static_cast<char*>(out.raw()) + r * s.count * es,
+                static_cast<const char*>(global.raw()) + (r * cols + s.start) * es, s.count * es);
+  return out;
+}
+
+void tp_all_reduce(Communicator& tp, Tensor& t) {
+  require_host(t, "tensor-parallel all-reduce");
+  tp.all_reduce(t.raw(), t.numel(), comm_type_of(t));
+}
+
+Tensor tp_gather_columns(Communicator& tp, const Tensor& local) {
+  require_host(local, "tensor-parallel gather");
+  const int n = tp.size();
+  const int64_t rows = local.dim(0), c = local.numel() / rows, es = dtype_size(local.dtype());
+  Tensor stacked = Tensor::empty({n * rows * c}, local.dtype());  // [rank][row][c]
+  tp.all_gather(local.raw(), stacked.raw(), rows * c, comm_type_of(local));
+  Tensor full = Tensor::empty({rows, c * n}, local.dtype());
+  for (int r = 0; r < n; ++r)
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(static_cast<char*>(full.raw()) + (i * c * n + r * c) * es,
+                  static_cast<const char*>(stacked.raw()) + ((r * rows + i) * c) * es, c * es);
+  return full;
+}
+
+Tensor tp_slice_columns(const Tensor& full, int rank, int size) {
+  const int64_t c = full.dim(1) / size;
+  return slice_shard(full, Shard{1, rank * c, c});
+}
+
+Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
+  if (dim < 0) return local.clone();
+  if (dim == 1) return tp_gather_columns(tp, local);
+  require_host(local, "tensor-parallel gather");
+  Shape shape = local.shape();
+  shape[0] *= tp.size();
+  Tensor full = Tensor::empty(shape, local.dtype());
+  tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));
+  return full;
+}
+
+namespace {
+template <class T>
+void embed(T* y, const int32_t* tok, const T* table, int64_t T_, int64_t h, int64_t start, int64_t rows, bool back,
+           T* dtable, const T* dy) {
+  for (int64_t t = 0; t < T_; ++t) {
+    const int64_t row = static_cast<int64_t>(tok[t]) - start;
+    const bool mine = row >= 0 && row < rows;
+    if (!back) {
+      for (int64_t j = 0; j < h; ++j) y[t * h + j] = mine ? table[row * h + j] : T(0);
+    } else if (mine) {
+      for (int64_t j = 0; j < h; ++j) dtable[row * h + j] += dy[t * h + j];
+    }
+  }
+}
+}  // namespace
+
+void vocab_embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table, int64_t start) {
+  require_host(table, "vocabulary-parallel embedding");
+  const int64_t T_ = tokens.numel(), h = table.dim(1), rows = table.dim(0);
+  if (table.dtype() == DType::f32)
+    embed<float>(y.data<float>(), tokens.data<int32_t>(), table.data<float>(), T_, h, start, rows, false, nullptr,
+                 nullptr);
+  else
+    embed<double>(y.data<double>(), tokens.data<int32_t>(), table.data<double>(), T_, h, start, rows, false, nullptr,
+                  nullptr);
+}
+
+void vocab_embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy, int64_t start) {
+  require_host(dtable, "vocabulary-parallel embedding");
+  const int64_t T_ = tokens.numel(), h = dtable.dim(1), rows = dtable.dim(0);
+  if (dtable.dtype() == DType::f32)
+    embed<float>(nullptr, tokens.data<int32_t>(), nullptr, T_, h, start, rows, true, dtable.data<float>(),
+                 dy.data<float>());
+  else
+    embed<double>(nullptr, tokens.data<int32_t>(), nullptr, T_, h, start, rows, true, dtable.data<double>(),
+                  dy.data<double>());
+}
+
+}  // namespace decotron

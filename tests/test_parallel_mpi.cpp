@@ -1,0 +1,571 @@
+// Parallelism: the process grid, the communicators (single rank here, two ranks through
+// mpirun), data-parallel training equal to one rank, a signal on one rank stopping every rank
+// at the same step, and the watchdog aborting a job whose rank hangs.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "checkpoint/manager.h"
+#include "core/rng.h"
+#include "model/parameter.h"
+#include "model/transformer.h"
+#include "parallel/tensor_parallel.h"
+#include "parallel/grad_sync.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/process_groups.h"
+
+namespace fs = std::filesystem;
+using namespace decotron;
+
+namespace {
+
+const char* kMpirun = "mpirun --allow-run-as-root --oversubscribe";
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::string fresh_dir(const std::string& name) {
+  fs::path d = fs::temp_directory_path() / ("decotron_parallel_" + name);
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d.string();
+}
+
+// Starts `sh -c command` (output to `log`) in its own process group; returns its pid.
+pid_t spawn(const std::string& command, const std::string& log) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    setpgid(0, 0);
+    // This test process may have initialized MPI as a singleton, which leaves its runtime's
+    // variables in the environment; a child mpirun must not see them.
+    std::vector<std::string> names;
+    for (char** e = environ; *e; ++e) {
+      std::string var(*e);
+      for (const char* prefix : {"OMPI_", "PMIX_", "OPAL_", "ORTE_"})
+        if (var.rfind(prefix, 0) == 0) names.push_back(var.substr(0, var.find('=')));
+    }
+    for (const auto& n : names) unsetenv(n.c_str());
+    std::string full = command + " > " + log + " 2>&1";
+    execl("/bin/sh", "sh", "-c", full.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  return pid;
+}
+
+// Waits up to `limit_s` for `pid`; returns its exit code (128 + signal), or -1 on timeout (the
+// process group is then killed).
+int wait_exit(pid_t pid, double limit_s) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > limit_s) {
+      kill(-pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+int run(const std::string& command, const std::string& log, double limit_s = 120) {
+  return wait_exit(spawn(command, log), limit_s);
+}
+
+// Pid of the process whose environment holds `tag` and OMPI_COMM_WORLD_RANK=rank (0 if none).
+pid_t find_rank(const std::string& tag, int rank) {
+  const std::string want_rank = "OMPI_COMM_WORLD_RANK=" + std::to_string(rank);
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string env = read_file(e.path().string() + "/environ");
+    std::set<std::string> vars;
+    for (size_t i = 0, j; i < env.size(); i = j + 1) {
+      j = env.find('\0', i);
+      if (j == std::string::npos) j = env.size();
+      vars.insert(env.substr(i, j - i));
+    }
+    if (vars.count(tag) && vars.count(want_rank)) return std::stoi(name);
+  }
+  return 0;
+}
+
+std::vector<nlohmann::json> train_records(const std::string& metrics) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+int64_t last_iter(const std::string& metrics) {
+  int64_t it = 0;
+  for (const auto& j : train_records(metrics))
+    if (j.contains("iter")) it = j["iter"].get<int64_t>();
+  return it;
+}
+
+std::string tiny_config(const std::string& dir, int64_t iters, int64_t global_batch, double timeout_s,
+                        const std::string& lr_schedule = "wsd") {
+  std::string path = dir + "/tiny.yaml";
+  // expert_compute: dense on every layout. Tensor parallelism computes the experts dense-masked,
+  // and the sparse path's per-expert GEMMs see different row counts on each data-parallel
+  // slice, so fp32 rounding differs and a router logit near 0 can flip within 20 steps. The
+  // sparse path equals the dense one exactly in fp64 (test_model_gradients.cpp, and the fp64
+  // TP2 worker below, whose single rank uses the sparse path).
+  std::ofstream(path) << "model: {arch: deco, vocab_size: 64, seq_len: 16, hidden: 32, layers: 2, heads: 2,\n"
+                         "        ffn_hidden: 64, experts: 8, expert_width: 8, shared_expert_width: 16,\n"
+                         "        parameter_parity: false, expert_compute: dense}\n"
+                         "train: {iters: " << iters << ", micro_batch: 2, global_batch: " << global_batch
+                      << ", warmup_iters: 2, decay_iters: 5, lr_schedule: " << lr_schedule << ",\n"
+                         "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4}\n"
+                         "parallel: {timeout_s: " << timeout_s << "}\n"
+                         "log: {interval: 1}\n";
+  return path;
+}
+
+std::string train_cmd(const std::string& cfg, const std::string& run_dir) {
+  return std::string(DECOTRON_BINARY) + " train --config " + cfg + " --synthetic-data --run-dir " + run_dir;
+}
+
+void expect_close(double a, double b, double rel, const std::string& what) {
+  EXPECT_LE(std::fabs(a - b), rel * std::max(std::fabs(a), std::fabs(b)) + 1e-12) << what << ": " << a << " vs " << b;
+}
+
+}  // namespace
+
+// ---- the grid --------------------------------------------------------------------------------
+
+TEST(ParallelLayout, GridAndGroupsForEveryRank) {
+  ParallelConfig cfg;
+  cfg.tensor = 2, cfg.expert = 2;  // world 8: tp 2 x dp 4, ep 2 within dp, edp 2
+  std::map<std::pair<std::string, int>, std::vector<int>> groups;
+  for (int r = 0; r < 8; ++r) {
+    ParallelLayout l = make_layout(cfg, 8, r);
+    EXPECT_EQ(l.tp_size, 2);
+    EXPECT_EQ(l.dp_size, 4);
+    EXPECT_EQ(l.ep_size, 2);
+    EXPECT_EQ(l.edp_size, 2);
+    EXPECT_EQ(l.tp_rank, r % 2);
+    EXPECT_EQ(l.dp_rank, r / 2);
+    EXPECT_EQ(l.ep_rank, (r / 2) % 2);
+    EXPECT_EQ(l.edp_rank, (r / 2) / 2);
+    groups[{"tp", l.tp_color()}].push_back(r);
+    groups[{"dp", l.dp_color()}].push_back(r);
+    groups[{"ep", l.ep_color()}].push_back(r);
+    groups[{"edp", l.edp_color()}].push_back(r);
+  }
+  // Tensor peers are neighbours; data peers share the tensor rank; an expert group is two
+  // consecutive data ranks; expert-data peers hold the same experts.
+  EXPECT_EQ((groups[{"tp", 1}]), (std::vector<int>{2, 3}));
+  EXPECT_EQ((groups[{"dp", 1}]), (std::vector<int>{1, 3, 5, 7}));
+  EXPECT_EQ((groups[{"ep", 1}]), (std::vector<int>{4, 6}));  // tp 0, dp ranks 2 and 3
+  EXPECT_EQ((groups[{"edp", 1}]), (std::vector<int>{2, 6}));  // tp 0, ep rank 1
+  for (const auto& [key, members] : groups) {
+    const size_t want = key.first == "dp" ? 4 : 2;
+    EXPECT_EQ(members.size(), want) << key.first << " " << key.second;
+  }
+  EXPECT_NE(describe_layout(cfg, 8).find("rank 5: tp 1 dp 2 ep 0 edp 1"), std::string::npos)
+      << describe_layout(cfg, 8);
+}
+
+TEST(ParallelLayout, RejectsSizesThatDoNotDivide) {
+  ParallelConfig cfg;
+  cfg.tensor = 4;
+  EXPECT_THROW(make_layout(cfg, 6, 0), Error);
+  cfg.tensor = 1, cfg.expert = 3;
+  EXPECT_THROW(make_layout(cfg, 4, 0), Error);
+  cfg.expert = 1, cfg.data = 3;
+  EXPECT_THROW(make_layout(cfg, 4, 0), Error);
+  cfg.data = 0;
+  EXPECT_EQ(make_layout(cfg, 4, 3).dp_size, 4);
+}
+
+TEST(TensorParallelShard, SplitsByPartition) {
+  // W_up of 8 experts of width 4 over 2 ranks: rank 1 holds experts 4..7 (rows 16..31).
+  Shard s = shard_of("w_up", Partition::expert_rows, {32, 6}, 4, 1, 2);
+  EXPECT_EQ(s.dim, 0);
+  EXPECT_EQ(s.start, 16);
+  EXPECT_EQ(s.count, 16);
+  s = shard_of("w_down", Partition::expert_cols, {6, 32}, 4, 0, 2);
+  EXPECT_EQ(s.dim, 1);
+  EXPECT_EQ(s.count, 16);
+  EXPECT_EQ(shard_of("wo", Partition::row, {6, 8}, 0, 1, 2).start, 4);
+  EXPECT_EQ(shard_of("emb", Partition::vocab, {10, 3}, 0, 1, 2).dim, 0);
+  EXPECT_EQ(shard_of("g", Partition::expert_entries, {8}, 1, 1, 2).dim, -1);  // replicated with the router
+  EXPECT_EQ(shard_of("norm", Partition::replicated, {8}, 0, 1, 2).dim, -1);
+  EXPECT_EQ(shard_of("wq", Partition::column, {8, 8}, 0, 0, 1).dim, -1);      // one rank: whole
+  EXPECT_THROW(shard_of("w_up", Partition::expert_rows, {12, 6}, 4, 0, 2), Error);  // 3 experts over 2 ranks
+  // slice_shard cuts columns of a row-major matrix.
+  Tensor t = Tensor::empty({2, 4}, DType::f32);
+  for (int i = 0; i < 8; ++i) t.data<float>()[i] = static_cast<float>(i);
+  Tensor c = slice_shard(t, Shard{1, 2, 2});
+  EXPECT_EQ(c.shape(), (Shape{2, 2}));
+  EXPECT_EQ(c.data<float>()[0], 2.0f);
+  EXPECT_EQ(c.data<float>()[3], 7.0f);
+}
+
+// ---- communicators ---------------------------------------------------------------------------
+
+// Every collective on the groups of `ctx`, checked against the sums each rank can compute.
+void check_collectives(const ParallelContext& ctx) {
+  Communicator& c = *ctx.world;
+  const int n = c.size(), r = c.rank();
+  std::vector<float> f = {1.0f + r, 2.0f * r};
+  c.all_reduce(f.data(), 2, CommType::f32);
+  EXPECT_EQ(f[0], n + n * (n - 1) / 2.0f);
+  EXPECT_EQ(f[1], static_cast<float>(n * (n - 1)));
+  std::vector<double> d = {0.5 * (r + 1)};
+  c.all_reduce(d.data(), 1, CommType::f64);
+  EXPECT_DOUBLE_EQ(d[0], 0.25 * n * (n + 1));
+  EXPECT_EQ(c.sum(int64_t{1} << 40), (int64_t{1} << 40) * n);
+  // reduce_scatter: rank j receives the sum of every rank's block j.
+  std::vector<double> send(2 * n), recv(2);
+  for (int j = 0; j < 2 * n; ++j) send[j] = 100.0 * r + j;
+  c.reduce_scatter(send.data(), recv.data(), 2, CommType::f64);
+  EXPECT_DOUBLE_EQ(recv[0], 100.0 * n * (n - 1) / 2 + n * (2 * r));
+  EXPECT_DOUBLE_EQ(recv[1], 100.0 * n * (n - 1) / 2 + n * (2 * r + 1));
+  // all_gather
+  std::vector<int64_t> mine = {r, -r}, all(2 * n);
+  c.all_gather(mine.data(), all.data(), 2, CommType::i64);
+  for (int j = 0; j < n; ++j) {
+    EXPECT_EQ(all[2 * j], j);
+    EXPECT_EQ(all[2 * j + 1], -j);
+  }
+  // all_to_all with per-rank counts: rank i sends i + j + 1 values to rank j, each 1000i + j.
+  std::vector<int64_t> sc(n), rc(n);
+  std::vector<float> out, in;
+  for (int j = 0; j < n; ++j) {
+    sc[j] = r + j + 1, rc[j] = j + r + 1;
+    for (int k = 0; k < sc[j]; ++k) out.push_back(1000.0f * r + j);
+  }
+  int64_t total_in = 0;
+  for (int64_t x : rc) total_in += x;
+  in.assign(total_in, -1.0f);
+  c.all_to_all(out.data(), sc, in.data(), rc, CommType::f32);
+  size_t pos = 0;
+  for (int j = 0; j < n; ++j)
+    for (int k = 0; k < rc[j]; ++k) EXPECT_EQ(in[pos++], 1000.0f * j + r) << "from rank " << j;
+  // broadcast from the last rank
+  std::vector<double> b = {static_cast<double>(r)};
+  c.broadcast(b.data(), 1, CommType::f64, n - 1);
+  EXPECT_EQ(b[0], n - 1);
+  c.barrier();
+  // The log saw them all, completed.
+  auto recent = ctx.log->recent();
+  ASSERT_FALSE(recent.empty());
+  EXPECT_EQ(recent.back().op, "barrier");
+  EXPECT_TRUE(recent.back().done);
+  EXPECT_NE(ctx.log->format().find("world all_to_all"), std::string::npos) << ctx.log->format();
+
+  // Gradient averaging: bucketed (tiny buckets: several of them), replicated and expert
+  // parameters, each rank's gradient filled with its rank.
+  ParameterSet ps(DType::f32, Device::cpu);
+  ps.add("a", {3, 4}, Partition::replicated, Init::ones, 0, false);
+  ps.add("w_up", {8, 4}, Partition::expert_rows, Init::ones, 0, true, 4);
+  ps.add("b", {5}, Partition::column, Init::ones, 0, false);
+  for (Parameter* p : ps.all())
+    for (int64_t i = 0; i < p->grad.numel(); ++i) p->grad.data<float>()[i] = static_cast<float>(r + i);
+  GradientSync sync(ps.all(), ctx, 64);
+  if (ctx.dp->size() > 1) EXPECT_GE(sync.num_buckets(), 2u);
+  sync.all_reduce_mean();
+  const int dp = ctx.dp->size();
+  for (Parameter* p : ps.all()) {
+    for (int64_t i = 0; i < p->grad.numel(); ++i)
+      ASSERT_FLOAT_EQ(p->grad.data<float>()[i], (dp - 1) / 2.0f + i) << p->name << "[" << i << "]";
+  }
+}
+
+TEST(Communicator, SingleRankIsTheSameCodePath) {
+  if (std::getenv("DECOTRON_MPI_WORKER")) GTEST_SKIP() << "inside the two-rank worker";
+  auto ctx = make_parallel_context(ParallelConfig{}, Device::cpu);
+  ASSERT_EQ(ctx->world->size(), 1);
+  for (auto* g : {ctx->tp.get(), ctx->dp.get(), ctx->ep.get(), ctx->edp.get()}) EXPECT_EQ(g->size(), 1);
+  EXPECT_TRUE(ctx->is_main());
+  check_collectives(*ctx);
+}
+
+// Run by the next test under mpirun (skipped otherwise): the collectives on two ranks, then on
+// the groups of a tensor-parallel grid (tp 2: the dp group has one rank).
+TEST(MpiWorker, Collectives) {
+  if (!std::getenv("DECOTRON_MPI_WORKER")) GTEST_SKIP() << "runs under mpirun (ParallelMpi.CollectivesOnTwoRanks)";
+  auto ctx = make_parallel_context(ParallelConfig{}, Device::cpu);
+  ASSERT_EQ(ctx->world->size(), 2);
+  EXPECT_EQ(ctx->dp->size(), 2);
+  check_collectives(*ctx);
+  ParallelConfig tp2;
+  tp2.tensor = 2;
+  auto ctx2 = make_parallel_context(tp2, Device::cpu);
+  EXPECT_EQ(ctx2->tp->size(), 2);
+  EXPECT_EQ(ctx2->dp->size(), 1);
+  double v = ctx2->tp->rank() + 1.0;
+  EXPECT_EQ(ctx2->tp->sum(v), 3.0);
+}
+
+// Tensor parallel on two ranks equals one rank, in fp64: the loss, the routing statistics, and
+// every parameter's gradient (the shards gathered into whole tensors).
+TEST(MpiWorker, TensorParallelEqualsOneRank) {
+  if (!std::getenv("DECOTRON_MPI_WORKER")) GTEST_SKIP() << "runs under mpirun (ParallelMpi.CollectivesOnTwoRanks)";
+  ParallelConfig pc;
+  pc.tensor = 2;
+  auto ctx = make_parallel_context(pc, Device::cpu);
+  ModelConfig m;
+  m.vocab_size = 64, m.seq_len = 8, m.hidden = 32, m.layers = 3, m.heads = 4, m.ffn_hidden = 64, m.experts = 8;
+  m.expert_width = 8, m.shared_expert_width = 16, m.dense_layers = 1, m.parameter_parity = false;
+  m.init_std = 0.2;  // large enough that routers activate a mix of experts
+  Transformer one(m, DType::f64, Device::cpu), tp(m, DType::f64, Device::cpu, ctx->tp.get());
+  one.params().initialize(11);
+  tp.params().initialize(11);
+  const BatchShape bs{2, m.seq_len};
+  Tensor tok = Tensor::empty({bs.tokens()}, DType::i32), tgt = Tensor::empty({bs.tokens()}, DType::i32);
+  for (int64_t i = 0; i < bs.tokens(); ++i) {
+    tok.data<int32_t>()[i] = static_cast<int32_t>(rng::random4(5, 1, i).v[0] % m.vocab_size);
+    tgt.data<int32_t>()[i] = static_cast<int32_t>(rng::random4(5, 2, i).v[0] % m.vocab_size);
+  }
+  RegularizerSpec reg;
+  reg.kind = RegularizerSpec::Kind::entropy, reg.coef = 0.05;
+  ForwardResult a = one.forward(tok, tgt, bs, reg, 0.5, true);
+  one.backward(0.5);
+  ForwardResult b = tp.forward(tok, tgt, bs, reg, 0.5, true);
+  tp.backward(0.5);
+  EXPECT_NEAR(a.lm_loss_sum, b.lm_loss_sum, 1e-10 * std::fabs(a.lm_loss_sum));
+  EXPECT_NEAR(a.reg_loss, b.reg_loss, 1e-10 * std::fabs(a.reg_loss) + 1e-15);
+  ASSERT_EQ(a.routing.size(), b.routing.size());
+  for (size_t l = 0; l < a.routing.size(); ++l) {
+    EXPECT_EQ(a.routing[l].active_per_expert, b.routing[l].active_per_expert);
+    EXPECT_GT(a.routing[l].active_pairs, 0);
+    EXPECT_LT(a.routing[l].active_pairs, bs.tokens() * m.experts);
+  }
+  auto ps1 = one.params().all(), ps2 = tp.params().all();
+  ASSERT_EQ(ps1.size(), ps2.size());
+  int split = 0;
+  for (size_t i = 0; i < ps1.size(); ++i) {
+    ASSERT_EQ(ps1[i]->name, ps2[i]->name);
+    split += ps2[i]->shard_dim >= 0;
+    Tensor v = tp_gather_shards(*ctx->tp, ps2[i]->value, ps2[i]->shard_dim);
+    Tensor g = tp_gather_shards(*ctx->tp, ps2[i]->grad, ps2[i]->shard_dim);
+    ASSERT_EQ(v.shape(), ps1[i]->value.shape()) << ps1[i]->name;
+    double scale = 0, err = 0, verr = 0;
+    for (int64_t k = 0; k < v.numel(); ++k) {
+      scale = std::max(scale, std::fabs(ps1[i]->grad.data<double>()[k]));
+      err = std::max(err, std::fabs(ps1[i]->grad.data<double>()[k] - g.data<double>()[k]));
+      verr = std::max(verr, std::fabs(ps1[i]->value.data<double>()[k] - v.data<double>()[k]));
+    }
+    EXPECT_EQ(verr, 0.0) << ps1[i]->name << ": the same initial weights";
+    EXPECT_GT(scale, 0.0) << ps1[i]->name;
+    EXPECT_LE(err, 1e-10 * scale) << ps1[i]->name << " (" << partition_name(ps1[i]->partition) << ")";
+  }
+  EXPECT_GE(split, 10);  // attention, FFN, experts, embedding and LM head are split
+}
+
+TEST(ParallelMpi, CollectivesOnTwoRanks) {
+  const std::string dir = fresh_dir("collectives");
+  char self[4096] = {0};
+  ASSERT_GT(readlink("/proc/self/exe", self, sizeof self - 1), 0);
+  int rc = run(std::string("DECOTRON_MPI_WORKER=1 ") + kMpirun + " -x DECOTRON_MPI_WORKER -np 2 " + self +
+                   " --gtest_color=no --gtest_filter=MpiWorker.*",
+               dir + "/log", 60);
+  const std::string log = read_file(dir + "/log");
+  EXPECT_EQ(rc, 0) << log;
+  size_t passed = 0;
+  for (size_t p = log.find("[  PASSED  ] 2 tests"); p != std::string::npos; p = log.find("[  PASSED  ] 2 tests", p + 1))
+    ++passed;
+  EXPECT_EQ(passed, 2u) << log;
+  EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
+}
+
+// The benchmark checks every op's result on two ranks in the same run as it times them.
+TEST(ParallelMpi, BenchCommChecksEveryOp) {
+  const std::string dir = fresh_dir("bench");
+  for (const char* op : {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}) {
+    const int rc = run(std::string(kMpirun) + " -np 2 " + DECOTRON_BINARY + " bench-comm --op " + op +
+                           " --min-bytes 1024 --max-bytes 65536 --iters 2",
+                       dir + "/log", 60);
+    const std::string log = read_file(dir + "/log");
+    EXPECT_EQ(rc, 0) << op << ": " << log;
+    EXPECT_NE(log.find(std::string(op) + " on 2 ranks"), std::string::npos) << log;
+    size_t oks = 0;
+    for (size_t p = log.find("  ok\n"); p != std::string::npos; p = log.find("  ok\n", p + 1)) ++oks;
+    EXPECT_EQ(oks, 4u) << op << ": " << log;  // 1, 4, 16 and 64 KiB
+    EXPECT_EQ(log.find("WRONG"), std::string::npos) << log;
+  }
+}
+
+// ---- data-parallel training ------------------------------------------------------------------
+
+// 20 steps in several layouts against one rank: data parallel on 2 and 4 ranks, tensor
+// parallel on 2, and tensor 2 x data 2. The same samples per step, so the same trajectory up to
+// the order of floating-point sums; the checkpoints hold the same whole tensors.
+TEST(ParallelMpi, LayoutsMatchSingleRank) {
+  const std::string dir = fresh_dir("layouts");
+  const std::string cfg = tiny_config(dir, 20, 8, 60);
+  ASSERT_EQ(run(train_cmd(cfg, dir + "/one"), dir + "/one.log"), 0) << read_file(dir + "/one.log");
+  const auto ref = train_records(dir + "/one/metrics.jsonl");
+  ASSERT_EQ(ref.size(), 22u);  // 20 steps + 2 evaluations
+  const auto ref_ckpt = CheckpointManager::read_newest_good(dir + "/one/checkpoints");
+  struct Layout {
+    std::string name;
+    int np, tensor;
+  };
+  for (const Layout& l : {Layout{"dp2", 2, 1}, Layout{"dp4", 4, 1}, Layout{"tp2", 2, 2}, Layout{"tp2dp2", 4, 2}}) {
+    const std::string run_dir = dir + "/" + l.name, log_path = run_dir + ".log";
+    ASSERT_EQ(run(std::string(kMpirun) + " -np " + std::to_string(l.np) + " " + train_cmd(cfg, run_dir) +
+                      " --set parallel.tensor=" + std::to_string(l.tensor),
+                  log_path),
+              0)
+        << read_file(log_path);
+    const std::string log = read_file(log_path);
+    EXPECT_NE(log.find("tensor " + std::to_string(l.tensor) + " x data " + std::to_string(l.np / l.tensor)),
+              std::string::npos)
+        << log;  // the layout, printed once
+    EXPECT_EQ(log.find("training:"), log.rfind("training:")) << "only rank 0 prints: " << log;
+    const auto got = train_records(run_dir + "/metrics.jsonl");
+    ASSERT_EQ(got.size(), ref.size()) << "only rank 0 writes metrics.jsonl";
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const std::string at = l.name + " record " + std::to_string(i);
+      if (ref[i].contains("val_loss")) {
+        expect_close(got[i]["val_loss"], ref[i]["val_loss"], 1e-5, at + " val_loss");
+        continue;
+      }
+      EXPECT_EQ(got[i]["iter"], ref[i]["iter"]);
+      EXPECT_EQ(got[i]["consumed_samples"], ref[i]["consumed_samples"]) << at;
+      for (const char* key : {"lm_loss", "reg_loss", "act_ratio", "entropy", "grad_norm", "reg_coef"})
+        expect_close(got[i][key], ref[i][key], 1e-5, at + " " + key);
+    }
+    ASSERT_EQ(CheckpointManager::latest(run_dir + "/checkpoints"), run_dir + "/checkpoints/iter_0000020.h5");
+    const auto ckpt = CheckpointManager::read_newest_good(run_dir + "/checkpoints");
+    ASSERT_EQ(ckpt.data.model.size(), ref_ckpt.data.model.size());
+    for (size_t i = 0; i < ckpt.data.model.size(); ++i) {
+      const auto &a = ckpt.data.model[i], &b = ref_ckpt.data.model[i];
+      ASSERT_EQ(a.name, b.name);
+      ASSERT_EQ(a.shape, b.shape) << l.name << " " << a.name << ": checkpoints hold whole tensors";
+      double diff = 0, scale = 0;
+      for (size_t k = 0; k < a.data.size(); ++k)
+        diff = std::max(diff, std::fabs(double(a.data[k]) - b.data[k])), scale = std::max(scale, std::fabs(double(b.data[k])));
+      EXPECT_LE(diff, 1e-4 * scale) << l.name << " " << a.name;
+    }
+  }
+  // Resuming reads the whole tensors and cuts each rank's shard: 5 more steps on TP2 follow
+  // the single-rank run's 5 more steps.
+  const std::string more = " --set train.iters=25";
+  ASSERT_EQ(run(train_cmd(cfg, dir + "/one") + more, dir + "/one2.log"), 0) << read_file(dir + "/one2.log");
+  ASSERT_EQ(run(std::string(kMpirun) + " -np 2 " + train_cmd(cfg, dir + "/tp2") + " --set parallel.tensor=2" + more,
+                dir + "/tp2b.log"),
+            0)
+      << read_file(dir + "/tp2b.log");
+  EXPECT_NE(read_file(dir + "/tp2b.log").find("resumed from"), std::string::npos);
+  const auto a = train_records(dir + "/one/metrics.jsonl"), b = train_records(dir + "/tp2/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_EQ(a.back()["iter"], 25);
+  for (size_t i = 22; i < a.size(); ++i)
+    if (!a[i].contains("val_loss")) expect_close(b[i]["lm_loss"], a[i]["lm_loss"], 1e-5, "resumed record " + std::to_string(i));
+}
+
+// Ranks launched with different settings are refused before training, and the job ends.
+TEST(ParallelMpi, DifferentConfigsOnRanksAreRefused) {
+  const std::string dir = fresh_dir("mismatch");
+  const std::string cfg = tiny_config(dir, 20, 8, 30);
+  const int rc = run(std::string(kMpirun) + " -np 1 " + train_cmd(cfg, dir + "/run") + " --set train.lr=1e-3 : -np 1 " +
+                         train_cmd(cfg, dir + "/run") + " --set train.lr=2e-3",
+                     dir + "/log", 60);
+  const std::string log = read_file(dir + "/log");
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_NE(rc, -1) << "hung: " << log;
+  EXPECT_NE(log.find("the resolved config differs between ranks (rank(s) 1 vs rank 0)"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl")) << "no step may have run";
+}
+
+// SIGTERM reaching one rank only: every rank stops after the same iteration, rank 0 saves it;
+// the run resumed on two ranks follows the single-rank trajectory (constant learning rate, so
+// that a shorter run is a prefix of a longer one).
+TEST(ParallelMpi, SignalOnOneRankStopsAllAtTheSameStepAndResumes) {
+  const std::string dir = fresh_dir("sigterm");
+  const std::string cfg = tiny_config(dir, 2000, 8, 30, "constant");
+  const std::string tag = "DECOTRON_TEST_TAG=sigterm" + std::to_string(getpid());
+  pid_t job = spawn(tag + " " + kMpirun + " -x DECOTRON_TEST_TAG -np 2 " + train_cmd(cfg, dir + "/run"),
+                    dir + "/log");
+  const std::string metrics = dir + "/run/metrics.jsonl";
+  auto t0 = std::chrono::steady_clock::now();
+  pid_t rank1 = 0;
+  while ((rank1 == 0 || last_iter(metrics) < 3) &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30)) {
+    if (!rank1) rank1 = find_rank(tag, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GT(rank1, 0) << read_file(dir + "/log");
+  kill(rank1, SIGTERM);
+  const int rc = wait_exit(job, 60);
+  const std::string log = read_file(dir + "/log");
+  ASSERT_EQ(rc, 0) << log;
+  const auto loaded = CheckpointManager::read_newest_good(dir + "/run/checkpoints");
+  const int64_t stopped = loaded.data.state.iteration;
+  EXPECT_GE(stopped, 3);
+  EXPECT_LT(stopped, 2000);
+  EXPECT_EQ(last_iter(metrics), stopped);
+  EXPECT_NE(log.find("signal 15: stopping after iteration " + std::to_string(stopped)), std::string::npos) << log;
+  EXPECT_NE(log.find("stop request: stopping after iteration " + std::to_string(stopped)), std::string::npos) << log;
+
+  const std::string more = " --set train.iters=" + std::to_string(stopped + 3);
+  ASSERT_EQ(run(std::string(kMpirun) + " -np 2 " + train_cmd(cfg, dir + "/run") + more, dir + "/resume.log"), 0)
+      << read_file(dir + "/resume.log");
+  ASSERT_EQ(run(train_cmd(cfg, dir + "/one") + more, dir + "/one.log"), 0) << read_file(dir + "/one.log");
+  std::vector<nlohmann::json> got, ref;
+  for (const auto& j : train_records(metrics))
+    if (!j.contains("val_loss")) got.push_back(j);
+  for (const auto& j : train_records(dir + "/one/metrics.jsonl"))
+    if (!j.contains("val_loss")) ref.push_back(j);
+  ASSERT_EQ(got.size(), static_cast<size_t>(stopped + 3));
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(got[i]["consumed_samples"], ref[i]["consumed_samples"]) << i;
+    for (const char* key : {"lm_loss", "grad_norm", "reg_coef", "act_ratio"})
+      expect_close(got[i][key], ref[i][key], 1e-5, "record " + std::to_string(i) + " " + key);
+  }
+}
+
+// A rank that stops responding (SIGSTOP) makes the others' next collective time out: the job
+// aborts within parallel.timeout_s with the watchdog's diagnostic instead of hanging.
+TEST(ParallelMpi, WatchdogAbortsWhenARankHangs) {
+  const std::string dir = fresh_dir("watchdog");
+  const std::string cfg = tiny_config(dir, 100000, 8, 2);
+  const std::string tag = "DECOTRON_TEST_TAG=watchdog" + std::to_string(getpid());
+  pid_t job = spawn(tag + " " + kMpirun + " -x DECOTRON_TEST_TAG -np 2 " + train_cmd(cfg, dir + "/run"),
+                    dir + "/log");
+  const std::string metrics = dir + "/run/metrics.jsonl";
+  auto t0 = std::chrono::steady_clock::now();
+  pid_t rank1 = 0;
+  while ((rank1 == 0 || last_iter(metrics) < 2) &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30)) {
+    if (!rank1) rank1 = find_rank(tag, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GT(rank1, 0) << read_file(dir + "/log");
+  kill(rank1, SIGSTOP);
+  auto t1 = std::chrono::steady_clock::now();
+  const int rc = wait_exit(job, 40);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  kill(rank1, SIGKILL);  // in case the launcher left it stopped
+  const std::string log = read_file(dir + "/log");
+  ASSERT_NE(rc, -1) << "the job hung: " << log;
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_LT(took, 30) << log;
+  EXPECT_NE(log.find("watchdog: rank 0: collective #"), std::string::npos) << log;
+  EXPECT_NE(log.find("did not complete within"), std::string::npos) << log;
+  EXPECT_NE(log.find("last collectives issued by rank 0"), std::string::npos) << log;
+  EXPECT_NE(log.find("<- not completed"), std::string::npos) << log;
+}
