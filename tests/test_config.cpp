@@ -97,3 +97,10 @@ TEST(Config, ShippedConfigsLoad) {
     EXPECT_NO_THROW(load_config(entry.path().string()));
   }
 }
+
+TEST(Config, DocsReferenceIsCurrent) {
+  std::ifstream in(std::string(DECOTRON_SOURCE_DIR) + "/docs/config.md");
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  EXPECT_EQ(text, config_reference_markdown())
+      << "docs/config.md is stale: regenerate it with `decotron config --doc > docs/config.md`";
+}
