@@ -180,7 +180,7 @@ Tensor DecoFFNLayer::forward_tp(const Tensor& x, const RegularizerSpec& reg, Rou
 
 Tensor DecoFFNLayer::backward_tp(const Tensor& dy, double loss_scale) {
   const int rank = tp_->rank(), size = tp_->size();
-  const int64_t T = x_.numel() / x_.dim(-1), E_l = experts_ / size;
+  const int64_t E_l = experts_ / size;
   auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
   Tensor dY = like(y_);
   ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
@@ -197,18 +197,24 @@ Tensor DecoFFNLayer::backward_tp(const Tensor& dy, double loss_scale) {
   tp_all_reduce(*tp_, dx);  // column-parallel W_up and shared expert: partial sums
   // The replicated router: every rank computes the same gradient from the whole ds.
   Tensor ds = tp_gather_columns(*tp_, ds_local);
-  Tensor da = Tensor::zeros(r_.shape(), dy.dtype(), dy.device());
+  router_backward(dx, ds, loss_scale);
+  return dx;
+}
+
+// Steps 1-3 backward, shared by every expert path: the regularizer's gradient enters at
+// a = ReLU(r) next to the scaling's; dx += the router's input gradient.
+void DecoFFNLayer::router_backward(Tensor& dx, const Tensor& ds, double loss_scale) {
+  const int64_t T = x_.numel() / x_.dim(-1);
+  Tensor da = Tensor::zeros(r_.shape(), r_.dtype(), r_.device());
   if (reg_.kind == RegularizerSpec::Kind::entropy) ops::entropy_backward(da, r_, loss_scale * reg_.coef / T);
   if (reg_.kind == RegularizerSpec::Kind::l1) ops::l1_reg_backward(da, r_, reg_.target, loss_scale * reg_.coef);
-  Tensor dr = like(r_);
+  Tensor dr = Tensor::empty(r_.shape(), r_.dtype(), r_.device());
   ops::router_scale_backward(dr, (g_ && g_->trainable) ? &g_->grad : nullptr, ds, r_, scaling(), &da);
   ops::linear_backward(&dx, &w_router_.grad, dr, x_, w_router_.value, true);
-  return dx;
 }
 
 Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
   if (tp_) return backward_tp(dy, loss_scale);
-  const int64_t T = x_.numel() / x_.dim(-1);
   auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
   Tensor dx = like(x_), ds = like(s_);
   if (sparse_) {
@@ -234,13 +240,7 @@ Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
       ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, false);
     }
   }
-  // The regularizer's gradient enters at a = ReLU(r), next to the scaling's.
-  Tensor da = Tensor::zeros(r_.shape(), dy.dtype(), dy.device());
-  if (reg_.kind == RegularizerSpec::Kind::entropy) ops::entropy_backward(da, r_, loss_scale * reg_.coef / T);
-  if (reg_.kind == RegularizerSpec::Kind::l1) ops::l1_reg_backward(da, r_, reg_.target, loss_scale * reg_.coef);
-  Tensor dr = like(r_);
-  ops::router_scale_backward(dr, (g_ && g_->trainable) ? &g_->grad : nullptr, ds, r_, scaling(), &da);
-  ops::linear_backward(&dx, &w_router_.grad, dr, x_, w_router_.value, true);
+  router_backward(dx, ds, loss_scale);
   if (shared_) shared_->backward(dy, &dx);
   return dx;
 }

@@ -102,6 +102,7 @@ class DecoFFNLayer {
   void routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss);
   Tensor forward_tp(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
   Tensor backward_tp(const Tensor& dy, double loss_scale);
+  void router_backward(Tensor& dx, const Tensor& ds, double loss_scale);
   Communicator* tp_;
   int64_t experts_, width_;
   ops::NormSiluMode mode_;

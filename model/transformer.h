@@ -51,7 +51,7 @@ class Transformer {
                         const RegularizerSpec& reg, double loss_scale, bool with_grad);
   // Accumulates every parameter's gradient of the objective of the last forward.
   void backward(double loss_scale);
-  // Logits [T, V] of the last position... of every position (inference and tests).
+  // Logits [T, V] of every position (inference and tests).
   Tensor logits(const Tensor& tokens, const BatchShape& bs);
 
   // Model FLOPs per token for training (forward + backward), counting the routed experts at the

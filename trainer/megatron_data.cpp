@@ -11,7 +11,7 @@ namespace {
 
 class MegatronData final : public TrainingData {
  public:
-  MegatronData(const Config& cfg, int64_t consumed, int dp_rank, int dp_size) : cfg_(cfg) {
+  MegatronData(const Config& cfg, int64_t consumed, int dp_rank, int dp_size) {
     if (cfg.data.prefixes.empty())
       fail(cfg.where("data.prefixes"),
            " is empty: name a Megatron dataset prefix (PREFIX.bin + PREFIX.idx, made by `decotron preprocess`), "
@@ -55,7 +55,6 @@ class MegatronData final : public TrainingData {
   std::string describe() const override { return describe_; }
 
  private:
-  Config cfg_;
   std::unique_ptr<data::BatchLoader> train_, valid_;
   std::string describe_;
   int64_t next_valid_ = -1;
