@@ -27,11 +27,17 @@ CheckpointTensor capture_tensor(const Parameter& p, const Tensor& t) {
   return c;
 }
 
-// The whole tensor from this rank's shard of it (a gather over the tensor-parallel group).
-Tensor whole_tensor(const Parameter& p, const Tensor& t, Communicator* tp) {
+// The whole tensor from this rank's shard of it: experts are gathered over the expert-parallel
+// group (the blocks of this tensor-parallel slice, in rank order), then every split tensor over
+// the tensor-parallel group.
+Tensor whole_tensor(const Parameter& p, const Tensor& t, Communicator* tp, Communicator* ep) {
   if (p.shard_dim < 0) return t;
-  DT_ASSERT(tp && tp->size() > 1, p.name, " is split but no tensor-parallel group was given");
-  return tp_gather_shards(*tp, t.device() == Device::cpu ? t : t.to(Device::cpu), p.shard_dim);
+  Tensor host = t.device() == Device::cpu ? t : t.to(Device::cpu);
+  if (ep && ep->size() > 1 && is_expert_partition(p.partition)) host = tp_gather_shards(*ep, host, p.shard_dim);
+  if (tp && tp->size() > 1) host = tp_gather_shards(*tp, host, p.shard_dim);
+  DT_ASSERT(host.dim(p.shard_dim) == p.global_shape[p.shard_dim], p.name, " is split but the groups given do not "
+            "gather it whole");
+  return host;
 }
 
 // dst gets src, or this rank's shard of it when the parameter is split.
@@ -109,12 +115,14 @@ CheckpointData capture_checkpoint(Trainer& trainer) {
   CheckpointData d;
   AdamW& opt = trainer.optimizer();
   const std::vector<Parameter*>& params = opt.params();
-  // Under tensor parallelism every rank of the group must be here: split tensors are gathered.
+  // Under tensor and expert parallelism every rank of the groups must be here: split tensors are
+  // gathered.
   Communicator* tp = trainer.parallel().tp.get();
+  Communicator* ep = trainer.parallel().ep.get();
   for (size_t i = 0; i < params.size(); ++i) {
-    d.model.push_back(capture_tensor(*params[i], whole_tensor(*params[i], params[i]->value, tp)));
-    d.exp_avg.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg(i), tp)));
-    d.exp_avg_sq.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg_sq(i), tp)));
+    d.model.push_back(capture_tensor(*params[i], whole_tensor(*params[i], params[i]->value, tp, ep)));
+    d.exp_avg.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg(i), tp, ep)));
+    d.exp_avg_sq.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg_sq(i), tp, ep)));
   }
   d.optimizer_step = opt.step();
   d.state = trainer.state();

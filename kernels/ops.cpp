@@ -446,38 +446,84 @@ void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tenso
 #endif
 }
 
-void sparse_experts_forward(Tensor& out, SparseExperts& cache, const Tensor& x, const Tensor& r, const Tensor& s,
-                            const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
-                            NormSiluMode mode, double eps) {
-  const Device dev = out.device();
-  OpTimer timer("sparse_experts_forward", dev);
-  DT_ASSERT(!(x.device() != dev || r.device() != dev || s.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (w_up_gated && w_up_gated->device() != dev)), "sparse_experts_forward: tensors on different devices");
+void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs) {
+  const Device dev = r.device();
+  OpTimer timer("route_pairs", dev);
   if (dev == Device::cpu) {
-    cpu::sparse_experts_forward(out, cache, x, r, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    cpu::route_pairs(pairs, r, e_begin, e_end, all_pairs);
     return;
   }
 #ifdef DECOTRON_WITH_CUDA
-  cuda::sparse_experts_forward(out, cache, x, r, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+  cuda::route_pairs(pairs, r, e_begin, e_end, all_pairs);
 #else
-  fail("sparse_experts_forward: CUDA tensors in a build without CUDA");
+  fail("route_pairs: CUDA tensors in a build without CUDA");
 #endif
 }
 
-void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_up_gated, Tensor& dgamma,
-                             Tensor& dw_down, const Tensor& dout, const SparseExperts& cache, const Tensor& x,
-                             const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
+                             const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor& w_bar,
+                             const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps) {
-  const Device dev = dx.device();
-  OpTimer timer("sparse_experts_backward", dev);
-  DT_ASSERT(!(ds.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || dout.device() != dev || x.device() != dev || s.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "sparse_experts_backward: tensors on different devices");
+  const Device dev = outp.device();
+  OpTimer timer("grouped_experts_forward", dev);
+  DT_ASSERT(!(xp.device() != dev || sp.device() != dev || w_bar.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_forward: tensors on different devices");
   if (dev == Device::cpu) {
-    cpu::sparse_experts_backward(dx, ds, dw_pre, dw_up_gated, dgamma, dw_down, dout, cache, x, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    cpu::grouped_experts_forward(outp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
     return;
   }
 #ifdef DECOTRON_WITH_CUDA
-  cuda::sparse_experts_backward(dx, ds, dw_pre, dw_up_gated, dgamma, dw_down, dout, cache, x, s, w_pre, w_up_gated, gamma, w_down, mode, eps);
+  cuda::grouped_experts_forward(outp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
 #else
-  fail("sparse_experts_backward: CUDA tensors in a build without CUDA");
+  fail("grouped_experts_forward: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
+                              const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
+                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
+                              const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
+  const Device dev = dxp.device();
+  OpTimer timer("grouped_experts_backward", dev);
+  DT_ASSERT(!(dsp.device() != dev || gx.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || doutp.device() != dev || xp.device() != dev || sp.device() != dev || w_bar.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_backward: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::grouped_experts_backward(dxp, dsp, gx, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::grouped_experts_backward(dxp, dsp, gx, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
+#else
+  fail("grouped_experts_backward: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void sum_rows(Tensor& out, const Tensor& x) {
+  const Device dev = out.device();
+  OpTimer timer("sum_rows", dev);
+  DT_ASSERT(!(x.device() != dev), "sum_rows: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::sum_rows(out, x);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::sum_rows(out, x);
+#else
+  fail("sum_rows: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void add_rows_(Tensor& x, const Tensor& row, double alpha) {
+  const Device dev = x.device();
+  OpTimer timer("add_rows_", dev);
+  DT_ASSERT(!(row.device() != dev), "add_rows_: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::add_rows_(x, row, alpha);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::add_rows_(x, row, alpha);
+#else
+  fail("add_rows_: CUDA tensors in a build without CUDA");
 #endif
 }
 

@@ -5,6 +5,7 @@
 // parameters accumulate across micro-batches; activation gradients are overwritten).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -94,33 +95,55 @@ void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t e
 void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tensor& z, const Tensor& s,
                            int64_t experts);
 
-// ---- DECO routed experts on active (token, expert) pairs only ------------------------------------
-// The sparse path (deco-model.md, "Identities that make sparse computation exact"): the same
-// math as router_scale -> linear(W_up) -> normsilu -> expert_scale -> linear(W_down), but each
-// expert's GEMMs run on the tokens that activate it, NormSiLU's mean comes from
-// mean(u) = x . w_bar, and the inactive experts' rows of W_up get only the shared rank-one
-// gradient through the mean. "pre" is the matrix NormSiLU applies to: W_up, or W_gate when
-// experts are gated (then z = NormSiLU(W_gate x) * (W_up x)).
-struct SparseExperts {
-  Tensor offsets;  // i32 [E + 1]: expert e's pairs are [offsets[e], offsets[e+1])
-  Tensor tokens;   // i32 [P]: the token of each active pair, grouped by expert, tokens ascending
-  Tensor pre;      // [P, d] pre-activations of the active pairs
-  Tensor up;       // [P, d] W_up x of the active pairs (gated experts only)
-  Tensor rs;       // [P] 1/rms of each active block (1 where the mode has no RMS step)
-  Tensor y;        // [P, d] s_te * z of the active pairs (the input of W_down)
-  Tensor mu;       // [T] NormSiLU's mean per token (0 where the mode has no mean step)
-  Tensor w_bar;    // [h] mean of the rows of the pre matrix
+// ---- DECO routed experts on (token, expert) pairs ------------------------------------------------
+// The sparse expert path (deco-model.md, "Identities that make sparse computation exact") in
+// three steps, composed in model/expert_dispatch.cpp: route_pairs picks the active pairs, their
+// inputs are gathered (and under expert parallelism sent to the rank holding the expert), the
+// grouped experts run on them, and their outputs are scattered back to the tokens. The math is
+// that of router_scale -> linear(W_up) -> normsilu -> expert_scale -> linear(W_down), with
+// NormSiLU's mean over all E*d entries taken as mean(u) = x . w_bar, so that no inactive expert
+// is ever computed. "pre" is the matrix NormSiLU applies to: W_up, or W_gate when experts are
+// gated (then z = NormSiLU(W_gate x) * (W_up x)).
+
+// The pairs (t, e) of experts e in [e_begin, e_end) with r[t, e] > 0 (every pair when
+// all_pairs: the dense-masked math through the same path), grouped by expert, tokens ascending
+// within an expert. offsets (host): expert e_begin + i has pairs [offsets[i], offsets[i+1]).
+struct RoutedPairs {
+  std::vector<int64_t> offsets;
+  Tensor tokens;  // i32 [P]: the token of each pair
+  Tensor slots;   // i32 [P]: t * E + e, the pair's entry in [T, E] router matrices
 };
-// out = the routed experts' output [T, h] (overwritten); fills cache. r: router logits [T, E]
-// (active iff r > 0); s: the scaled scores [T, E]. w_up_gated: W_up when gated, else null.
-void sparse_experts_forward(Tensor& out, SparseExperts& cache, const Tensor& x, const Tensor& r, const Tensor& s,
-                            const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
-                            NormSiluMode mode, double eps);
-// dx +=, ds = (zero for inactive pairs), dw_pre +=, dw_up_gated +=, dgamma +=, dw_down +=
-void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_up_gated, Tensor& dgamma,
-                             Tensor& dw_down, const Tensor& dout, const SparseExperts& cache, const Tensor& x,
-                             const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs);
+
+// The experts on pairs already gathered and grouped by expert: rows [offsets[e], offsets[e+1])
+// of xp [P, h] go to local expert e, whose blocks are rows e*d.. of w_pre [E_l*d, h] (and of
+// w_up_gated) and columns e*d.. of w_down [h, E_l*d]. sp [P]: the pairs' scores s_te; w_bar [h]:
+// the mean row of the WHOLE pre matrix (all E experts, on every rank), so mu_p = x_p . w_bar.
+// outp [P, h] = W_down_e (s_p * z_p) (=).
+struct GroupedExperts {
+  Tensor mu;   // [P] NormSiLU's mean of each pair's token (0 where the mode has no mean step)
+  Tensor pre;  // [P, d] pre-activations
+  Tensor up;   // [P, d] W_up x (gated experts only)
+  Tensor rs;   // [P] 1/rms of each block (1 where the mode has no RMS step)
+  Tensor y;    // [P, d] s * z, the input of W_down
+};
+void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
+                             const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor& w_bar,
+                             const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
+// dxp [P, h] (=), including the mean's term -g_p w_bar, where g_p is the sum of the gradient
+// reaching the centred block (dc) of pair p; dsp [P] (=); gx [h] += sum_p g_p x_p, the rank-one
+// gradient every row of W_pre receives as -gx / (E d) once gx is summed over every rank that
+// holds experts (the caller's add_rows_); dw_pre, dw_up_gated, dgamma, dw_down +=.
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
+                              const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
+                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
+                              const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps);
+// out[c] = sum over rows of x[n, c] (=): the rows' sum, for w_bar.
+void sum_rows(Tensor& out, const Tensor& x);
+// x[i, :] += alpha * row for every row i of x [n, c] (the mean's rank-one gradient).
+void add_rows_(Tensor& x, const Tensor& row, double alpha);
 
 // ---- softmax cross-entropy ----------------------------------------------------------------------
 // Returns the sum over rows of -log softmax(logits)[target]; targets i32 [T], logits [T, V].

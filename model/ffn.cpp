@@ -46,8 +46,10 @@ ops::NormSiluMode normsilu_mode(const std::string& s) {
   return ops::NormSiluMode::silu;
 }
 
-DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp)
+DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp,
+                           Communicator* ep)
     : tp_(tp && tp->size() > 1 ? tp : nullptr),
+      ep_(ep && ep->size() > 1 ? ep : nullptr),
       experts_(cfg.experts),
       width_(cfg.expert_width),
       mode_(normsilu_mode(cfg.normsilu)),
@@ -79,30 +81,43 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
   if (cfg.shared_expert_width > 0)
     shared_ = std::make_unique<SwiGLULayer>(ps, name + ".shared", cfg.hidden, cfg.shared_expert_width, cfg.init_std,
                                             tp);
-  if (tp_ && gated_) fail("model.gated_experts is not supported with parallel.tensor > 1 yet");
+  // Tensor parallelism gives each rank a slice of whole experts; expert parallelism splits the
+  // slice over the expert-parallel ranks. Both run the pair path (the dense-masked math when
+  // expert_compute is dense: every pair of the slice is sent).
+  if (sparse_ || tp_ || ep_) {
+    const int tp_size = tp_ ? tp_->size() : 1, tp_rank = tp_ ? tp_->rank() : 0;
+    dispatcher_ = std::make_unique<ExpertDispatcher>(ep_, tp_rank * (experts_ / tp_size), experts_ / tp_size);
+  }
 }
 
-
 const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->value : unit_scale_; }
+const Tensor& DecoFFNLayer::pre_weight() const { return gated_ ? w_gate_->value : w_up_.value; }
+
+// A sum over every rank that holds experts of this layer: the expert-parallel group, then the
+// tensor-parallel one (each holds a different block of experts).
+void DecoFFNLayer::sum_over_expert_ranks(Tensor& t) {
+  if (ep_) tp_all_reduce(*ep_, t);
+  if (tp_) tp_all_reduce(*tp_, t);
+}
 
 Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss) {
-  if (tp_) return forward_tp(x, reg, stats, reg_loss);
   x_ = x;
   reg_ = reg;
   const int64_t T = x.numel() / x.dim(-1), n = experts_ * width_;
   auto make = [&](int64_t cols) { return Tensor::empty({T, cols}, x.dtype(), x.device()); };
-  // 1-3. Router in fp32 (the master dtype), ReLU routing, expert-wise scaling.
+  // 1-3. Router in fp32 (the master dtype), ReLU routing, expert-wise scaling. Replicated under
+  // tensor parallelism: every rank computes the whole r and s of its tokens.
   r_ = make(experts_);
   ops::linear_forward(r_, x, w_router_.value);
   s_ = make(experts_);
   ops::router_scale_forward(s_, r_, scaling());
-  Tensor out = make(x.dim(-1));
-  if (sparse_) {
-    // 4-6 on active pairs only (kernels/cpu/sparse_experts.cpp): the same math as below.
-    ops::sparse_experts_forward(out, pairs_, x, r_, s_, gated_ ? w_gate_->value : w_up_.value,
-                                gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+  Tensor out;
+  if (dispatcher_) {
+    out = experts_forward_pairs(x);
   } else {
-    // 4-5. Non-gated experts u = W_up x, then NormSiLU (or the gated ablation).
+    // 4-5. The dense-masked reference: every expert for every token, u = W_up x, NormSiLU (or
+    // the gated ablation), ...
+    out = make(x.dim(-1));
     u_ = make(n);
     ops::linear_forward(u_, x, w_up_.value);
     nstats_ = make(1 + experts_);
@@ -116,15 +131,59 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
     } else {
       ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
     }
-    // 6. Scale each expert's block by s_e and project down.
+    // 6. ... then each expert's block scaled by s_e (zero for inactive experts) and projected down.
     y_ = make(n);
     ops::expert_scale_forward(y_, z_, s_, experts_);
     ops::linear_forward(out, y_, w_down_.value);
   }
   // 7. The shared expert, always on.
-  if (shared_) ops::add_(out, shared_->forward(x));
+  if (shared_) ops::add_(out, shared_->forward(x, /*reduce_output=*/tp_ == nullptr));
+  if (tp_) tp_all_reduce(*tp_, out);  // one reduction for the routed and the shared experts' partial sums
   routing_stats(stats, reg, reg_loss);
+  stats.pairs_computed = dispatcher_ ? dispatcher_->pairs_received() : stats.active_pairs;
   return out;
+}
+
+// 4-6 on (token, expert) pairs (model/expert_dispatch.h, kernels/ops.h "grouped experts"):
+// only active pairs are gathered, sent to their expert's rank and computed.
+Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
+  const int64_t h = x.dim(-1);
+  // NormSiLU's mean over all E*d entries is x . w_bar, w_bar the mean row of the whole pre
+  // matrix: each rank sums its experts' rows, the ranks holding experts add theirs.
+  w_bar_ = Tensor::zeros({h}, x.dtype(), x.device());
+  if (mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms) {
+    ops::sum_rows(w_bar_, pre_weight());
+    sum_over_expert_ranks(w_bar_);
+    ops::scale_(w_bar_, 1.0 / static_cast<double>(experts_ * width_));
+  }
+  received_ = dispatcher_->dispatch(x, r_, s_, /*all_pairs=*/!sparse_);
+  Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
+  ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre_weight(),
+                               gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+  return dispatcher_->combine(outp);
+}
+
+void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& ds) {
+  const int64_t h = dy.dim(-1), P = received_.x.dim(0);
+  Tensor doutp = dispatcher_->dispatch_grad(dy);
+  Tensor dxp = Tensor::empty({P, h}, dy.dtype(), dy.device());
+  Tensor dsp = Tensor::empty({P}, dy.dtype(), dy.device());
+  Tensor gx = Tensor::zeros({h}, dy.dtype(), dy.device());
+  Tensor dgamma = Tensor::zeros(gamma_.grad.shape(), dy.dtype(), dy.device());
+  Parameter& pre = gated_ ? *w_gate_ : w_up_;
+  ops::grouped_experts_backward(dxp, dsp, gx, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad, doutp,
+                                grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre.value,
+                                gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+  // The mean's rank-one term reaches every row of W_pre, on every rank: gx summed over the
+  // tokens of every rank whose pairs these experts saw.
+  if (mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms) {
+    sum_over_expert_ranks(gx);
+    ops::add_rows_(pre.grad, gx, -1.0 / static_cast<double>(experts_ * width_));
+  }
+  // gamma is shared by all experts: tensor-parallel ranks saw the same tokens, different experts.
+  if (tp_) tp_all_reduce(*tp_, dgamma);
+  ops::add_(gamma_.grad, dgamma);
+  dispatcher_->combine_grad(dx, ds, dxp, dsp);
 }
 
 void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss) {
@@ -147,60 +206,6 @@ void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg
   }
 }
 
-// Tensor parallel: this rank holds experts [rank*E_l, (rank+1)*E_l) (rows of W_up, columns of
-// W_down). The router is replicated (every rank computes the whole r and s); u is gathered so
-// that NormSiLU's mean over all E*d entries is exact, then each rank keeps its experts' columns.
-Tensor DecoFFNLayer::forward_tp(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss) {
-  x_ = x;
-  reg_ = reg;
-  const int rank = tp_->rank(), size = tp_->size();
-  const int64_t T = x.numel() / x.dim(-1), n = experts_ * width_, E_l = experts_ / size;
-  auto make = [&](int64_t cols) { return Tensor::empty({T, cols}, x.dtype(), x.device()); };
-  r_ = make(experts_);
-  ops::linear_forward(r_, x, w_router_.value);
-  s_ = make(experts_);
-  ops::router_scale_forward(s_, r_, scaling());
-  Tensor u_local = make(E_l * width_);
-  ops::linear_forward(u_local, x, w_up_.value);
-  u_ = tp_gather_columns(*tp_, u_local);
-  nstats_ = make(1 + experts_);
-  z_ = make(n);
-  ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
-  z_local_ = tp_slice_columns(z_, rank, size);
-  s_local_ = tp_slice_columns(s_, rank, size);
-  y_ = make(E_l * width_);
-  ops::expert_scale_forward(y_, z_local_, s_local_, E_l);
-  Tensor out = make(x.dim(-1));
-  ops::linear_forward(out, y_, w_down_.value);
-  if (shared_) ops::add_(out, shared_->forward(x, /*reduce_output=*/false));
-  tp_all_reduce(*tp_, out);  // one reduction for the routed and the shared experts' partial sums
-  routing_stats(stats, reg, reg_loss);
-  return out;
-}
-
-Tensor DecoFFNLayer::backward_tp(const Tensor& dy, double loss_scale) {
-  const int rank = tp_->rank(), size = tp_->size();
-  const int64_t E_l = experts_ / size;
-  auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
-  Tensor dY = like(y_);
-  ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
-  Tensor dz_local = like(z_local_), ds_local = like(s_local_);
-  ops::expert_scale_backward(dz_local, ds_local, dY, z_local_, s_local_, E_l);
-  // NormSiLU couples every expert of a token (the mean): its backward runs on the whole row.
-  Tensor dz = tp_gather_columns(*tp_, dz_local);
-  Tensor du = like(u_);
-  ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.value, nstats_, experts_, mode_, eps_);
-  Tensor du_local = tp_slice_columns(du, rank, size);
-  Tensor dx = like(x_);
-  ops::linear_backward(&dx, &w_up_.grad, du_local, x_, w_up_.value, false);
-  if (shared_) shared_->backward(dy, &dx);
-  tp_all_reduce(*tp_, dx);  // column-parallel W_up and shared expert: partial sums
-  // The replicated router: every rank computes the same gradient from the whole ds.
-  Tensor ds = tp_gather_columns(*tp_, ds_local);
-  router_backward(dx, ds, loss_scale);
-  return dx;
-}
-
 // Steps 1-3 backward, shared by every expert path: the regularizer's gradient enters at
 // a = ReLU(r) next to the scaling's; dx += the router's input gradient.
 void DecoFFNLayer::router_backward(Tensor& dx, const Tensor& ds, double loss_scale) {
@@ -214,15 +219,10 @@ void DecoFFNLayer::router_backward(Tensor& dx, const Tensor& ds, double loss_sca
 }
 
 Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
-  if (tp_) return backward_tp(dy, loss_scale);
   auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
   Tensor dx = like(x_), ds = like(s_);
-  if (sparse_) {
-    dx.zero_();
-    ops::sparse_experts_backward(dx, ds, gated_ ? w_gate_->grad : w_up_.grad, gated_ ? &w_up_.grad : nullptr,
-                                 gamma_.grad, w_down_.grad, dy, pairs_, x_, s_,
-                                 gated_ ? w_gate_->value : w_up_.value, gated_ ? &w_up_.value : nullptr,
-                                 gamma_.value, w_down_.value, mode_, eps_);
+  if (dispatcher_) {
+    experts_backward_pairs(dy, dx, ds);
   } else {
     Tensor dY = like(y_);
     ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
@@ -240,8 +240,14 @@ Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
       ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, false);
     }
   }
-  router_backward(dx, ds, loss_scale);
   if (shared_) shared_->backward(dy, &dx);
+  if (tp_) {
+    // Partial sums of the column-parallel experts and shared expert; ds holds only this rank's
+    // experts' entries. The replicated router then computes the same gradient on every rank.
+    tp_all_reduce(*tp_, dx);
+    tp_all_reduce(*tp_, ds);
+  }
+  router_backward(dx, ds, loss_scale);
   return dx;
 }
 

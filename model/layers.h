@@ -5,14 +5,18 @@
 // Tensor parallelism (`tp`, null or a group of size one for none): the ParameterSet holds each
 // split parameter's local part; attention splits heads and SwiGLU its width (column-parallel in,
 // row-parallel out: the output is all-reduced in forward, the input gradient in backward);
-// DECO splits whole experts (NormSiLU's mean stays exact: it is taken over the gathered u) and
-// keeps the router replicated. Inputs and outputs of every layer are replicated.
+// DECO splits whole experts (NormSiLU's mean stays exact: mean(u) = x . w_bar, with w_bar summed
+// over the ranks holding experts) and keeps the router replicated. Expert parallelism (`ep`)
+// splits each rank's experts again and moves only active (token, expert) pairs between the
+// ranks of the expert-parallel group. Inputs and outputs of every layer are replicated.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "core/config.h"
 #include "kernels/ops.h"
+#include "model/expert_dispatch.h"
 #include "model/parameter.h"
 #include "parallel/communicator.h"
 
@@ -76,6 +80,7 @@ struct RoutingStats {
   std::vector<int64_t> active_per_expert;
   double entropy_sum = 0;     // sum over tokens of H_t (the regularized quantity)
   double l1_value = 0;        // the ReMoE L1 term (when that regularizer is selected)
+  int64_t pairs_computed = 0; // pairs this rank's experts computed (expert-parallel load)
 };
 
 // What the sparsity regularizer adds to the loss in this forward: coef * H_mean (entropy) or
@@ -91,7 +96,10 @@ ops::NormSiluMode normsilu_mode(const std::string& config_value);
 
 class DecoFFNLayer {
  public:
-  DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp = nullptr);
+  // tp: whole experts split over the tensor-parallel ranks; ep: this rank's experts split again
+  // over the expert-parallel group (null or size one: none).
+  DecoFFNLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp = nullptr,
+               Communicator* ep = nullptr);
   // Returns the FFN output; stats are filled; returns the regularization term through reg_loss.
   Tensor forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
   // loss_scale multiplies the regularizer's gradient (1 / micro-batches).
@@ -99,11 +107,14 @@ class DecoFFNLayer {
 
  private:
   const Tensor& scaling() const;
+  const Tensor& pre_weight() const;  // the matrix NormSiLU applies to: W_up, or W_gate when gated
+  void sum_over_expert_ranks(Tensor& t);
   void routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss);
-  Tensor forward_tp(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
-  Tensor backward_tp(const Tensor& dy, double loss_scale);
+  Tensor experts_forward_pairs(const Tensor& x);
+  void experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& ds);
   void router_backward(Tensor& dx, const Tensor& ds, double loss_scale);
   Communicator* tp_;
+  Communicator* ep_;
   int64_t experts_, width_;
   ops::NormSiluMode mode_;
   double eps_;
@@ -118,9 +129,14 @@ class DecoFFNLayer {
   Parameter& w_down_;
   std::unique_ptr<SwiGLULayer> shared_;
   RegularizerSpec reg_;
-  Tensor x_, r_, s_, u_, gate_pre_, gate_act_, z_, nstats_, y_;
-  ops::SparseExperts pairs_;  // the sparse path's cache
-  Tensor z_local_, s_local_;  // tensor parallel: this rank's experts' columns
+  Tensor x_, r_, s_;
+  // The dense-masked path's cache (single rank, expert_compute: dense).
+  Tensor u_, gate_pre_, gate_act_, z_, nstats_, y_;
+  // The pair path's (sparse, or any tensor/expert-parallel layout).
+  std::unique_ptr<ExpertDispatcher> dispatcher_;
+  ExpertDispatcher::Received received_;
+  ops::GroupedExperts grouped_;
+  Tensor w_bar_;
 };
 
 }  // namespace decotron

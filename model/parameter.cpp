@@ -18,6 +18,10 @@ const char* partition_name(Partition p) {
   return "?";
 }
 
+bool is_expert_partition(Partition p) {
+  return p == Partition::expert_rows || p == Partition::expert_cols || p == Partition::expert_entries;
+}
+
 Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partition partition, Init init,
                              double init_value, bool weight_decay, int64_t expert_block) {
   for (const auto& e : entries_) DT_ASSERT(e.p->name != name, "duplicate parameter ", name);
@@ -25,8 +29,11 @@ Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partit
   p->name = name;
   p->global_shape = shape;
   Shape local = shape;
-  if (tp_size_ > 1) {
-    Shard sh = shard_of(name, partition, shape, expert_block, tp_rank_, tp_size_);
+  const bool expert_split = partition == Partition::expert_rows || partition == Partition::expert_cols;
+  const int rank = expert_split ? tp_rank_ * ep_size_ + ep_rank_ : tp_rank_;
+  const int size = expert_split ? tp_size_ * ep_size_ : tp_size_;
+  if (size > 1) {
+    Shard sh = shard_of(name, partition, shape, expert_block, rank, size);
     if (sh.dim >= 0) local[sh.dim] = sh.count, p->shard_dim = sh.dim, p->shard_start = sh.start;
   }
   p->value = Tensor::zeros(local, dtype_, device_);

@@ -45,8 +45,10 @@ class ParameterSet {
  public:
   // tp_rank/tp_size: under tensor parallelism each split parameter (by its Partition) holds its
   // rank's part only (parallel/tensor_parallel.h); 1 = whole tensors.
-  ParameterSet(DType dtype, Device device, int tp_rank = 0, int tp_size = 1)
-      : dtype_(dtype), device_(device), tp_rank_(tp_rank), tp_size_(tp_size) {}
+  // ep_rank/ep_size: expert parallelism splits the expert partitions again, so that the ranks of
+  // the TP x EP grid hold consecutive blocks of whole experts (block tp_rank * ep_size + ep_rank).
+  ParameterSet(DType dtype, Device device, int tp_rank = 0, int tp_size = 1, int ep_rank = 0, int ep_size = 1)
+      : dtype_(dtype), device_(device), tp_rank_(tp_rank), tp_size_(tp_size), ep_rank_(ep_rank), ep_size_(ep_size) {}
   // `shape` is the whole tensor's; the layer reads the local shape from the returned value.
   Parameter& add(const std::string& name, const Shape& shape, Partition partition, Init init, double init_value,
                  bool weight_decay, int64_t expert_block = 0);
@@ -59,6 +61,7 @@ class ParameterSet {
   int64_t count() const;  // scalars in trainable parameters (whole tensors)
   int tp_rank() const { return tp_rank_; }
   int tp_size() const { return tp_size_; }
+  int ep_size() const { return ep_size_; }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
 
@@ -71,7 +74,10 @@ class ParameterSet {
   std::vector<Entry> entries_;
   DType dtype_;
   Device device_;
-  int tp_rank_ = 0, tp_size_ = 1;
+  int tp_rank_ = 0, tp_size_ = 1, ep_rank_ = 0, ep_size_ = 1;
 };
+
+// Whether a parameter holds per-expert blocks (split under expert parallelism).
+bool is_expert_partition(Partition p);
 
 }  // namespace decotron

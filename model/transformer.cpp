@@ -5,12 +5,12 @@
 namespace decotron {
 
 TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn,
-                                   Communicator* tp)
+                                   Communicator* tp, Communicator* ep)
     : norm1_(ps, cat("layers.", index, ".attn_norm"), cfg.hidden, cfg.norm_eps),
       norm2_(ps, cat("layers.", index, ".ffn_norm"), cfg.hidden, cfg.norm_eps),
       attn_(ps, cat("layers.", index, ".attn"), cfg, tp) {
   if (deco_ffn)
-    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg, tp);
+    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg, tp, ep);
   else
     dense_ = std::make_unique<SwiGLULayer>(ps, cat("layers.", index, ".ffn"), cfg.hidden, cfg.ffn_hidden, cfg.init_std,
                                            tp);
@@ -36,15 +36,17 @@ Tensor TransformerBlock::backward(const Tensor& dy, double loss_scale) {
   return dx;
 }
 
-Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp)
+Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp, Communicator* ep)
     : cfg_(cfg),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
-      params_(dtype, device, tp_ ? tp_->rank() : 0, tp_ ? tp_->size() : 1),
+      ep_(ep && ep->size() > 1 ? ep : nullptr),
+      params_(dtype, device, tp_ ? tp_->rank() : 0, tp_ ? tp_->size() : 1, ep_ ? ep_->rank() : 0,
+              ep_ ? ep_->size() : 1),
       embedding_(params_.add("embedding.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
                              cfg.init_std, true)) {
   for (int i = 0; i < cfg.layers; ++i) {
     bool deco = cfg.arch == "deco" && i >= cfg.dense_layers;
-    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco, tp_));
+    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco, tp_, ep_));
     if (deco) deco_ids_.push_back(i);
   }
   num_deco_ = static_cast<int>(deco_ids_.size());

@@ -11,7 +11,8 @@ namespace decotron {
 
 class TransformerBlock {
  public:
-  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn, Communicator* tp = nullptr);
+  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn, Communicator* tp = nullptr,
+                   Communicator* ep = nullptr);
   Tensor forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
                  double& reg_loss);
   Tensor backward(const Tensor& dy, double loss_scale);
@@ -35,8 +36,10 @@ class Transformer {
  public:
   // tp: the tensor-parallel group (null or size one: whole tensors, the single-rank code path).
   // Under tensor parallelism the embedding and the LM head are split by vocabulary range; the
-  // logits are gathered for the cross-entropy.
-  Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp = nullptr);
+  // logits are gathered for the cross-entropy. ep: the expert-parallel group, which splits each
+  // DECO layer's experts again (the data differs between its ranks).
+  Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp = nullptr,
+              Communicator* ep = nullptr);
 
   ParameterSet& params() { return params_; }
   const ModelConfig& config() const { return cfg_; }
@@ -66,6 +69,7 @@ class Transformer {
 
   ModelConfig cfg_;
   Communicator* tp_;
+  Communicator* ep_;
   ParameterSet params_;
   Parameter& embedding_;
   std::vector<std::unique_ptr<TransformerBlock>> blocks_;

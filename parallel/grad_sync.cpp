@@ -6,17 +6,22 @@
 namespace decotron {
 
 bool is_expert_parameter(const Parameter& p) {
-  return p.partition == Partition::expert_rows || p.partition == Partition::expert_cols ||
-         p.partition == Partition::expert_entries;
+  return p.partition == Partition::expert_rows || p.partition == Partition::expert_cols;
 }
 
 GradientSync::GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx, size_t bucket_bytes) {
   // Buckets keep parameter order (the order backward finishes them in reverse, which a future
   // overlap with the backward pass would use) and never mix groups or dtypes.
+  // Every rank's loss is the mean over its own samples, so the mean gradient is the sum over the
+  // data-parallel ranks / dp. Expert parameters have already summed the tokens of the whole
+  // expert-parallel group (the pairs came to them): they are summed over the expert-data-parallel
+  // group only, and divided by the same dp, so that their gradient does not depend on the
+  // expert-parallel size.
+  const double scale = 1.0 / ctx.layout.dp_size;
   for (Parameter* p : params) {
     if (!p->trainable) continue;
     std::shared_ptr<Communicator> group = is_expert_parameter(*p) ? ctx.edp : ctx.dp;
-    if (group->size() == 1) continue;
+    if (group->size() == 1 && ctx.layout.dp_size == 1) continue;
     DType dt = p->grad.dtype();
     DT_ASSERT(dt == DType::f32 || dt == DType::f64, "gradient of ", p->name, " is ", dtype_name(dt),
               "; data-parallel averaging handles fp32 and fp64 gradients");
@@ -28,7 +33,7 @@ GradientSync::GradientSync(const std::vector<Parameter*>& params, const Parallel
         break;
       }
     if (!b || (b->numel > 0 && (b->numel * dtype_size(dt) + bytes) > bucket_bytes)) {
-      buckets_.push_back(Bucket{group, dt, {}, 0, {}});
+      buckets_.push_back(Bucket{group, dt, scale, {}, 0, {}});
       b = &buckets_.back();
     }
     b->params.push_back(p);
@@ -45,8 +50,9 @@ void GradientSync::all_reduce_mean() {
       b.buffer.rows(off, n).copy_from(p->grad.view({n}));
       off += n;
     }
-    b.group->all_reduce(b.buffer.raw(), b.numel, b.dtype == DType::f32 ? CommType::f32 : CommType::f64);
-    ops::scale_(b.buffer, 1.0 / b.group->size());
+    if (b.group->size() > 1)
+      b.group->all_reduce(b.buffer.raw(), b.numel, b.dtype == DType::f32 ? CommType::f32 : CommType::f64);
+    ops::scale_(b.buffer, b.scale);
     off = 0;
     for (Parameter* p : b.params) {
       const int64_t n = p->grad.numel();

@@ -1,6 +1,6 @@
 // Data-parallel gradient averaging. After a step's micro-batches every rank holds the gradient
 // of its own samples; all_reduce_mean() replaces it by the mean over the data-parallel ranks
-// (expert parameters over the expert-data-parallel group), so that every rank takes the same
+// (expert parameters: the sum over the expert-data-parallel group / dp), so that every rank takes the same
 // optimizer step. Gradients are packed into buckets of about `bucket_bytes` (Megatron's 25 MB
 // default) on the communicator's device, each bucket all-reduced in one call, scaled by 1/N and
 // unpacked. A group of size one does nothing (the gradients are already the mean).
@@ -26,6 +26,7 @@ class GradientSync {
   struct Bucket {
     std::shared_ptr<Communicator> group;
     DType dtype;
+    double scale;  // applied after the sum: 1 / data-parallel size
     std::vector<Parameter*> params;
     int64_t numel = 0;
     Tensor buffer;  // on group->device(), allocated on first use
@@ -33,7 +34,7 @@ class GradientSync {
   std::vector<Bucket> buckets_;
 };
 
-// Whether a parameter's gradient is averaged over the expert-data-parallel group (its values
+// Whether a parameter's gradient is summed over the expert-data-parallel group (its values
 // differ between expert-parallel ranks) rather than the data-parallel group.
 bool is_expert_parameter(const Parameter& p);
 

@@ -133,7 +133,8 @@ std::string tiny_config(const std::string& dir, int64_t iters, int64_t global_ba
                          "        parameter_parity: false, expert_compute: dense}\n"
                          "train: {iters: " << iters << ", micro_batch: 2, global_batch: " << global_batch
                       << ", warmup_iters: 2, decay_iters: 5, lr_schedule: " << lr_schedule << ",\n"
-                         "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4}\n"
+                         "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4,\n"
+                         "        adam_eps: 1.0e-6}\n"
                          "parallel: {timeout_s: " << timeout_s << "}\n"
                          "log: {interval: 1}\n";
   return path;

@@ -14,9 +14,17 @@ AdamW::AdamW(ParameterSet& params, const TrainConfig& cfg) : params_(params.all(
 }
 
 double AdamW::grad_norm() const {
-  double s = 0, split = 0;  // whole on this rank; split over the tensor-parallel ranks
-  for (Parameter* p : params_)
-    if (p->trainable) (p->shard_dim >= 0 ? split : s) += ops::sum_squares(p->grad);
+  // Whole on this rank; split over the tensor-parallel ranks; experts split over the
+  // expert-parallel ranks and then the tensor-parallel ones.
+  double s = 0, split = 0, experts = 0;
+  for (Parameter* p : params_) {
+    if (!p->trainable) continue;
+    const double ss = ops::sum_squares(p->grad);
+    if (p->shard_dim < 0) s += ss;
+    else if (ep_ && is_expert_partition(p->partition)) experts += ss;
+    else split += ss;
+  }
+  if (ep_) split += ep_->sum(experts);
   if (tp_) split = tp_->sum(split);
   return std::sqrt(s + split);
 }

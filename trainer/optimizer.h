@@ -15,6 +15,7 @@ class AdamW {
   AdamW(ParameterSet& params, const TrainConfig& cfg);
   // Tensor parallelism: the split parameters' squares are summed over this group in grad_norm().
   void set_tensor_parallel(Communicator* tp) { tp_ = tp && tp->size() > 1 ? tp : nullptr; }
+  void set_expert_parallel(Communicator* ep) { ep_ = ep && ep->size() > 1 ? ep : nullptr; }
   // sqrt(sum of squares of every trainable gradient), of the whole tensors
   double grad_norm() const;
   bool grads_finite() const;
@@ -33,6 +34,7 @@ class AdamW {
   TrainConfig cfg_;
   int64_t step_ = 0;
   Communicator* tp_ = nullptr;
+  Communicator* ep_ = nullptr;
 };
 
 }  // namespace decotron

@@ -1,5 +1,6 @@
 #include "trainer/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -60,9 +61,12 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
          "); set train.device: cpu");
   // The model computes in the master dtype here; bf16 compute is the GPU path's business.
   const ParallelLayout& lay = par_->layout;
-  if (lay.ep_size > 1)
-    fail(cfg.where("parallel.expert"), ": expert parallelism is not implemented in the layers yet "
-         "(docs/parallelism.md); use data and tensor parallelism (parallel.expert: 1)");
+  if (lay.ep_size > 1 && cfg.model.arch == "deco" && cfg.model.experts % (lay.tp_size * lay.ep_size) != 0)
+    fail(cfg.where("parallel.expert"), " = ", lay.ep_size, ": model.experts = ", cfg.model.experts,
+         " does not split over parallel.tensor x parallel.expert = ", lay.tp_size * lay.ep_size,
+         " ranks by whole experts; pick sizes whose product divides the experts");
+  if (lay.ep_size > 1 && cfg.train.device != "cpu")
+    fail(cfg.where("parallel.expert"), ": expert parallelism runs on the CPU so far (docs/parallelism.md)");
   if (lay.tp_size > 1 && cfg.train.device != "cpu")
     fail(cfg.where("parallel.tensor"), ": tensor parallelism runs on the CPU so far (docs/parallelism.md)");
   if (cfg.parallel.sequence)
@@ -70,13 +74,15 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
   if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
     fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
-  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get());
+  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get(),
+                                         par_->ep.get());
   if (cfg.train.dtype != "fp32" && par_->is_main())
     std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
                  "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());
   model_->params().initialize(cfg.train.seed);  // the same weights on every rank (keyed by seed and name)
   optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train);
   optimizer_->set_tensor_parallel(par_->tp.get());
+  optimizer_->set_expert_parallel(par_->ep.get());
   grad_sync_ = std::make_unique<GradientSync>(model_->params().all(), *par_);
   last_active_.assign(model_->num_deco_layers(), std::vector<int64_t>(cfg.model.experts, 0));
   warned_.assign(model_->num_deco_layers(), std::vector<bool>(cfg.model.experts, false));
@@ -112,7 +118,7 @@ StepResult Trainer::train_step() {
 
   model_->params().zero_grad();
   double lm_sum = 0, reg_sum = 0, entropy_sum = 0;
-  int64_t tokens = 0, no_expert = 0;
+  int64_t tokens = 0, no_expert = 0, pairs_computed = 0;
   std::vector<int64_t> layer_active(D, 0);
   std::vector<std::vector<int64_t>> per_expert(D, std::vector<int64_t>(cfg_.model.experts, 0));
   for (int64_t m = 0; m < n_micro; ++m) {
@@ -128,6 +134,7 @@ StepResult Trainer::train_step() {
     for (int l = 0; l < D; ++l) {
       layer_active[l] += f.routing[l].active_pairs;
       no_expert += f.routing[l].tokens_without_expert;
+      pairs_computed += f.routing[l].pairs_computed;
       entropy_sum += f.routing[l].entropy_sum;
       for (int64_t e = 0; e < cfg_.model.experts; ++e) per_expert[l][e] += f.routing[l].active_per_expert[e];
     }
@@ -159,6 +166,17 @@ StepResult Trainer::train_step() {
     for (int l = 0; l < D; ++l) res.act_ratio_per_layer.push_back(layer_active[l] / pairs_per_layer);
     res.no_expert_frac = static_cast<double>(no_expert) / (static_cast<double>(tokens) * D);
     res.entropy = entropy_sum / (static_cast<double>(tokens) * D);
+    for (const auto& pe : per_expert) {
+      const double mean = std::accumulate(pe.begin(), pe.end(), 0.0) / pe.size();
+      if (mean > 0)
+        res.expert_load_max_over_mean =
+            std::max(res.expert_load_max_over_mean, *std::max_element(pe.begin(), pe.end()) / mean);
+    }
+    // Every rank's experts' pairs (tensor- and expert-parallel ranks hold different experts).
+    std::vector<int64_t> per_rank(par_->world->size());
+    par_->world->all_gather(&pairs_computed, per_rank.data(), 1, CommType::i64);
+    const double mean = std::accumulate(per_rank.begin(), per_rank.end(), 0.0) / per_rank.size();
+    if (mean > 0) res.rank_load_max_over_mean = *std::max_element(per_rank.begin(), per_rank.end()) / mean;
   }
 
   // Skip rule: a non-finite loss or gradient, or an outlier gradient norm, makes no update and
@@ -251,12 +269,13 @@ void Trainer::write_metrics(const std::string& line) {
 void Trainer::log_interval(const StepResult& last, double seconds) {
   if (!par_->is_main()) return;  // every rank holds the same numbers: one prints and writes them
   // Averages over the interval's steps; lr, lambda and grad norm are the last step's.
-  double lm = 0, reg = 0, act = 0, noexp = 0, ent = 0;
+  double lm = 0, reg = 0, act = 0, noexp = 0, ent = 0, eload = 0, rload = 0;
   int64_t tokens = 0, skipped = 0;
   std::vector<double> per_layer(last.act_ratio_per_layer.size(), 0.0);
   for (const StepResult& r : interval_) {
     lm += r.lm_loss, reg += r.reg_loss, act += r.act_ratio, noexp += r.no_expert_frac, ent += r.entropy;
     tokens += r.tokens, skipped += r.skipped;
+    eload = std::max(eload, r.expert_load_max_over_mean), rload = std::max(rload, r.rank_load_max_over_mean);
     for (size_t l = 0; l < per_layer.size(); ++l) per_layer[l] += r.act_ratio_per_layer[l];
   }
   const double n = interval_.size();
@@ -284,6 +303,10 @@ void Trainer::log_interval(const StepResult& last, double seconds) {
   j["act_ratio_per_layer"] = per_layer;
   j["no_expert_frac"] = noexp;
   j["entropy"] = ent;
+  if (deco) {
+    j["expert_load_max_over_mean"] = eload;
+    j["rank_load_max_over_mean"] = rload;
+  }
   j["reg_coef"] = controller_.lambda();
   j["lr"] = last.lr;
   j["grad_norm"] = last.grad_norm;

@@ -33,6 +33,10 @@ struct StepResult {
   double lm_loss = 0, reg_loss = 0, entropy = 0;
   double act_ratio = 0, no_expert_frac = 0;
   std::vector<double> act_ratio_per_layer;
+  // Load balance of the step: the largest per-expert pair count over the mean (worst DECO
+  // layer, global batch), and the largest number of pairs one rank's experts computed over the
+  // mean over the ranks (what expert parallelism waits for).
+  double expert_load_max_over_mean = 0, rank_load_max_over_mean = 0;
   double grad_norm = 0, lr = 0, reg_coef = 0;
   bool skipped = false;
   std::string skip_reason;

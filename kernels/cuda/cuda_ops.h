@@ -7,8 +7,9 @@
 namespace decotron::cuda {
 using ops::AdamWStep;
 using ops::AttnShape;
+using ops::GroupedExperts;
 using ops::NormSiluMode;
-using ops::SparseExperts;
+using ops::RoutedPairs;
 
 void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, bool accumulate);
 void linear_backward(Tensor* dx, Tensor* dw, const Tensor& dy, const Tensor& x, const Tensor& w,
@@ -49,13 +50,18 @@ void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef);
 void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t experts);
 void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tensor& z, const Tensor& s,
                            int64_t experts);
-void sparse_experts_forward(Tensor& out, SparseExperts& cache, const Tensor& x, const Tensor& r, const Tensor& s,
-                            const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
-                            NormSiluMode mode, double eps);
-void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_up_gated, Tensor& dgamma,
-                             Tensor& dw_down, const Tensor& dout, const SparseExperts& cache, const Tensor& x,
-                             const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs);
+void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
+                             const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor& w_bar,
+                             const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
+                              const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
+                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
+                              const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps);
+void sum_rows(Tensor& out, const Tensor& x);
+void add_rows_(Tensor& x, const Tensor& row, double alpha);
 double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale);
 void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStep& s, double grad_scale);
 double sum_squares(const Tensor& x);

@@ -412,19 +412,3 @@ void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tenso
 }
 
 }  // namespace decotron::cuda
-
-namespace decotron::cuda {
-
-// The sparse routed-expert path has no CUDA kernel yet (issue 5: gather active pairs per
-// expert, grouped GEMMs, scatter back). Refuse loudly rather than fall back silently.
-void sparse_experts_forward(Tensor&, SparseExperts&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                            const Tensor*, const Tensor&, const Tensor&, NormSiluMode, double) {
-  fail("the sparse expert path has no CUDA kernel yet: set model.expert_compute: dense for GPU runs");
-}
-void sparse_experts_backward(Tensor&, Tensor&, Tensor&, Tensor*, Tensor&, Tensor&, const Tensor&,
-                             const SparseExperts&, const Tensor&, const Tensor&, const Tensor&, const Tensor*,
-                             const Tensor&, const Tensor&, NormSiluMode, double) {
-  fail("the sparse expert path has no CUDA kernel yet: set model.expert_compute: dense for GPU runs");
-}
-
-}  // namespace decotron::cuda

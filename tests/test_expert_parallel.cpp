@@ -1,0 +1,265 @@
+// Expert parallelism: the routed experts split over the expert-parallel ranks (carved out of the
+// data-parallel ones), only active (token, expert) pairs sent. Checked against one rank: the
+// gradients of every parameter in fp64 on four ranks in several layouts (EpWorker, run under
+// mpirun by ExpertParallel.GradientsEqualOneRankInFp64), and 20 training steps through the CLI
+// in fp32, then checkpoints written at EP4 resumed at EP1 and EP2.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint/manager.h"
+#include "core/rng.h"
+#include "model/transformer.h"
+#include "mpi_test_util.h"
+#include "parallel/grad_sync.h"
+#include "parallel/process_groups.h"
+#include "parallel/tensor_parallel.h"
+
+namespace fs = std::filesystem;
+using namespace decotron;
+using namespace decotron::testing;
+
+namespace {
+
+// The whole tensor of a parameter from every rank's shard: experts over the expert-parallel
+// group, then everything split over the tensor-parallel group.
+Tensor whole(const ParallelContext& ctx, const Parameter& p, const Tensor& t) {
+  if (p.shard_dim < 0) return t;
+  Tensor h = t;
+  if (is_expert_partition(p.partition) && ctx.ep->size() > 1) h = tp_gather_shards(*ctx.ep, h, p.shard_dim);
+  if (ctx.tp->size() > 1) h = tp_gather_shards(*ctx.tp, h, p.shard_dim);
+  return h;
+}
+
+void random_tokens(Tensor& t, uint64_t key, int64_t vocab) {
+  for (int64_t i = 0; i < t.numel(); ++i)
+    t.data<int32_t>()[i] = static_cast<int32_t>(rng::random4(key, 1, i).v[0] % vocab);
+}
+
+}  // namespace
+
+// Under mpirun -np 4. Each data-parallel rank trains on its own micro-batch; the reference is
+// one rank that runs all of them as micro-batches (loss scale 1/dp), i.e. the same mean loss.
+TEST(EpWorker, LayoutsEqualOneRankInFp64) {
+  if (!std::getenv("DECOTRON_EP_WORKER")) GTEST_SKIP() << "runs under mpirun (ExpertParallel.GradientsEqualOneRankInFp64)";
+  struct Case {
+    int tensor, expert;
+    const char* compute;
+  };
+  for (Case c : {Case{1, 4, "sparse"}, Case{1, 4, "dense"}, Case{1, 2, "sparse"}, Case{2, 2, "sparse"},
+                 Case{2, 2, "dense"}, Case{2, 1, "sparse"}, Case{1, 1, "sparse"}}) {
+    SCOPED_TRACE(cat("tensor ", c.tensor, " expert ", c.expert, " ", c.compute));
+    ParallelConfig pc;
+    pc.tensor = c.tensor, pc.expert = c.expert;
+    auto ctx = make_parallel_context(pc, Device::cpu);
+    const int dp = ctx->layout.dp_size;
+    ModelConfig m;
+    m.vocab_size = 64, m.seq_len = 8, m.hidden = 32, m.layers = 3, m.heads = 4, m.ffn_hidden = 64, m.experts = 8;
+    m.expert_width = 8, m.shared_expert_width = 16, m.dense_layers = 1, m.parameter_parity = false;
+    m.init_std = 0.2;  // large enough that routers activate a mix of experts
+    m.expert_compute = c.compute;
+    Transformer one(m, DType::f64, Device::cpu), par(m, DType::f64, Device::cpu, ctx->tp.get(), ctx->ep.get());
+    one.params().initialize(11);
+    par.params().initialize(11);
+    const BatchShape bs{2, m.seq_len};
+    RegularizerSpec reg;
+    reg.kind = RegularizerSpec::Kind::entropy, reg.coef = 0.05;
+    auto batch = [&](int d, Tensor& tok, Tensor& tgt) {
+      tok = Tensor::empty({bs.tokens()}, DType::i32), tgt = Tensor::empty({bs.tokens()}, DType::i32);
+      random_tokens(tok, 100 + d, m.vocab_size);
+      random_tokens(tgt, 200 + d, m.vocab_size);
+    };
+    double ref_loss = 0;
+    int64_t ref_active = 0;
+    one.params().zero_grad();
+    for (int d = 0; d < dp; ++d) {
+      Tensor tok, tgt;
+      batch(d, tok, tgt);
+      ForwardResult f = one.forward(tok, tgt, bs, reg, 1.0 / dp, true);
+      one.backward(1.0 / dp);
+      ref_loss += f.lm_loss_sum;
+      for (const auto& r : f.routing) ref_active += r.active_pairs;
+    }
+    Tensor tok, tgt;
+    batch(ctx->layout.dp_rank, tok, tgt);
+    par.params().zero_grad();
+    ForwardResult f = par.forward(tok, tgt, bs, reg, 1.0, true);
+    par.backward(1.0);
+    GradientSync(par.params().all(), *ctx).all_reduce_mean();
+    std::vector<double> sums = {f.lm_loss_sum};
+    std::vector<int64_t> counts = {0, 0};
+    for (const auto& r : f.routing) counts[0] += r.active_pairs, counts[1] += r.pairs_computed;
+    ctx->dp->sum_in_place(sums);
+    ctx->dp->sum_in_place(counts);
+    EXPECT_NEAR(sums[0], ref_loss, 1e-10 * std::fabs(ref_loss));
+    EXPECT_EQ(counts[0], ref_active);
+    EXPECT_GT(ref_active, 0);
+    EXPECT_LT(ref_active, int64_t(dp) * bs.tokens() * m.experts * 2);
+    // Pairs computed by the experts: the active ones (sparse), or all of them (dense), each once
+    // over the tensor x expert grid of every expert-data-parallel replica.
+    int64_t computed = ctx->tp->sum(counts[1]);
+    if (std::string(c.compute) == "sparse") EXPECT_EQ(computed, ref_active);
+    else EXPECT_EQ(computed, int64_t(dp) * bs.tokens() * m.experts * 2);
+    auto ps1 = one.params().all(), ps2 = par.params().all();
+    ASSERT_EQ(ps1.size(), ps2.size());
+    for (size_t i = 0; i < ps1.size(); ++i) {
+      ASSERT_EQ(ps1[i]->name, ps2[i]->name);
+      Tensor v = whole(*ctx, *ps2[i], ps2[i]->value), g = whole(*ctx, *ps2[i], ps2[i]->grad);
+      ASSERT_EQ(v.shape(), ps1[i]->value.shape()) << ps1[i]->name;
+      double scale = 0, err = 0, verr = 0;
+      for (int64_t k = 0; k < v.numel(); ++k) {
+        scale = std::max(scale, std::fabs(ps1[i]->grad.data<double>()[k]));
+        err = std::max(err, std::fabs(ps1[i]->grad.data<double>()[k] - g.data<double>()[k]));
+        verr = std::max(verr, std::fabs(ps1[i]->value.data<double>()[k] - v.data<double>()[k]));
+      }
+      EXPECT_EQ(verr, 0.0) << ps1[i]->name << ": the same initial weights";
+      EXPECT_GT(scale, 0.0) << ps1[i]->name;
+      // No factor of the expert-parallel size: expert gradients equal the one-rank ones.
+      EXPECT_LE(err, 1e-10 * scale) << ps1[i]->name << " (" << partition_name(ps1[i]->partition) << ")";
+    }
+  }
+}
+
+TEST(ExpertParallel, GradientsEqualOneRankInFp64) {
+  if (std::getenv("DECOTRON_EP_WORKER")) GTEST_SKIP() << "inside the worker";
+  const std::string dir = fresh_test_dir("ep_worker");
+  char self[4096] = {0};
+  ASSERT_GT(readlink("/proc/self/exe", self, sizeof self - 1), 0);
+  int rc = run_command(std::string("DECOTRON_EP_WORKER=1 ") + kMpirun + " -x DECOTRON_EP_WORKER -np 4 " + self +
+                           " --gtest_color=no --gtest_filter=EpWorker.*",
+                       dir + "/log", 120);
+  const std::string log = read_text(dir + "/log");
+  EXPECT_EQ(rc, 0) << log;
+  size_t passed = 0;
+  for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
+    ++passed;
+  EXPECT_EQ(passed, 4u) << log;
+  EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
+}
+
+namespace {
+
+std::string ep_config(const std::string& dir, const std::string& compute) {
+  std::string path = dir + "/tiny-" + compute + ".yaml";
+  // Adam's eps at 1e-6: with 1e-8, a parameter whose gradient is ~0 turns fp32 rounding
+  // differences between layouts into steps of size lr, and a router logit then crosses 0.
+  std::ofstream(path) << "model: {arch: deco, vocab_size: 64, seq_len: 16, hidden: 32, layers: 2, heads: 2,\n"
+                         "        ffn_hidden: 64, experts: 8, expert_width: 8, shared_expert_width: 16,\n"
+                         "        parameter_parity: false, expert_compute: " << compute << "}\n"
+                         "train: {iters: 20, micro_batch: 2, global_batch: 8, warmup_iters: 2, decay_iters: 5,\n"
+                         "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4,\n"
+                         "        adam_eps: 1.0e-6}\n"
+                         "checkpoint: {interval: 10}\n"
+                         "parallel: {timeout_s: 60}\n"
+                         "log: {interval: 1}\n";
+  return path;
+}
+
+std::string train(const std::string& cfg, const std::string& run_dir, int np, int tensor, int expert,
+                  const std::string& extra = "") {
+  std::string cmd = std::string(DECOTRON_BINARY) + " train --config " + cfg + " --synthetic-data --run-dir " + run_dir +
+                    " --set parallel.tensor=" + std::to_string(tensor) + " --set parallel.expert=" +
+                    std::to_string(expert) + extra;
+  if (np > 1) cmd = std::string(kMpirun) + " -np " + std::to_string(np) + " " + cmd;
+  const std::string log = run_dir + ".log";
+  int rc = run_command(cmd, log);
+  return rc == 0 ? std::string() : cat("exit ", rc, ": ", read_text(log));
+}
+
+void expect_close(double a, double b, double rel, const std::string& what) {
+  EXPECT_LE(std::fabs(a - b), rel * std::max(std::fabs(a), std::fabs(b)) + 1e-12) << what << ": " << a << " vs " << b;
+}
+
+// The losses of every record within 1e-5 relative. ReLU routing makes the rest discontinuous:
+// a router logit within fp32 rounding of 0 is active in one layout and not in another (the
+// layouts sum in different orders), which moves the activation ratio by one pair and the
+// entropy regularizer's gradient by a finite step; so the routing statistics, the gradient norm
+// and (in the checkpoints) the weights are held to looser bounds here, and the exact equality of
+// every gradient is checked in fp64 (EpWorker above).
+void expect_same_records(const std::string& got_dir, const std::string& ref_dir, const std::string& what) {
+  const auto got = metrics_records(got_dir + "/metrics.jsonl"), ref = metrics_records(ref_dir + "/metrics.jsonl");
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const std::string at = what + " record " + std::to_string(i);
+    if (ref[i].contains("val_loss")) {
+      expect_close(got[i]["val_loss"], ref[i]["val_loss"], 1e-5, at + " val_loss");
+      continue;
+    }
+    EXPECT_EQ(got[i]["iter"], ref[i]["iter"]) << at;
+    expect_close(got[i]["lm_loss"], ref[i]["lm_loss"], 1e-5, at + " lm_loss");
+    for (const char* key : {"reg_loss", "entropy", "grad_norm", "reg_coef"})
+      expect_close(got[i][key], ref[i][key], 1e-3, at + " " + key);
+    // At most two of the step's 8 x 64 x 2 (token, expert) pairs flipped.
+    EXPECT_LE(std::fabs(got[i]["act_ratio"].get<double>() - ref[i]["act_ratio"].get<double>()), 2.0 / 1024 + 1e-12)
+        << at;
+    EXPECT_GE(got[i]["expert_load_max_over_mean"].get<double>(), 1.0) << at;
+    EXPECT_GE(got[i]["rank_load_max_over_mean"].get<double>(), 1.0) << at;
+  }
+}
+
+// Every tensor of the newest checkpoints (whole tensors by name) within rel of each other (L2).
+void expect_same_checkpoints(const std::string& got_dir, const std::string& ref_dir, double rel,
+                             const std::string& what) {
+  const auto a = CheckpointManager::read_newest_good(got_dir + "/checkpoints");
+  const auto b = CheckpointManager::read_newest_good(ref_dir + "/checkpoints");
+  EXPECT_EQ(a.data.state.iteration, b.data.state.iteration) << what;
+  ASSERT_EQ(a.data.model.size(), b.data.model.size()) << what;
+  for (size_t i = 0; i < a.data.model.size(); ++i) {
+    const auto &x = a.data.model[i], &y = b.data.model[i];
+    ASSERT_EQ(x.name, y.name);
+    ASSERT_EQ(x.shape, y.shape) << what << " " << x.name << ": checkpoints hold whole tensors";
+    double diff = 0, norm = 0;  // relative L2 distance (a flipped routing moves a few entries by ~lr)
+    for (size_t k = 0; k < x.data.size(); ++k)
+      diff += (double(x.data[k]) - y.data[k]) * (double(x.data[k]) - y.data[k]), norm += double(y.data[k]) * y.data[k];
+    EXPECT_LE(std::sqrt(diff), rel * std::sqrt(norm)) << what << " " << x.name;
+  }
+}
+
+}  // namespace
+
+// 20 fp32 steps of a tiny DECO at EP2, EP4 and TP2 x EP2 follow the one-rank run, for the
+// sparse path (only active pairs sent) and the dense-masked reference (every pair sent).
+TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
+  const std::string dir = fresh_test_dir("ep_layouts");
+  for (const std::string compute : {"sparse", "dense"}) {
+    const std::string cfg = ep_config(dir, compute), one = dir + "/one-" + compute;
+    ASSERT_EQ(train(cfg, one, 1, 1, 1), "");
+    struct Layout {
+      const char* name;
+      int np, tensor, expert;
+    };
+    for (Layout l : {Layout{"ep2", 2, 1, 2}, Layout{"ep4", 4, 1, 4}, Layout{"tp2ep2", 4, 2, 2}}) {
+      if (compute == "dense" && std::string(l.name) == "ep4") continue;  // the sparse run covers EP4
+      const std::string run_dir = dir + "/" + l.name + "-" + compute;
+      ASSERT_EQ(train(cfg, run_dir, l.np, l.tensor, l.expert), "");
+      const std::string log = read_text(run_dir + ".log");
+      EXPECT_NE(log.find(cat("expert ", l.expert, " within data")), std::string::npos) << log;
+      expect_same_records(run_dir, one, cat(l.name, " ", compute));
+      expect_same_checkpoints(run_dir, one, 1e-3, cat(l.name, " ", compute));
+    }
+  }
+  // A checkpoint written at EP4 resumes at EP1 and at EP2: 5 more steps follow the EP4 run's own
+  // 5 more steps (the same state at step 20, so only rounding differs).
+  const std::string cfg = ep_config(dir, "sparse"), more = " --set train.iters=25", ep4 = dir + "/ep4-sparse";
+  for (int expert : {1, 2}) fs::copy(ep4, dir + "/from-ep4-to-ep" + std::to_string(expert), fs::copy_options::recursive);
+  ASSERT_EQ(train(cfg, ep4, 4, 1, 4, more), "");
+  for (int expert : {1, 2}) {
+    const std::string run_dir = dir + "/from-ep4-to-ep" + std::to_string(expert);
+    ASSERT_EQ(train(cfg, run_dir, expert, 1, expert, more), "");
+    EXPECT_NE(read_text(run_dir + ".log").find("resumed from"), std::string::npos);
+    expect_same_records(run_dir, ep4, cat("EP4 -> EP", expert));
+    expect_same_checkpoints(run_dir, ep4, 1e-5, cat("EP4 -> EP", expert));
+  }
+}
+
+TEST(ExpertParallel, ExpertsThatDoNotSplitAreAClearError) {
+  const std::string dir = fresh_test_dir("ep_errors");
+  const std::string cfg = ep_config(dir, "sparse");
+  // 8 experts over 3 expert-parallel ranks.
+  std::string err = train(cfg, dir + "/ep3", 3, 1, 3);
+  EXPECT_NE(err.find("parallel.expert"), std::string::npos) << err;
+  EXPECT_NE(err.find("divides the experts"), std::string::npos) << err;
+}
