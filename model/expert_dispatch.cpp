@@ -87,6 +87,11 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   return Received{send_forward(xs), sr.view({recv_total_}), offsets};
 }
 
+Tensor ExpertDispatcher::gather_inputs(const Tensor& x) const {
+  DT_ASSERT(!exchanges(), "gather_inputs: the received rows came from other ranks");
+  return gather_rows(x, routed_.tokens);
+}
+
 Tensor ExpertDispatcher::send_forward(const Tensor& rows) {
   if (!exchanges()) return rows;
   const int64_t c = rows.dim(1);

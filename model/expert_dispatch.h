@@ -41,12 +41,16 @@ class ExpertDispatcher {
   // from the pairs' score gradients dsp [P], zero outside this rank's routed pairs.
   void combine_grad(Tensor& dx, Tensor& ds, const Tensor& dxp, const Tensor& dsp);
 
+  // Without an exchange the received rows are a gather of x: a layer can free them after forward
+  // and gather them again for backward (memory ~ pairs x h per layer saved).
+  bool exchanges() const { return ep_ != nullptr; }
+  Tensor gather_inputs(const Tensor& x) const;
+
   int64_t local_experts() const { return local_experts_; }
   int64_t pairs_sent() const { return routed_.tokens.numel(); }  // of the last dispatch
   int64_t pairs_received() const { return recv_total_; }
 
  private:
-  bool exchanges() const { return ep_ != nullptr; }
   // Rows of `rows` [n, c] sent to the peers (send side order) -> rows received, expert-major.
   Tensor send_forward(const Tensor& rows);
   // Rows in expert-major received order -> back to their source ranks, in send order.

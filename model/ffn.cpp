@@ -160,10 +160,12 @@ Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
   Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
   ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre_weight(),
                                gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+  if (!dispatcher_->exchanges()) received_.x = Tensor();  // x_ is kept: gathered again in backward
   return dispatcher_->combine(outp);
 }
 
 void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& ds) {
+  if (!received_.x.defined()) received_.x = dispatcher_->gather_inputs(x_);
   const int64_t h = dy.dim(-1), P = received_.x.dim(0);
   Tensor doutp = dispatcher_->dispatch_grad(dy);
   Tensor dxp = Tensor::empty({P, h}, dy.dtype(), dy.device());
@@ -184,6 +186,7 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   if (tp_) tp_all_reduce(*tp_, dgamma);
   ops::add_(gamma_.grad, dgamma);
   dispatcher_->combine_grad(dx, ds, dxp, dsp);
+  received_.x = Tensor();
 }
 
 void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss) {
