@@ -416,7 +416,8 @@ def analyse(m, t, lay, o):
     lay = dict(lay, micro=mb)
     colls = step_collectives(m, t, lay, o.tp_scheme, o.act_bytes, o.grad_bytes, o.dp_scheme, o.ep_dispatch)
     f_tok = flops_per_token(m, 1.0 if o.expert_flops == "dense" else rho)
-    t_compute = B * S * f_tok / (world * o.tflops * 1e12)
+    rate = o.tokens_per_s if o.tokens_per_s else o.tflops * 1e12 / f_tok  # tokens/s of one GPU
+    t_compute = B * S / (world * rate)
     n_micro = seqs // mb
     t_bwd_last = t_compute / n_micro * 2 / 3
     t_fwd_first = t_compute / n_micro / 3
@@ -442,8 +443,14 @@ def analyse(m, t, lay, o):
         exposed[kind] += ex_t
         g, nn = placement(lay, c.group)
         rows.append((c, tc, ex_t, g, nn))
-    step = t_compute + sum(exposed.values())
-    return {"lay": lay, "fits": fits, "mb": mb, "n_micro": n_micro, "mem": mem, "static": static,
+    # The optimizer step, memory-bound: AdamW reads fp32 weight, gradient, m, v and writes weight, m,
+    # v (28 bytes per element it updates) and every GPU writes its bf16 copy of the weights (2).
+    if o.dp_scheme == "allreduce":
+        t_opt = (ne + ex) * 30 / (o.hbm_tbs * 1e12)
+    else:
+        t_opt = ((ne / dp + ex / edp) * 28 + (ne + ex) * 2) / (o.hbm_tbs * 1e12)
+    step = t_compute + t_opt + sum(exposed.values())
+    return {"t_opt": t_opt, "lay": lay, "fits": fits, "mb": mb, "n_micro": n_micro, "mem": mem, "static": static,
             "act": mb * S * per_tok, "logits": mb * S * logits_per_tok, "params": ne + ex,
             "t_compute": t_compute, "vol": vol, "tcomm": tcomm, "exposed": exposed, "step": step,
             "eff": t_compute / step, "rows": rows, "tok_s_gpu": B * S / step / world}
@@ -479,16 +486,18 @@ def cmd_model(a):
     f_dense, f_sparse = flops_per_token(m, 1.0), flops_per_token(m, rho)
     ne, ex = param_counts(m)
     tok = a.global_batch * m["seq_len"]
-    print(f"DECO model from {a.config}: {ne + ex:,} parameters ({ex:,} in routed experts; "
+    print(f"DECO model from {os.path.relpath(a.config)}: {ne + ex:,} parameters ({ex:,} in routed experts; "
           f"{ne + ex - 2 * m['vocab_size'] * m['hidden']:,} non-embedding)")
+    rate = (f"{a.tokens_per_s:,.0f} tokens/s per GPU (given)" if a.tokens_per_s else
+            f"FLOPs counted {a.expert_flops} at {a.tflops:g} TFLOP/s per GPU -> "
+            f"{a.tflops * 1e12 / (f_dense if a.expert_flops == 'dense' else f_sparse):,.0f} tokens/s per GPU")
     print(f"global batch {a.global_batch} x {m['seq_len']} = {tok:,} tokens per step; model FLOPs per token "
-          f"{f_dense / 1e9:.3f} G (experts dense) / {f_sparse / 1e9:.3f} G (experts at rho {rho}); compute "
-          f"counted {a.expert_flops} at {a.tflops:g} TFLOP/s per GPU -> "
-          f"{a.tflops * 1e12 / (f_dense if a.expert_flops == 'dense' else f_sparse):,.0f} tokens/s per GPU")
+          f"{f_dense / 1e9:.3f} G (experts dense) / {f_sparse / 1e9:.3f} G (experts at rho {rho}); compute: {rate}")
     print(f"links: NVLink {a.nvlink_busbw:g} GB/s bus bandwidth (all-reduce etc.), {a.nvlink_a2a_busbw:g} GB/s "
           f"all-to-all; InfiniBand {a.ib_busbw:g} GB/s per GPU; latency {a.lat_intra_us:g} / {a.lat_inter_us:g} us "
           f"per call; TP scheme {a.tp_scheme}, EP dispatch {a.ep_dispatch}, DP {a.dp_scheme}, gradients "
-          f"{a.grad_bytes} B, activations {a.act_bytes} B; memory {a.gpu_mem:g} GB - {a.reserve:g} GB reserved")
+          f"{a.grad_bytes} B, activations {a.act_bytes} B; memory {a.gpu_mem:g} GB - {a.reserve:g} GB reserved, "
+          f"{a.hbm_tbs:g} TB/s")
     print()
     results = []
     for gpus, tp, dp, ep in LAYOUTS:
@@ -502,12 +511,13 @@ def cmd_model(a):
             notes.append(f"{m['experts']} experts over {tp * ep} ranks: up to {math.ceil(m['experts'] / (tp * ep))} "
                          f"per rank")
         results.append((gpus, lay, analyse(m, t, lay, a), notes))
-    print("| GPUs | layout | micro-batch x steps | memory/GPU GB | compute s | DP GB/GPU | TP GB/GPU | EP GB/GPU "
-          "| DP exposed s | TP s | EP s | step s | tokens/s/GPU | efficiency |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| GPUs | layout | micro-batch x steps | memory/GPU GB | compute s | optimizer s | DP GB/GPU | TP GB/GPU "
+          "| EP GB/GPU | DP exposed s | TP s | EP s | step s | tokens/s/GPU | efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for gpus, lay, r, notes in results:
         mem = gb(r["mem"]) + ("" if r["fits"] else " (does not fit)")
         print(f"| {gpus} | {layout_name(lay)} | {r['mb']} x {r['n_micro']} | {mem} | {r['t_compute']:.3f} | "
+              f"{r['t_opt']:.3f} | "
               f"{gb(r['vol']['dp'])} | {gb(r['vol']['tp'])} | {gb(r['vol']['ep'])} | {r['exposed']['dp']:.3f} | "
               f"{r['exposed']['tp']:.3f} | {r['exposed']['ep']:.3f} | {r['step']:.3f} | {r['tok_s_gpu']:,.0f} | "
               f"{100 * r['eff']:.1f}% |")
@@ -518,6 +528,24 @@ def cmd_model(a):
     for gpus, lay, r, notes in results:
         print(f"| {gpus} | {layout_name(lay)} | {r['params'] / 1e6:,.0f} M | {gb(r['static'])} | {gb(r['act'])} "
               f"({r['mb']}) | {gb(r['logits'])} | {gb(r['mem'])} | {'; '.join(notes)} |")
+    if a.sensitivity:
+        print()
+        scenarios = [("as above", {}), ("EP dedup", {"ep_dispatch": "dedup"}),
+                     ("TP current", {"tp_scheme": "current"}), ("distributed optimizer", {"dp_scheme": "distopt"}),
+                     ("bf16 gradients", {"grad_bytes": 2}), (f"{1.5 * a.tflops:g} TFLOP/s", {"tflops": 1.5 * a.tflops}),
+                     ("sparse expert FLOPs", {"expert_flops": "sparse"}),
+                     ("IB 25 GB/s, NVLink 250", {"ib_busbw": 25.0, "nvlink_busbw": 250.0, "nvlink_a2a_busbw": 200.0})]
+        print("Efficiency (step time) when one assumption changes:")
+        print()
+        print("| GPUs | layout | " + " | ".join(label for label, _ in scenarios) + " |")
+        print("|---|---|" + "---|" * len(scenarios))
+        for gpus, lay, _, _ in results:
+            cells = []
+            for _, change in scenarios:
+                o = argparse.Namespace(**dict(vars(a), **change))
+                r = analyse(m, t, lay, o)
+                cells.append(f"{100 * r['eff']:.0f}% ({r['step']:.2f} s){'' if r['fits'] else ', no fit'}")
+            print(f"| {gpus} | {layout_name(lay)} | " + " | ".join(cells) + " |")
     if a.detail:
         print()
         print("| GPUs | layout | group | placement | collective | what | calls | GB/GPU | time s | exposed s |")
@@ -553,6 +581,9 @@ def main(argv):
     p.add_argument("--tflops", type=float, default=374.0,
                    help="model TFLOP/s one GPU sustains (default: the PyTorch peer's DECO 0.5B on an H100, "
                         "performance-targets.md; replace with `decotron bench train`'s figure)")
+    p.add_argument("--tokens-per-s", type=float,
+                   help="training tokens/s one GPU sustains at these shapes (`decotron bench train --config "
+                        "configs/deco-1.2b.yaml`, deco-sparse row); replaces --tflops")
     p.add_argument("--expert-flops", choices=["dense", "sparse"], default="dense",
                    help="count expert FLOPs for every expert (the peer's convention, in which --tflops was "
                         "measured) or at the activation ratio (a sparse path sustaining --tflops on fewer FLOPs)")
@@ -567,10 +598,13 @@ def main(argv):
     p.add_argument("--dp-scheme", choices=["allreduce", "distopt"], default="allreduce")
     p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element reduced (fp32: 4)")
     p.add_argument("--act-bytes", type=int, default=2, help="bytes per activation element (bf16: 2)")
+    p.add_argument("--hbm-tbs", type=float, default=3.0,
+                   help="TB/s of memory traffic (the optimizer step; performance-targets.md: 3.00 measured)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU")
     p.add_argument("--reserve", type=float, default=8.0, help="GB kept for CUDA, NCCL, workspaces, fragmentation")
     p.add_argument("--gpus", type=int, action="append", help="only layouts of this many GPUs (8, 64)")
     p.add_argument("--detail", action="store_true", help="also every collective of every layout")
+    p.add_argument("--sensitivity", action="store_true", help="also the efficiency when one assumption changes")
     return cmd_model(p.parse_args(argv))
 
 
