@@ -264,6 +264,7 @@ TEST(TensorParallelShard, SplitsByPartition) {
 void check_collectives(const ParallelContext& ctx) {
   Communicator& c = *ctx.world;
   const int n = c.size(), r = c.rank();
+  const CommTraffic before = ctx.log->traffic();
   std::vector<float> f = {1.0f + r, 2.0f * r};
   c.all_reduce(f.data(), 2, CommType::f32);
   EXPECT_EQ(f[0], n + n * (n - 1) / 2.0f);
@@ -310,6 +311,25 @@ void check_collectives(const ParallelContext& ctx) {
   EXPECT_EQ(recent.back().op, "barrier");
   EXPECT_TRUE(recent.back().done);
   EXPECT_NE(ctx.log->format().find("world all_to_all"), std::string::npos) << ctx.log->format();
+  // The traffic counted for them (docs/parallelism.md, "Communication volume"); nothing on one rank.
+  const CommTraffic t = ctx.log->traffic().since(before);
+  if (n == 1) {
+    EXPECT_TRUE(t.groups.empty()) << t.summary();
+  } else {
+    auto at = [&](const char* op) { return t.groups.at("world").at(op); };
+    EXPECT_EQ(at("all_reduce").bytes, 2 * 4 + 8 + 8u);  // buffers: 2 fp32, 1 fp64, sum(int64)
+    EXPECT_EQ(at("all_reduce").calls, 3u);
+    EXPECT_EQ(at("reduce_scatter").bytes, 2u * n * 8);  // the whole input
+    EXPECT_EQ(at("all_gather").bytes, 2 * 8u);          // this rank's part
+    int64_t to_others = 0;
+    for (int j = 0; j < n; ++j) to_others += j == r ? 0 : sc[j];
+    EXPECT_EQ(at("all_to_all").bytes, static_cast<uint64_t>(to_others) * 4);  // not the block kept
+    EXPECT_EQ(at("broadcast").bytes, r == n - 1 ? 8u : 0u);                    // the root's buffer
+    EXPECT_EQ(at("barrier").bytes, 0u);
+    EXPECT_EQ(at("barrier").calls, 1u);
+    EXPECT_EQ(t.bytes("world"), t.total_bytes());
+    EXPECT_EQ(t.total_calls(), 8u);
+  }
 
   // Gradient averaging: bucketed (tiny buckets: several of them), replicated and expert
   // parameters, each rank's gradient filled with its rank.
