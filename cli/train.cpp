@@ -203,6 +203,10 @@ void run_train(const TrainArgs& a) {
       std::printf("run directory: %s (config.yaml, metrics.jsonl, checkpoints in %s)\n", p.run_dir.c_str(),
                   manager->dir().c_str());
   }
+  if (main_rank && lay.world_size > 1)
+    std::printf("communication on rank 0 (whole run: steps, evaluations, checkpoints): %s\n",
+                par->log->traffic().summary().c_str());
+  std::fflush(stdout);
   // No rank leaves (and finalizes MPI) while the main rank may still fail its save.
   par->world->barrier();
 }

@@ -19,8 +19,63 @@ const char* comm_type_name(CommType t) {
   return "?";
 }
 
-uint64_t CollectiveLog::begin(const std::string& group, const char* op, size_t bytes) {
+uint64_t CommTraffic::bytes(const std::string& group) const {
+  uint64_t b = 0;
+  if (auto it = groups.find(group); it != groups.end())
+    for (const auto& [op, c] : it->second) b += c.bytes;
+  return b;
+}
+
+uint64_t CommTraffic::total_bytes() const {
+  uint64_t b = 0;
+  for (const auto& [g, ops] : groups) b += bytes(g);
+  return b;
+}
+
+uint64_t CommTraffic::total_calls() const {
+  uint64_t n = 0;
+  for (const auto& [g, ops] : groups)
+    for (const auto& [op, c] : ops) n += c.calls;
+  return n;
+}
+
+CommTraffic CommTraffic::since(const CommTraffic& before) const {
+  CommTraffic d;
+  for (const auto& [g, ops] : groups)
+    for (const auto& [op, c] : ops) {
+      Count b;
+      if (auto gi = before.groups.find(g); gi != before.groups.end())
+        if (auto oi = gi->second.find(op); oi != gi->second.end()) b = oi->second;
+      if (c.calls > b.calls) d.groups[g][op] = Count{c.bytes - b.bytes, c.calls - b.calls};
+    }
+  return d;
+}
+
+namespace {
+std::string byte_text(uint64_t b) {
+  char buf[32];
+  if (b >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(1ull << 30));
+  else if (b >= (1ull << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", b / double(1ull << 20));
+  else if (b >= (1ull << 10)) std::snprintf(buf, sizeof buf, "%.2f KiB", b / double(1ull << 10));
+  else std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
+  return buf;
+}
+}  // namespace
+
+std::string CommTraffic::summary() const {
+  std::string parts;
+  for (const auto& [g, ops] : groups) parts += cat(parts.empty() ? "" : ", ", g, " ", byte_text(bytes(g)));
+  return cat(byte_text(total_bytes()), " in ", total_calls(), " collectives", parts.empty() ? "" : " (" + parts + ")");
+}
+
+uint64_t CollectiveLog::begin(const std::string& group, int group_size, const char* op, size_t bytes,
+                              size_t sent_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (group_size > 1) {
+    CommTraffic::Count& c = traffic_.groups[group][op];
+    c.bytes += sent_bytes;
+    ++c.calls;
+  }
   Entry e;
   e.seq = next_seq_++;
   e.group = group;
@@ -38,6 +93,11 @@ void CollectiveLog::end(uint64_t seq) {
       it->done = true;
       return;
     }
+}
+
+CommTraffic CollectiveLog::traffic() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return traffic_;
 }
 
 std::vector<CollectiveLog::Entry> CollectiveLog::recent() const {

@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,8 +27,30 @@ enum class CommType : uint8_t { f32, f64, i64 };
 size_t comm_type_size(CommType t);
 const char* comm_type_name(CommType t);
 
+// Communication volume: what this rank sent or contributed, per group and collective, counted
+// where every collective passes (CollectiveLog::begin). Bytes per op (docs/parallelism.md,
+// "Communication volume"): all_reduce, broadcast: the buffer; reduce_scatter: the whole send
+// buffer (size x recv_count); all_gather: this rank's part (send_count); all_to_all: the elements
+// sent to the other ranks (the block a rank keeps is not counted). Collectives on a group of one
+// rank move nothing and are not counted.
+struct CommTraffic {
+  struct Count {
+    uint64_t bytes = 0, calls = 0;
+  };
+  std::map<std::string, std::map<std::string, Count>> groups;  // group -> op -> count
+
+  uint64_t bytes(const std::string& group) const;  // over the group's ops; 0 if none
+  uint64_t total_bytes() const;
+  uint64_t total_calls() const;
+  // The traffic between two snapshots of the same (cumulative) counters: *this - before.
+  CommTraffic since(const CommTraffic& before) const;
+  // One line: "12.3 MiB in 456 collectives (dp 10.1 MiB, tp 2.2 MiB)".
+  std::string summary() const;
+};
+
 // The watchdog's memory of one rank: the last collectives it issued (all groups), each with its
-// sequence number, group, op and size, and whether it completed.
+// sequence number, group, op and size, and whether it completed. It also keeps the cumulative
+// CommTraffic of every collective it has seen.
 class CollectiveLog {
  public:
   struct Entry {
@@ -38,14 +61,18 @@ class CollectiveLog {
     bool done = false;
   };
   explicit CollectiveLog(size_t capacity = 16) : capacity_(capacity) {}
-  uint64_t begin(const std::string& group, const char* op, size_t bytes);  // returns the seq
+  // Records a collective on `group` (of `group_size` ranks); returns its seq. `bytes`: what the
+  // watchdog prints (this rank's input); `sent_bytes`: what CommTraffic counts for it (see there).
+  uint64_t begin(const std::string& group, int group_size, const char* op, size_t bytes, size_t sent_bytes);
   void end(uint64_t seq);
   std::vector<Entry> recent() const;  // oldest first
   std::string format() const;         // one line per entry
+  CommTraffic traffic() const;        // cumulative since the log was made
 
  private:
   mutable std::mutex mu_;
   std::deque<Entry> ring_;
+  CommTraffic traffic_;
   size_t capacity_;
   uint64_t next_seq_ = 1;
 };

@@ -138,14 +138,15 @@ void MpiCommunicator::wait(MPI_Request& req, uint64_t seq, const char* op) {
 }
 
 void MpiCommunicator::all_reduce(void* buf, int64_t count, CommType type) {
-  uint64_t seq = log_->begin(name_, "all_reduce", count * comm_type_size(type));
+  uint64_t seq = log_->begin(name_, size_, "all_reduce", count * comm_type_size(type), count * comm_type_size(type));
   MPI_Request req;
   MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, mpi_count(count, "all_reduce"), mpi_type(type), MPI_SUM, comm_, &req));
   wait(req, seq, "all_reduce");
 }
 
 void MpiCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv_count, CommType type) {
-  uint64_t seq = log_->begin(name_, "reduce_scatter", recv_count * size_ * comm_type_size(type));
+  uint64_t seq = log_->begin(name_, size_, "reduce_scatter", recv_count * size_ * comm_type_size(type),
+                             recv_count * size_ * comm_type_size(type));
   MPI_Request req;
   MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, mpi_count(recv_count, "reduce_scatter"), mpi_type(type), MPI_SUM,
                                       comm_, &req));
@@ -153,7 +154,8 @@ void MpiCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv_
 }
 
 void MpiCommunicator::all_gather(const void* send, void* recv, int64_t send_count, CommType type) {
-  uint64_t seq = log_->begin(name_, "all_gather", send_count * comm_type_size(type));
+  uint64_t seq = log_->begin(name_, size_, "all_gather", send_count * comm_type_size(type),
+                             send_count * comm_type_size(type));
   MPI_Request req;
   MPI_CHECK(MPI_Iallgather(send, mpi_count(send_count, "all_gather"), mpi_type(type), recv,
                            mpi_count(send_count, "all_gather"), mpi_type(type), comm_, &req));
@@ -172,7 +174,8 @@ void MpiCommunicator::all_to_all(const void* send, const std::vector<int64_t>& s
     rc[r] = mpi_count(recv_counts[r], "all_to_all"), rd[r] = mpi_count(ro, "all_to_all");
     so += send_counts[r], ro += recv_counts[r];
   }
-  uint64_t seq = log_->begin(name_, "all_to_all", so * comm_type_size(type));
+  uint64_t seq = log_->begin(name_, size_, "all_to_all", so * comm_type_size(type),
+                             (so - send_counts[rank_]) * comm_type_size(type));
   MPI_Request req;
   MPI_CHECK(MPI_Ialltoallv(send, sc.data(), sd.data(), mpi_type(type), recv, rc.data(), rd.data(), mpi_type(type),
                            comm_, &req));
@@ -180,14 +183,15 @@ void MpiCommunicator::all_to_all(const void* send, const std::vector<int64_t>& s
 }
 
 void MpiCommunicator::broadcast(void* buf, int64_t count, CommType type, int root) {
-  uint64_t seq = log_->begin(name_, "broadcast", count * comm_type_size(type));
+  uint64_t seq = log_->begin(name_, size_, "broadcast", count * comm_type_size(type),
+                             rank_ == root ? count * comm_type_size(type) : 0);
   MPI_Request req;
   MPI_CHECK(MPI_Ibcast(buf, mpi_count(count, "broadcast"), mpi_type(type), root, comm_, &req));
   wait(req, seq, "broadcast");
 }
 
 void MpiCommunicator::barrier() {
-  uint64_t seq = log_->begin(name_, "barrier", 0);
+  uint64_t seq = log_->begin(name_, size_, "barrier", 0, 0);
   MPI_Request req;
   MPI_CHECK(MPI_Ibarrier(comm_, &req));
   wait(req, seq, "barrier");

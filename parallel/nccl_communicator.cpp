@@ -50,7 +50,7 @@ class NcclCommunicator final : public Communicator {
     CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;  // calls return ncclInProgress; completion is polled (so a hang is seen)
-    uint64_t seq = log_->begin(name_, "nccl_init", 0);
+    uint64_t seq = log_->begin(name_, size_, "nccl_init", 0, 0);
     NCCL_CHECK_NB(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config));
     wait_enqueued(seq, "nccl_init");
     log_->end(seq);
@@ -90,7 +90,7 @@ class NcclCommunicator final : public Communicator {
     const size_t es = comm_type_size(type);
     int64_t total = 0;
     for (int64_t c : send_counts) total += c;
-    uint64_t seq = start("all_to_all", total * es);
+    uint64_t seq = start("all_to_all", total * es, (total - send_counts[rank_]) * es);
     NCCL_CHECK_NB(ncclGroupStart());
     int64_t so = 0, ro = 0;
     for (int r = 0; r < size_; ++r) {
@@ -105,7 +105,7 @@ class NcclCommunicator final : public Communicator {
     finish(seq, "all_to_all");
   }
   void broadcast(void* buf, int64_t count, CommType type, int root) override {
-    uint64_t seq = start("broadcast", count * comm_type_size(type));
+    uint64_t seq = start("broadcast", count * comm_type_size(type), rank_ == root ? count * comm_type_size(type) : 0);
     NCCL_CHECK_NB(ncclBroadcast(buf, buf, count, nccl_type(type), root, comm_, stream_));
     finish(seq, "broadcast");
   }
@@ -119,9 +119,10 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
-  // Records the op, and orders the communication stream after the compute work issued so far.
-  uint64_t start(const char* op, size_t bytes) {
-    uint64_t seq = log_->begin(name_, op, bytes);
+  // Records the op (`sent`: the bytes CommTraffic counts, by default the op's bytes), and orders
+  // the communication stream after the compute work issued so far.
+  uint64_t start(const char* op, size_t bytes, size_t sent = SIZE_MAX) {
+    uint64_t seq = log_->begin(name_, size_, op, bytes, sent == SIZE_MAX ? bytes : sent);
     CUDA_CHECK(cudaEventRecord(ready_, cuda::context().stream));
     CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
     return seq;

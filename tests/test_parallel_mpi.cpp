@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "checkpoint/manager.h"
+#include "core/config.h"
 #include "core/rng.h"
 #include "model/parameter.h"
 #include "model/transformer.h"
@@ -144,6 +145,43 @@ std::string train_cmd(const std::string& cfg, const std::string& run_dir) {
   return std::string(DECOTRON_BINARY) + " train --config " + cfg + " --synthetic-data --run-dir " + run_dir;
 }
 
+// The communication of one optimizer step on one rank (bytes it sends or contributes, by group
+// and op, as CommTraffic counts them), from the volume formulas of docs/performance-model.md for
+// the layers as they are in this checkout; scripts/perf_model.py (`volumes`) computes the same.
+// The one place to update when a layer's communication changes.
+using GroupOpBytes = std::map<std::string, std::map<std::string, int64_t>>;
+GroupOpBytes expected_step_bytes(const Config& c, int tp, int dp) {
+  const ModelConfig& m = c.model;
+  const int64_t es = 4;  // fp32 activations and gradients
+  const int64_t T = c.train.micro_batch * m.seq_len;  // tokens per micro-batch
+  const int64_t micro = c.train.global_batch / (c.train.micro_batch * dp);
+  const int64_t h = m.hidden, L = m.layers, E = m.experts, d = m.expert_width;
+  const int64_t D = m.arch == "deco" ? m.layers - m.dense_layers : 0;  // DECO layers
+  GroupOpBytes out;
+  if (tp > 1) {
+    // Per micro-batch, all-reduces of [T, h]: the embedding's output, the LM head's dh, and per
+    // layer attention and FFN, forward (output) and backward (dx).
+    out["tp"]["all_reduce"] = micro * (2 + 4 * L) * T * h * es + 8;  // + the gradient norm's split sum (fp64)
+    // All-gathers, this rank's part: the logits [T, V/tp]; per DECO layer u and dz [T, E*d/tp]
+    // (NormSiLU on the whole row) and ds [T, E/tp] (the replicated router's gradient).
+    out["tp"]["all_gather"] = micro * T * (m.vocab_size + D * (2 * E * d + E)) / tp * es;
+  }
+  if (dp > 1) {
+    // The bucketed gradient all-reduce: every trainable element this rank holds (its tensor-
+    // parallel shard), fp32; then the step's statistics: {lm, reg, entropy} sums (fp64) and
+    // {tokens, tokens without expert, active pairs per DECO layer, active tokens per layer and expert} (i64).
+    Transformer whole(m, DType::f32, Device::cpu);
+    int64_t local = 0;
+    for (Parameter* p : whole.params().all()) {
+      if (!p->trainable) continue;
+      Shard s = shard_of(p->name, p->partition, p->value.shape(), p->expert_block, 0, tp);
+      local += s.dim < 0 ? p->value.numel() : p->value.numel() / p->value.dim(s.dim) * s.count;
+    }
+    out["dp"]["all_reduce"] = local * es + 3 * 8 + (2 + D + D * E) * 8;
+  }
+  return out;
+}
+
 void expect_close(double a, double b, double rel, const std::string& what) {
   EXPECT_LE(std::fabs(a - b), rel * std::max(std::fabs(a), std::fabs(b)) + 1e-12) << what << ": " << a << " vs " << b;
 }
@@ -227,6 +265,7 @@ TEST(TensorParallelShard, SplitsByPartition) {
 void check_collectives(const ParallelContext& ctx) {
   Communicator& c = *ctx.world;
   const int n = c.size(), r = c.rank();
+  const CommTraffic before = ctx.log->traffic();
   std::vector<float> f = {1.0f + r, 2.0f * r};
   c.all_reduce(f.data(), 2, CommType::f32);
   EXPECT_EQ(f[0], n + n * (n - 1) / 2.0f);
@@ -273,6 +312,25 @@ void check_collectives(const ParallelContext& ctx) {
   EXPECT_EQ(recent.back().op, "barrier");
   EXPECT_TRUE(recent.back().done);
   EXPECT_NE(ctx.log->format().find("world all_to_all"), std::string::npos) << ctx.log->format();
+  // The traffic counted for them (docs/parallelism.md, "Communication volume"); nothing on one rank.
+  const CommTraffic t = ctx.log->traffic().since(before);
+  if (n == 1) {
+    EXPECT_TRUE(t.groups.empty()) << t.summary();
+  } else {
+    auto at = [&](const char* op) { return t.groups.at("world").at(op); };
+    EXPECT_EQ(at("all_reduce").bytes, 2 * 4 + 8 + 8u);  // buffers: 2 fp32, 1 fp64, sum(int64)
+    EXPECT_EQ(at("all_reduce").calls, 3u);
+    EXPECT_EQ(at("reduce_scatter").bytes, 2u * n * 8);  // the whole input
+    EXPECT_EQ(at("all_gather").bytes, 2 * 8u);          // this rank's part
+    int64_t to_others = 0;
+    for (int j = 0; j < n; ++j) to_others += j == r ? 0 : sc[j];
+    EXPECT_EQ(at("all_to_all").bytes, static_cast<uint64_t>(to_others) * 4);  // not the block kept
+    EXPECT_EQ(at("broadcast").bytes, r == n - 1 ? 8u : 0u);                    // the root's buffer
+    EXPECT_EQ(at("barrier").bytes, 0u);
+    EXPECT_EQ(at("barrier").calls, 1u);
+    EXPECT_EQ(t.bytes("world"), t.total_bytes());
+    EXPECT_EQ(t.total_calls(), 8u);
+  }
 
   // Gradient averaging: bucketed (tiny buckets: several of them), replicated and expert
   // parameters, each rank's gradient filled with its rank.
@@ -475,6 +533,56 @@ TEST(ParallelMpi, LayoutsMatchSingleRank) {
   ASSERT_EQ(a.back()["iter"], 25);
   for (size_t i = 22; i < a.size(); ++i)
     if (!a[i].contains("val_loss")) expect_close(b[i]["lm_loss"], a[i]["lm_loss"], 1e-5, "resumed record " + std::to_string(i));
+}
+
+// The bytes each step sends, as counted by the communicators and written to metrics.jsonl,
+// equal the volume formulas exactly: data parallel on 2 ranks (the gradient all-reduce and the
+// statistics), tensor parallel on 2, and tensor 2 x data 2. scripts/perf_model.py's formulas
+// agree with the same runs.
+TEST(ParallelMpi, CommBytesPerStepMatchTheFormulas) {
+  const std::string dir = fresh_dir("comm_bytes");
+  const std::string cfg_path = tiny_config(dir, 7, 8, 60);  // warmup 2 + decay 5
+  const Config cfg = load_config(cfg_path);
+  struct Layout {
+    std::string name;
+    int np, tensor;
+  };
+  for (const Layout& l : {Layout{"dp2", 2, 1}, Layout{"tp2", 2, 2}, Layout{"tp2dp2", 4, 2}}) {
+    const std::string run_dir = dir + "/" + l.name, log_path = run_dir + ".log";
+    ASSERT_EQ(run(std::string(kMpirun) + " -np " + std::to_string(l.np) + " " + train_cmd(cfg_path, run_dir) +
+                      " --set parallel.tensor=" + std::to_string(l.tensor),
+                  log_path),
+              0)
+        << read_file(log_path);
+    const GroupOpBytes want = expected_step_bytes(cfg, l.tensor, l.np / l.tensor);
+    int steps = 0;
+    for (const auto& rec : train_records(run_dir + "/metrics.jsonl")) {
+      if (rec.contains("val_loss")) continue;
+      ++steps;
+      const std::string at = l.name + " iter " + rec["iter"].dump();
+      ASSERT_TRUE(rec.contains("comm_bytes") && rec.contains("comm_bytes_by_op")) << at << ": " << rec.dump();
+      GroupOpBytes got;
+      for (const auto& [group, ops] : rec["comm_bytes_by_op"].items())
+        for (const auto& [op, bytes] : ops.items()) got[group][op] = bytes.get<int64_t>();
+      EXPECT_EQ(got, want) << at << ": " << rec["comm_bytes_by_op"].dump();
+      for (const auto& [group, ops] : want) {
+        int64_t sum = 0;
+        for (const auto& [op, bytes] : ops) sum += bytes;
+        EXPECT_EQ(rec["comm_bytes"][group].get<int64_t>(), sum) << at << " " << group;
+      }
+    }
+    EXPECT_EQ(steps, 7) << l.name;
+    EXPECT_NE(read_file(log_path).find("communication on rank 0 (whole run"), std::string::npos) << read_file(log_path);
+    // The same formulas in Python (the performance model's `volumes` mode) against the same run.
+    if (std::system("python3 --version > /dev/null 2>&1") == 0) {
+      const std::string py_log = run_dir + ".py.log";
+      EXPECT_EQ(run("python3 " DECOTRON_SOURCE_DIR "/scripts/perf_model.py volumes " + run_dir + " --np " +
+                        std::to_string(l.np),
+                    py_log),
+                0)
+          << read_file(py_log);
+    }
+  }
 }
 
 // Ranks launched with different settings are refused before training, and the job ends.

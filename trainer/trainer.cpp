@@ -106,6 +106,7 @@ StepResult Trainer::train_step() {
   const double loss_scale = 1.0 / n_micro;
   const int L = cfg_.model.layers, D = model_->num_deco_layers();
   StepResult res;
+  const CommTraffic comm_before = par_->log->traffic();
   res.lr = learning_rate(t, state_.iteration);
   res.reg_coef = controller_.lambda();
 
@@ -214,6 +215,7 @@ StepResult Trainer::train_step() {
   }
   ++state_.iteration;
   check_inactive(per_expert);
+  res.comm = par_->log->traffic().since(comm_before);
   return res;
 }
 
@@ -314,6 +316,13 @@ void Trainer::log_interval(const StepResult& last, double seconds) {
   j["tokens_per_s"] = tok_s;
   j["tflops"] = tflops;
   j["peak_memory_bytes"] = mem;
+  // The last step's communication on this rank (rank 0), per group and per group and op.
+  j["comm_bytes"] = nlohmann::json::object();
+  j["comm_bytes_by_op"] = nlohmann::json::object();
+  for (const auto& [group, ops] : last.comm.groups) {
+    j["comm_bytes"][group] = last.comm.bytes(group);
+    for (const auto& [op, c] : ops) j["comm_bytes_by_op"][group][op] = c.bytes;
+  }
   write_metrics(j.dump());
 }
 

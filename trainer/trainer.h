@@ -41,6 +41,9 @@ struct StepResult {
   bool skipped = false;
   std::string skip_reason;
   int64_t tokens = 0;
+  // What this rank sent or contributed to collectives during the step (forward, backward,
+  // gradient averaging, statistics, gradient norm), per group and op.
+  CommTraffic comm;
 };
 
 // Under data parallelism every rank runs a Trainer on its slice of each step's samples; the
