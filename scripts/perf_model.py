@@ -198,8 +198,8 @@ class Coll:
 def step_collectives(m, t, lay, scheme="current", act_bytes=4, grad_bytes=4, dp_scheme="allreduce",
                      ep_dispatch="pairs", ratio=None, bucket_bytes=25 << 20):
     """lay: dict tp, dp, ep, micro (sequences per micro-batch). scheme: 'current' (this checkout:
-    u, dz, ds and the logits gathered) or 'planned' ([T] partial sums for NormSiLU's mean,
-    vocabulary-parallel cross-entropy). Expert parallelism is always the planned dispatch."""
+    the logits gathered for the cross-entropy) or 'planned' (vocabulary-parallel cross-entropy).
+    Expert parallelism: the pairs' rows (the counts, the scores and w_bar are left out: small)."""
     tp, dp, ep, mb = lay["tp"], lay["dp"], lay["ep"], lay["micro"]
     S, h, L, V = m["seq_len"], m["hidden"], m["layers"], m["vocab_size"]
     E, d = m["experts"], m["expert_width"]
@@ -215,19 +215,14 @@ def step_collectives(m, t, lay, scheme="current", act_bytes=4, grad_bytes=4, dp_
                         "activations [T,h]: embedding, LM head dh, 4 per layer"))
         if scheme == "current":
             out.append(Coll("tp", "all_gather", micro * T * (V // tp) * act_bytes, micro, "logits [T,V/tp]"))
-            if D:
-                out.append(Coll("tp", "all_gather", micro * D * T * (2 * E * d // tp) * act_bytes, micro * D * 2,
-                                "DECO u and dz [T,E*d/tp]"))
-                out.append(Coll("tp", "all_gather", micro * D * T * (E // tp) * act_bytes, micro * D,
-                                "DECO ds [T,E/tp]"))
         else:
             out.append(Coll("tp", "all_reduce", micro * 3 * T * 4, micro * 3,
                             "vocab-parallel cross-entropy: max, sum-exp, target logit [T] fp32"))
-            if D:
-                out.append(Coll("tp", "all_reduce", micro * D * 2 * T * 4, micro * D * 2,
-                                "NormSiLU mean partial sums [T] fp32, forward and backward"))
-                out.append(Coll("tp", "all_gather", micro * D * T * (E // tp) * 4, micro * D,
-                                "DECO ds [T,E/tp] fp32 (router)"))
+        if D:
+            # NormSiLU's mean is x . w_bar: w_bar and the mean's rank-one gradient gx (h each) and
+            # gamma's gradient (d) are all-reduced, and ds [T, E] for the replicated router.
+            out.append(Coll("tp", "all_reduce", micro * D * (2 * h + d + T * E) * act_bytes, micro * D * 4,
+                            "DECO w_bar, gx [h], d gamma [d], ds [T,E]"))
         out.append(Coll("tp", "all_reduce", 8, 1, "gradient norm of split parameters (fp64)"))
     if ep > 1 and D:
         # Per DECO layer: forward dispatch (x) and combine (expert outputs), backward dispatch (dy)
@@ -258,6 +253,8 @@ def step_collectives(m, t, lay, scheme="current", act_bytes=4, grad_bytes=4, dp_
         # without expert, active pairs per DECO layer, active tokens per layer and expert} (i64).
         out.append(Coll("dp", "all_reduce", 3 * 8, 1, "loss sums (fp64)"))
         out.append(Coll("dp", "all_reduce", (2 + D + D * E) * 8, 1, "routing counts (i64)"))
+    if D and tp * dp > 1:
+        out.append(Coll("world", "all_gather", 8, 1, "pairs each rank's experts computed (load metric, i64)"))
     return out
 
 

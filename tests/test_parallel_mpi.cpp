@@ -162,9 +162,11 @@ GroupOpBytes expected_step_bytes(const Config& c, int tp, int dp) {
     // Per micro-batch, all-reduces of [T, h]: the embedding's output, the LM head's dh, and per
     // layer attention and FFN, forward (output) and backward (dx).
     out["tp"]["all_reduce"] = micro * (2 + 4 * L) * T * h * es + 8;  // + the gradient norm's split sum (fp64)
-    // All-gathers, this rank's part: the logits [T, V/tp]; per DECO layer u and dz [T, E*d/tp]
-    // (NormSiLU on the whole row) and ds [T, E/tp] (the replicated router's gradient).
-    out["tp"]["all_gather"] = micro * T * (m.vocab_size + D * (2 * E * d + E)) / tp * es;
+    // Per DECO layer: w_bar and the mean's rank-one gradient gx [h], gamma's gradient [d], and the
+    // router's ds [T, E] (NormSiLU's mean is x . w_bar: u is never gathered).
+    out["tp"]["all_reduce"] += micro * D * (2 * h + d + T * E) * es;
+    // All-gather, this rank's part: the logits [T, V/tp].
+    out["tp"]["all_gather"] = micro * T * m.vocab_size / tp * es;
   }
   if (dp > 1) {
     // The bucketed gradient all-reduce: every trainable element this rank holds (its tensor-
@@ -179,6 +181,7 @@ GroupOpBytes expected_step_bytes(const Config& c, int tp, int dp) {
     }
     out["dp"]["all_reduce"] = local * es + 3 * 8 + (2 + D + D * E) * 8;
   }
+  if (D > 0 && tp * dp > 1) out["world"]["all_gather"] = 8;  // pairs computed per rank (load metric)
   return out;
 }
 
