@@ -1,5 +1,7 @@
 #include "model/expert_dispatch.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace decotron {
@@ -14,8 +16,10 @@ Tensor gather_rows(const Tensor& src, const Tensor& index) {
   return out;
 }
 
-void scatter_add_rows(Tensor& dst, const Tensor& index, const Tensor& rows) {
-  if (index.numel() > 0) ops::embedding_backward(dst, index, rows);
+Tensor scatter_add_rows(int64_t rows, const Tensor& index, const Tensor& src) {
+  Tensor out = Tensor::zeros({rows, src.dim(1)}, src.dtype(), src.device());
+  if (index.numel() > 0) ops::embedding_backward(out, index, src);
+  return out;
 }
 
 CommType comm_type_of(const Tensor& t) {
@@ -30,6 +34,11 @@ Tensor i32_tensor(const std::vector<int32_t>& v, Device device) {
   return device == Device::cpu ? t : t.to(device);
 }
 
+std::vector<int64_t> times(std::vector<int64_t> v, int64_t c) {
+  for (auto& n : v) n *= c;
+  return v;
+}
+
 }  // namespace
 
 ExpertDispatcher::ExpertDispatcher(Communicator* ep, int64_t slice_begin, int64_t slice_count)
@@ -39,99 +48,120 @@ ExpertDispatcher::ExpertDispatcher(Communicator* ep, int64_t slice_begin, int64_
   local_experts_ = slice_count / K;
 }
 
+Tensor ExpertDispatcher::exchange(const Tensor& rows, const std::vector<int64_t>& send,
+                                  const std::vector<int64_t>& recv, int64_t recv_total) const {
+  const int64_t c = rows.dim(1);
+  Tensor out = Tensor::empty({recv_total, c}, rows.dtype(), rows.device());
+  ep_->all_to_all(rows.raw(), times(send, c), out.raw(), times(recv, c), comm_type_of(rows));
+  return out;
+}
+
 ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Tensor& r, const Tensor& s,
                                                       bool all_pairs) {
   tokens_ = r.dim(0), experts_ = r.dim(1);
   ops::route_pairs(routed_, r, slice_begin_, slice_begin_ + slice_count_, all_pairs);
   const int64_t P = routed_.tokens.numel();
-  Tensor xs = gather_rows(x, routed_.tokens);
   Tensor ss = gather_rows(s.view({tokens_ * experts_, 1}), routed_.slots);
   if (!exchanges()) {
-    recv_total_ = P;
-    return Received{xs, ss.view({P}), routed_.offsets};
+    recv_pairs_ = P;
+    return Received{gather_rows(x, routed_.tokens), ss.view({P}), routed_.offsets};
   }
-  // Per-expert counts first: the receiver learns how many rows of each source belong to each of
-  // its experts (rank k holds the slice's experts [k*E_l, (k+1)*E_l)).
   const int K = ep_->size();
   const int64_t El = local_experts_;
-  std::vector<int64_t> send_per_expert(K * El), recv_per_expert(K * El);
-  for (int64_t i = 0; i < K * El; ++i) send_per_expert[i] = routed_.offsets[i + 1] - routed_.offsets[i];
-  ep_->all_to_all(send_per_expert.data(), std::vector<int64_t>(K, El), recv_per_expert.data(),
-                  std::vector<int64_t>(K, El), CommType::i64);
-  send_counts_.assign(K, 0);
-  recv_counts_.assign(K, 0);
-  for (int k = 0; k < K; ++k)
-    for (int64_t e = 0; e < El; ++e) {
-      send_counts_[k] += send_per_expert[k * El + e];
-      recv_counts_[k] += recv_per_expert[k * El + e];
-    }
-  // Received rows come source-major (source, expert, token); the experts want expert-major.
-  std::vector<int64_t> start(K * El);  // received row where (source k, expert e) begins
-  int64_t row = 0;
-  for (int k = 0; k < K; ++k)
-    for (int64_t e = 0; e < El; ++e) start[k * El + e] = row, row += recv_per_expert[k * El + e];
-  recv_total_ = row;
-  std::vector<int32_t> to_major, from_major(recv_total_);
+  // Send side: per peer, the distinct tokens of its pairs (ascending) are the rows sent; each
+  // pair names its token's row within that peer's block.
+  const Tensor host_tokens = routed_.tokens.device() == Device::cpu ? routed_.tokens : routed_.tokens.to(Device::cpu);
+  const int32_t* tok = host_tokens.data<int32_t>();
+  std::vector<int32_t> rows_tokens;
+  std::vector<int64_t> pair_rows(P);
+  std::vector<int64_t> header(K * (El + 1));  // per peer: rows, then pairs of each of its experts
+  send_rows_.assign(K, 0), send_pairs_.assign(K, 0);
+  for (int k = 0; k < K; ++k) {
+    const int64_t p0 = routed_.offsets[k * El], p1 = routed_.offsets[(k + 1) * El];
+    std::vector<int32_t> mine(tok + p0, tok + p1);
+    std::sort(mine.begin(), mine.end());
+    mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
+    for (int64_t p = p0; p < p1; ++p)
+      pair_rows[p] = std::lower_bound(mine.begin(), mine.end(), tok[p]) - mine.begin();
+    rows_tokens.insert(rows_tokens.end(), mine.begin(), mine.end());
+    send_rows_[k] = static_cast<int64_t>(mine.size());
+    send_pairs_[k] = p1 - p0;
+    header[k * (El + 1)] = send_rows_[k];
+    for (int64_t e = 0; e < El; ++e)
+      header[k * (El + 1) + 1 + e] = routed_.offsets[k * El + e + 1] - routed_.offsets[k * El + e];
+  }
+  send_tokens_ = i32_tensor(rows_tokens, x.device());
+  // The counts first, then the pairs' rows and scores, then the rows themselves.
+  std::vector<int64_t> recv_header(K * (El + 1));
+  const std::vector<int64_t> per_peer(K, El + 1);
+  ep_->all_to_all(header.data(), per_peer, recv_header.data(), per_peer, CommType::i64);
+  recv_rows_.assign(K, 0), recv_pairs_per_peer_.assign(K, 0);
+  for (int k = 0; k < K; ++k) {
+    recv_rows_[k] = recv_header[k * (El + 1)];
+    for (int64_t e = 0; e < El; ++e) recv_pairs_per_peer_[k] += recv_header[k * (El + 1) + 1 + e];
+  }
+  recv_rows_total_ = 0, recv_pairs_ = 0;
+  for (int k = 0; k < K; ++k) recv_rows_total_ += recv_rows_[k], recv_pairs_ += recv_pairs_per_peer_[k];
+  std::vector<int64_t> recv_pair_rows(recv_pairs_);
+  ep_->all_to_all(pair_rows.data(), send_pairs_, recv_pair_rows.data(), recv_pairs_per_peer_, CommType::i64);
+  Tensor s_received = exchange(ss, send_pairs_, recv_pairs_per_peer_, recv_pairs_);
+  received_rows_ = exchange(gather_rows(x, send_tokens_), send_rows_, recv_rows_, recv_rows_total_);
+  // Received pairs come source-major (source, expert, token); the experts want expert-major.
+  std::vector<int64_t> pair_start(K * El), row_base(K);  // received pair where (k, e) begins
+  for (int64_t k = 0, p = 0, row = 0; k < K; ++k) {
+    row_base[k] = row, row += recv_rows_[k];
+    for (int64_t e = 0; e < El; ++e) pair_start[k * El + e] = p, p += recv_header[k * (El + 1) + 1 + e];
+  }
+  std::vector<int32_t> to_major, row_of, from_major(recv_pairs_);
   std::vector<int64_t> offsets(1, 0);
   for (int64_t e = 0; e < El; ++e) {
     for (int k = 0; k < K; ++k)
-      for (int64_t i = 0; i < recv_per_expert[k * El + e]; ++i) {
-        from_major[start[k * El + e] + i] = static_cast<int32_t>(to_major.size());
-        to_major.push_back(static_cast<int32_t>(start[k * El + e] + i));
+      for (int64_t i = 0; i < recv_header[k * (El + 1) + 1 + e]; ++i) {
+        const int64_t p = pair_start[k * El + e] + i;
+        from_major[p] = static_cast<int32_t>(to_major.size());
+        to_major.push_back(static_cast<int32_t>(p));
+        row_of.push_back(static_cast<int32_t>(row_base[k] + recv_pair_rows[p]));
       }
     offsets.push_back(static_cast<int64_t>(to_major.size()));
   }
-  to_expert_major_ = i32_tensor(to_major, x.device());
-  from_expert_major_ = i32_tensor(from_major, x.device());
-  Tensor sr = send_forward(ss);
-  return Received{send_forward(xs), sr.view({recv_total_}), offsets};
+  pair_row_ = i32_tensor(row_of, x.device());
+  pair_from_major_ = i32_tensor(from_major, x.device());
+  Tensor sp = gather_rows(s_received, i32_tensor(to_major, x.device()));
+  return Received{gather_rows(received_rows_, pair_row_), sp.view({recv_pairs_}), offsets};
 }
 
 Tensor ExpertDispatcher::gather_inputs(const Tensor& x) const {
-  DT_ASSERT(!exchanges(), "gather_inputs: the received rows came from other ranks");
-  return gather_rows(x, routed_.tokens);
-}
-
-Tensor ExpertDispatcher::send_forward(const Tensor& rows) {
-  if (!exchanges()) return rows;
-  const int64_t c = rows.dim(1);
-  std::vector<int64_t> sc(send_counts_), rc(recv_counts_);
-  for (auto& n : sc) n *= c;
-  for (auto& n : rc) n *= c;
-  Tensor received = Tensor::empty({recv_total_, c}, rows.dtype(), rows.device());
-  ep_->all_to_all(rows.raw(), sc, received.raw(), rc, comm_type_of(rows));
-  return gather_rows(received, to_expert_major_);
-}
-
-Tensor ExpertDispatcher::send_back(const Tensor& rows) {
-  if (!exchanges()) return rows;
-  const int64_t c = rows.dim(1);
-  Tensor received_order = gather_rows(rows, from_expert_major_);
-  std::vector<int64_t> sc(recv_counts_), rc(send_counts_);
-  for (auto& n : sc) n *= c;
-  for (auto& n : rc) n *= c;
-  Tensor back = Tensor::empty({routed_.tokens.numel(), c}, rows.dtype(), rows.device());
-  ep_->all_to_all(received_order.raw(), sc, back.raw(), rc, comm_type_of(rows));
-  return back;
+  return exchanges() ? gather_rows(received_rows_, pair_row_) : gather_rows(x, routed_.tokens);
 }
 
 Tensor ExpertDispatcher::combine(const Tensor& outp) {
-  Tensor back = send_back(outp);
-  Tensor out = Tensor::zeros({tokens_, outp.dim(1)}, outp.dtype(), outp.device());
-  scatter_add_rows(out, routed_.tokens, back);
-  return out;
+  if (!exchanges()) return scatter_add_rows(tokens_, routed_.tokens, outp);
+  // A token's outputs from this rank's experts are summed here and travel back as one row.
+  Tensor rows = scatter_add_rows(recv_rows_total_, pair_row_, outp);
+  return scatter_add_rows(tokens_, send_tokens_, exchange(rows, recv_rows_, send_rows_, send_tokens_.numel()));
 }
 
-Tensor ExpertDispatcher::dispatch_grad(const Tensor& dout) { return send_forward(gather_rows(dout, routed_.tokens)); }
+Tensor ExpertDispatcher::dispatch_grad(const Tensor& dout) {
+  if (!exchanges()) return gather_rows(dout, routed_.tokens);
+  Tensor rows = exchange(gather_rows(dout, send_tokens_), send_rows_, recv_rows_, recv_rows_total_);
+  return gather_rows(rows, pair_row_);
+}
 
 void ExpertDispatcher::combine_grad(Tensor& dx, Tensor& ds, const Tensor& dxp, const Tensor& dsp) {
-  Tensor back = send_back(dxp);
-  dx.zero_();
-  scatter_add_rows(dx, routed_.tokens, back);
-  Tensor ds_back = send_back(dsp.view({dsp.numel(), 1}));
+  Tensor dsp_col = dsp.view({dsp.numel(), 1});
+  Tensor dx_rows, ds_pairs;  // in this rank's send order
+  if (!exchanges()) {
+    dx = scatter_add_rows(tokens_, routed_.tokens, dxp);
+    ds_pairs = dsp_col;
+  } else {
+    Tensor rows = scatter_add_rows(recv_rows_total_, pair_row_, dxp);
+    dx = scatter_add_rows(tokens_, send_tokens_, exchange(rows, recv_rows_, send_rows_, send_tokens_.numel()));
+    ds_pairs = exchange(gather_rows(dsp_col, pair_from_major_), recv_pairs_per_peer_, send_pairs_,
+                        routed_.tokens.numel());
+  }
   ds.zero_();
   Tensor ds_slots = ds.view({tokens_ * experts_, 1});
-  scatter_add_rows(ds_slots, routed_.slots, ds_back);
+  if (routed_.slots.numel() > 0) ops::embedding_backward(ds_slots, routed_.slots, ds_pairs);
 }
 
 }  // namespace decotron

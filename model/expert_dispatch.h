@@ -5,10 +5,13 @@
 // The experts this rank routes are the slice [slice_begin, slice_begin + slice_count) (all E
 // without tensor parallelism; the tensor-parallel rank's whole experts with it); the expert-
 // parallel group splits the slice into equal contiguous blocks, one per rank. Forward:
-//   route_pairs (pairs ordered by expert, i.e. by destination rank) -> gather the pairs' rows of
-//   x and their scores -> all-to-all (per-expert counts first) -> reorder expert-major
-//   -> [the grouped experts run] -> the reverse all-to-all -> scatter-add into the tokens.
-// Backward moves the output gradient the same way and the input and score gradients back.
+//   route_pairs (pairs ordered by expert, i.e. by destination rank) -> per destination, the
+//   tokens with at least one active expert there, each sent ONCE (h floats), with per pair its
+//   row, its expert (by the counts) and its score -> all-to-all -> the receiver expands the rows
+//   into pairs, expert-major -> [the grouped experts run] -> each token's outputs summed on the
+//   receiver -> the reverse all-to-all (one row per token and rank) -> added into the tokens.
+// Backward moves the output gradient the same way (one row per token and rank) and the input
+// gradient (summed per token on the receiver) and the score gradients (one per pair) back.
 // With an expert-parallel group of one (or none) nothing is sent: gather and scatter only.
 // Every rank joins every all-to-all, also when it sends or receives no pair.
 #pragma once
@@ -33,6 +36,9 @@ class ExpertDispatcher {
   // r, s [T, E]: router logits and scores of this rank's tokens x [T, h]. Pairs with r > 0, or
   // every pair of the slice when all_pairs (the dense-masked reference through this path).
   Received dispatch(const Tensor& x, const Tensor& r, const Tensor& s, bool all_pairs);
+  // The pairs' inputs again (Received::x), from x [T, h] (the layer's input) and the rows kept
+  // since dispatch: a layer may free Received::x after forward (pairs x h per layer saved).
+  Tensor gather_inputs(const Tensor& x) const;
   // The experts' outputs outp [P, h] (Received order) summed into their tokens: [T, h].
   Tensor combine(const Tensor& outp);
   // Backward of combine: each pair's output gradient, rows of dout [T, h], in Received order.
@@ -41,29 +47,29 @@ class ExpertDispatcher {
   // from the pairs' score gradients dsp [P], zero outside this rank's routed pairs.
   void combine_grad(Tensor& dx, Tensor& ds, const Tensor& dxp, const Tensor& dsp);
 
-  // Without an exchange the received rows are a gather of x: a layer can free them after forward
-  // and gather them again for backward (memory ~ pairs x h per layer saved).
-  bool exchanges() const { return ep_ != nullptr; }
-  Tensor gather_inputs(const Tensor& x) const;
-
   int64_t local_experts() const { return local_experts_; }
-  int64_t pairs_sent() const { return routed_.tokens.numel(); }  // of the last dispatch
-  int64_t pairs_received() const { return recv_total_; }
+  int64_t pairs_received() const { return recv_pairs_; }  // of the last dispatch
+  int64_t rows_sent() const { return send_tokens_.numel(); }
 
  private:
-  // Rows of `rows` [n, c] sent to the peers (send side order) -> rows received, expert-major.
-  Tensor send_forward(const Tensor& rows);
-  // Rows in expert-major received order -> back to their source ranks, in send order.
-  Tensor send_back(const Tensor& rows);
+  bool exchanges() const { return ep_ != nullptr; }
+  // Sends rows [n, c] in send order (counts per peer `send`) and returns the received [m, c].
+  Tensor exchange(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
+                  int64_t recv_total) const;
 
   Communicator* ep_;  // null when the expert-parallel group has one rank
   int64_t slice_begin_, slice_count_, local_experts_;
   int64_t tokens_ = 0, experts_ = 0;  // T and E of the last dispatch
   ops::RoutedPairs routed_;            // this rank's tokens' pairs, by expert = by destination
-  std::vector<int64_t> send_counts_, recv_counts_;  // pairs per peer
-  int64_t recv_total_ = 0;
-  Tensor to_expert_major_;    // i32 [P_recv]: received row of each expert-major row
-  Tensor from_expert_major_;  // i32 [P_recv]: expert-major row of each received row
+  int64_t recv_pairs_ = 0;
+  // Expert parallelism only:
+  Tensor send_tokens_;                   // i32: the token of each row sent, peer by peer
+  std::vector<int64_t> send_rows_, recv_rows_;    // rows per peer
+  std::vector<int64_t> send_pairs_, recv_pairs_per_peer_;  // pairs per peer
+  int64_t recv_rows_total_ = 0;
+  Tensor received_rows_;                 // [recv rows, h]: the tokens' inputs sent to this rank
+  Tensor pair_row_;                      // i32 [P]: received row of each expert-major pair
+  Tensor pair_from_major_;               // i32 [P]: expert-major index of each received pair
 };
 
 }  // namespace decotron

@@ -160,7 +160,7 @@ Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
   Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
   ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre_weight(),
                                gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
-  if (!dispatcher_->exchanges()) received_.x = Tensor();  // x_ is kept: gathered again in backward
+  received_.x = Tensor();  // gathered again in backward (from x_, or the rows received)
   return dispatcher_->combine(outp);
 }
 
