@@ -154,9 +154,10 @@ void run_train(const TrainArgs& a) {
                   : make_training_data(cfg, consumed, lay.dp_rank, lay.dp_size);
   Trainer trainer(cfg, std::move(data), p.run_dir, par);
   // Checkpoints hold whole tensors and the main rank alone writes them. Data-parallel ranks
-  // hold the same state; tensor-parallel ranks take part in gathering the split tensors.
+  // hold the same state; tensor-parallel ranks take part in gathering the split tensors, and
+  // data-parallel ranks in gathering the distributed optimizer's shards.
   std::optional<CheckpointManager> manager;
-  if (main_rank || lay.tp_size > 1)
+  if (main_rank || trainer.checkpoint_is_collective())
     manager.emplace(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async, main_rank);
   if (p.loaded) {
     // Restored (and the shapes checked) before metrics.jsonl is touched.
