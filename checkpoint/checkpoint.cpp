@@ -40,13 +40,14 @@ Tensor whole_tensor(const Parameter& p, const Tensor& t, Communicator* tp, Commu
   return host;
 }
 
-// dst gets src, or this rank's shard of it when the parameter is split.
-void copy_into(Tensor& dst, const CheckpointTensor& src, const Parameter& p) {
+// `src` as a host tensor of the parameter's local shape and dtype: this rank's shard of it when
+// the parameter is split.
+Tensor local_part(const CheckpointTensor& src, const Parameter& p) {
   Tensor host = Tensor::empty(src.shape, DType::f32);
   std::memcpy(host.data<float>(), src.data.data(), src.data.size() * sizeof(float));
-  if (p.shard_dim >= 0) host = slice_shard(host, Shard{p.shard_dim, p.shard_start, dst.dim(p.shard_dim)});
+  if (p.shard_dim >= 0) host = slice_shard(host, Shard{p.shard_dim, p.shard_start, p.value.dim(p.shard_dim)});
   // Models in another dtype (fp64 gradient checks, bf16 inference) get a converted copy.
-  dst.copy_from(dst.dtype() == DType::f32 ? host : cast_cpu(host, dst.dtype()));
+  return p.value.dtype() == DType::f32 ? host : cast_cpu(host, p.value.dtype());
 }
 
 Partition partition_of(const std::string& name) {
@@ -116,13 +117,15 @@ CheckpointData capture_checkpoint(Trainer& trainer) {
   AdamW& opt = trainer.optimizer();
   const std::vector<Parameter*>& params = opt.params();
   // Under tensor and expert parallelism every rank of the groups must be here: split tensors are
-  // gathered.
+  // gathered. Under the distributed optimizer every data-parallel rank too: moments() gathers
+  // the shards.
   Communicator* tp = trainer.parallel().tp.get();
   Communicator* ep = trainer.parallel().ep.get();
+  const std::vector<AdamW::Moments> moments = opt.moments();
   for (size_t i = 0; i < params.size(); ++i) {
     d.model.push_back(capture_tensor(*params[i], whole_tensor(*params[i], params[i]->value, tp, ep)));
-    d.exp_avg.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg(i), tp, ep)));
-    d.exp_avg_sq.push_back(capture_tensor(*params[i], whole_tensor(*params[i], opt.exp_avg_sq(i), tp, ep)));
+    d.exp_avg.push_back(capture_tensor(*params[i], whole_tensor(*params[i], moments[i].exp_avg, tp, ep)));
+    d.exp_avg_sq.push_back(capture_tensor(*params[i], whole_tensor(*params[i], moments[i].exp_avg_sq, tp, ep)));
   }
   d.optimizer_step = opt.step();
   d.state = trainer.state();
@@ -238,10 +241,10 @@ void restore_checkpoint(Trainer& trainer, const CheckpointData& d, const std::st
   for (size_t i = 0; i < d.model.size(); ++i) index[d.model[i].name] = i;
   match_parameters(opt.params(), d.model, path, [&](size_t i, const CheckpointTensor& t) {
     const size_t k = index.at(t.name);
-    const Parameter& p = *opt.params()[i];
-    copy_into(opt.params()[i]->value, t, p);
-    copy_into(opt.exp_avg(i), d.exp_avg[k], p);
-    copy_into(opt.exp_avg_sq(i), d.exp_avg_sq[k], p);
+    Parameter& p = *opt.params()[i];
+    p.value.copy_from(local_part(t, p));
+    // Whole tensors in the file; the distributed optimizer keeps its shard of them.
+    opt.set_moments(i, local_part(d.exp_avg[k], p), local_part(d.exp_avg_sq[k], p));
   });
   opt.set_step(d.optimizer_step);
   trainer.state() = d.state;
@@ -274,7 +277,7 @@ void load_model_weights(Transformer& model, const std::string& path) {
   CheckpointData d = read_checkpoint(path, true);
   std::vector<Parameter*> params = model.params().all();
   match_parameters(params, d.model, path,
-                   [&](size_t i, const CheckpointTensor& t) { copy_into(params[i]->value, t, *params[i]); });
+                   [&](size_t i, const CheckpointTensor& t) { params[i]->value.copy_from(local_part(t, *params[i])); });
 }
 
 }  // namespace decotron

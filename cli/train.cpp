@@ -154,10 +154,11 @@ void run_train(const TrainArgs& a) {
                   : make_training_data(cfg, consumed, lay.dp_rank, lay.dp_size);
   Trainer trainer(cfg, std::move(data), p.run_dir, par);
   // Checkpoints hold whole tensors and the main rank alone writes them. Data-parallel replicas
-  // hold the same state; the tensor- and expert-parallel ranks of the first expert-data-parallel
-  // replica (the main rank's TP x EP grid) take part in gathering the split tensors.
+  // hold the same state; the tensor- and expert-parallel ranks of the main rank's TP x EP grid
+  // take part in gathering the split tensors, and every data-parallel rank in gathering the
+  // distributed optimizer's shards.
   std::optional<CheckpointManager> manager;
-  if (main_rank || ((lay.tp_size > 1 || lay.ep_size > 1) && lay.edp_rank == 0))
+  if (main_rank || trainer.checkpoint_is_collective())
     manager.emplace(checkpoint_dir_for(cfg, p.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async, main_rank);
   if (p.loaded) {
     // Restored (and the shapes checked) before metrics.jsonl is touched.

@@ -320,6 +320,8 @@ void validate_config(const Config& c) {
   if (c.parallel.tensor < 1 || c.parallel.expert < 1 || c.parallel.data < 0)
     fail(c.where("parallel.tensor"), ": parallel sizes must be >= 1 (data: 0 for auto)");
   if (!(c.parallel.timeout_s > 0)) fail(c.where("parallel.timeout_s"), " must be positive");
+  if (!(c.parallel.grad_bucket_mb > 0))
+    fail(c.where("parallel.grad_bucket_mb"), " = ", c.parallel.grad_bucket_mb, " must be positive (default 25)");
   if (c.log.interval < 1) fail(c.where("log.interval"), " must be >= 1");
   if (c.checkpoint.keep < 1) fail(c.where("checkpoint.keep"), " must be >= 1");
   if (c.checkpoint.interval < 0) fail(c.where("checkpoint.interval"), " must be >= 0");

@@ -181,6 +181,9 @@ struct ParallelConfig {
   int64_t expert = 1;
   int64_t data = 0;
   bool sequence = false;
+  bool distributed_optimizer = false;
+  bool overlap_grad_reduce = true;
+  double grad_bucket_mb = 25.0;
   double timeout_s = 300.0;
 
   template <class V> void fields(V& v) {
@@ -188,6 +191,16 @@ struct ParallelConfig {
     v("expert", expert, "Expert-parallel size (carved out of the data-parallel ranks)");
     v("data", data, "Data-parallel size; 0 = world / tensor");
     v("sequence", sequence, "Sequence parallelism within the tensor-parallel group");
+    v("distributed_optimizer", distributed_optimizer,
+      "Shard the AdamW state and the update of the fp32 master weights over the data-parallel ranks (Megatron's "
+      "distributed optimizer, ZeRO-1): gradients are reduce-scattered, parameters all-gathered after each step; "
+      "optimizer state per rank divided by the data-parallel size, same training");
+    v("overlap_grad_reduce", overlap_grad_reduce,
+      "Start each gradient bucket's data-parallel reduction during the last micro-batch's backward pass, as soon "
+      "as its gradients are complete (bit-identical to reducing after the backward)");
+    v("grad_bucket_mb", grad_bucket_mb,
+      "Size of the data-parallel gradient buckets in MiB: smaller ones start reducing earlier in the backward, "
+      "larger ones use the links better");
     v("timeout_s", timeout_s,
       "Watchdog: a collective not completed within this many seconds aborts the job with a diagnostic");
   }

@@ -46,11 +46,14 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Com
                              cfg.init_std, true)) {
   for (int i = 0; i < cfg.layers; ++i) {
     bool deco = cfg.arch == "deco" && i >= cfg.dense_layers;
+    block_first_param_.push_back(params_.all().size());
     blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco, tp_, ep_));
     if (deco) deco_ids_.push_back(i);
   }
   num_deco_ = static_cast<int>(deco_ids_.size());
+  final_norm_first_param_ = params_.all().size();
   final_norm_ = std::make_unique<RMSNormLayer>(params_, "final_norm", cfg.hidden, cfg.norm_eps);
+  lm_head_param_ = params_.all().size();
   lm_head_ = &params_.add("lm_head.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
                           cfg.init_std, true);
 }
@@ -104,10 +107,19 @@ void Transformer::backward(double loss_scale) {
     ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
   }
   dlogits_ = Tensor();
+  auto final_from = [this](size_t first) {
+    if (on_grads_final) on_grads_final(first);
+  };
+  final_from(lm_head_param_);
   Tensor dx = final_norm_->backward(dh);
-  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) dx = (*it)->backward(dx, loss_scale);
+  final_from(final_norm_first_param_);
+  for (size_t i = blocks_.size(); i-- > 0;) {
+    dx = blocks_[i]->backward(dx, loss_scale);
+    final_from(block_first_param_[i]);
+  }
   if (tp_) vocab_embedding_backward(embedding_.grad, tokens_, dx, embedding_.shard_start);
   else ops::embedding_backward(embedding_.grad, tokens_, dx);
+  final_from(0);
 }
 
 Tensor Transformer::lm_logits(const Tensor& h) {

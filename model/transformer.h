@@ -1,6 +1,7 @@
 // The DECO transformer (and its dense twin): embedding, pre-norm blocks, final RMSNorm,
 // untied LM head, cross-entropy. deco-model.md is the specification.
 #pragma once
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -54,6 +55,11 @@ class Transformer {
                         const RegularizerSpec& reg, double loss_scale, bool with_grad);
   // Accumulates every parameter's gradient of the objective of the last forward.
   void backward(double loss_scale);
+  // Optional, called by backward() each time the gradients of a suffix of the parameters (in
+  // creation order, params().all()) are complete: with the index of the first of them, after the
+  // LM head, the final norm, each block and the embedding. Data parallelism starts reducing
+  // gradient buckets from it during the last micro-batch (parallel/grad_sync.h).
+  std::function<void(size_t first_param)> on_grads_final;
   // Logits [T, V] of every position (inference and tests).
   Tensor logits(const Tensor& tokens, const BatchShape& bs);
 
@@ -77,6 +83,9 @@ class Transformer {
   Parameter* lm_head_ = nullptr;
   int num_deco_ = 0;
   std::vector<int> deco_ids_;
+  // Creation index of the first parameter of each block, of the final norm and of the LM head.
+  std::vector<size_t> block_first_param_;
+  size_t final_norm_first_param_ = 0, lm_head_param_ = 0;
   // cached for backward
   Tensor tokens_, h_final_, dlogits_;
   BatchShape bs_;

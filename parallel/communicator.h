@@ -6,9 +6,16 @@
 // (docs/parallelism.md).
 //
 // Buffer contract: all_reduce and broadcast work in place; the others read `send` and overwrite
-// `recv`; counts are in elements. All ranks of the group must call the same collectives in the
-// same order with matching counts. A group of size one is a valid communicator: every
-// collective is then a copy (or nothing), the same code path as a multi-rank run.
+// `recv`; counts are in elements. all_gather may also run in place, NCCL's convention: `send`
+// is this rank's block of `recv` (send == recv + rank * send_count). All ranks of the group must
+// call the same collectives in the same order with matching counts. A group of size one is a
+// valid communicator: every collective is then a copy (or nothing), the same code path as a
+// multi-rank run.
+//
+// The *_async collectives return a CommRequest at once; the collective then runs while the
+// caller computes (data-parallel gradient buckets overlapped with the backward pass), and its
+// buffers stay untouched until wait() returns. They count as issued when called: the order
+// rule above covers blocking and non-blocking calls together.
 #pragma once
 #include <cstdint>
 #include <deque>
@@ -83,6 +90,21 @@ class CollectiveLog {
 void report_collective_timeout(const CollectiveLog& log, int world_rank, const std::string& group,
                                const char* op, uint64_t seq, double waited_s);
 
+// A collective in flight (the *_async calls).
+class CommRequest {
+ public:
+  // Waits for a collective that was not waited for: MPI cannot free an active request, and
+  // the buffers must outlive it.
+  virtual ~CommRequest() = default;
+  // Blocks until the collective has completed on this rank; its buffers may then be used. Watched
+  // like a blocking collective: a wait longer than parallel.timeout_s aborts the job with the
+  // watchdog's diagnostic. Calling it again does nothing.
+  virtual void wait() = 0;
+  // Lets the collective progress without blocking (MPI moves non-blocking collectives on only
+  // inside MPI calls, so a rank computing between launches pokes its requests); true once done.
+  virtual bool test() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -105,6 +127,13 @@ class Communicator {
   // buf of `root` copied to every rank, in place.
   virtual void broadcast(void* buf, int64_t count, CommType type, int root) = 0;
   virtual void barrier() = 0;
+
+  // Non-blocking forms of all_reduce, reduce_scatter and all_gather (same buffer contract).
+  virtual std::unique_ptr<CommRequest> all_reduce_async(void* buf, int64_t count, CommType type) = 0;
+  virtual std::unique_ptr<CommRequest> reduce_scatter_async(const void* send, void* recv, int64_t recv_count,
+                                                            CommType type) = 0;
+  virtual std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                        CommType type) = 0;
 
   // Convenience on host scalars (any backend; device backends stage through device memory).
   double sum(double v);

@@ -1,14 +1,29 @@
 // Data-parallel gradient averaging. After a step's micro-batches every rank holds the gradient
-// of its own samples; all_reduce_mean() replaces it by the mean over the data-parallel ranks
-// (expert parameters: the sum over the expert-data-parallel group / dp), so that every rank takes the same
-// optimizer step. Gradients are packed into buckets of about `bucket_bytes` (Megatron's 25 MB
-// default) on the communicator's device, each bucket all-reduced in one call, scaled by 1/N and
-// unpacked. A group of size one does nothing (the gradients are already the mean).
+// of its own samples; the sync replaces it by the mean over the data-parallel ranks (expert
+// parameters: the sum over the expert-data-parallel group / dp), so that every rank takes the same optimizer
+// step. The gradients live in grad buffers (parallel/grad_buffer.h), one per group and dtype,
+// cut into buckets of about `bucket_bytes` (Megatron's 25 MB default); each bucket is reduced by
+// one collective on the group's communicator and multiplied by its scale (1 / data-parallel size).
+//
+// Overlap with the backward pass: buckets are built in the reverse of the parameters' creation
+// order, the order in which the backward pass finishes them. During the last micro-batch's
+// backward the model reports each time a suffix of the parameters has its final gradient
+// (grads_final); every bucket whose parameters are all final is launched at once, non-blocking,
+// while the backward goes on. finish_grad_sync() launches the rest and waits for all. The same
+// bucket gets the same collective either way, so the result is bit-identical to reducing after
+// the backward.
+//
+// With the distributed optimizer (parallel.distributed_optimizer) the buckets are
+// reduce-scattered instead: each rank receives the mean gradient of its shard only, the optimizer
+// updates that shard, and sync_params() all-gathers the parameters.
+//
+// A group of size one has no buffer (its gradients are already the mean): the single-rank code
+// path is untouched.
 #pragma once
 #include <memory>
 #include <vector>
 
-#include "model/parameter.h"
+#include "parallel/grad_buffer.h"
 #include "parallel/process_groups.h"
 
 namespace decotron {
@@ -16,22 +31,37 @@ namespace decotron {
 class GradientSync {
  public:
   static constexpr size_t kDefaultBucketBytes = 25u << 20;
+  struct Options {
+    size_t bucket_bytes = kDefaultBucketBytes;
+    bool distributed_optimizer = false;  // shard: reduce-scatter the gradients, all-gather the parameters
+  };
 
-  GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx,
-               size_t bucket_bytes = kDefaultBucketBytes);
-  void all_reduce_mean();
-  size_t num_buckets() const { return buckets_.size(); }
+  // `params`: the model's parameters in creation order (ParameterSet::all()). Re-points the
+  // gradients (and, distributed, the values) of those in a group of more than one rank into the
+  // grad buffers.
+  GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx, Options opt);
+  GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx)
+      : GradientSync(params, ctx, Options{}) {}
+
+  // The overlap hook (Transformer::on_grads_final, during the last micro-batch's backward): the
+  // gradients of params[first, end) are final. Launches every bucket whose parameters are all
+  // final, in bucket order, and lets the in-flight ones progress.
+  void grads_final(size_t first);
+  // Launches the buckets not launched yet, waits for every bucket and scales it: the gradients
+  // (distributed: the grad shards) then hold the mean over their group.
+  void finish_grad_sync();
+  // Distributed: after the optimizer updated this rank's shards, all-gathers the parameters.
+  void sync_params();
+
+  const std::vector<std::unique_ptr<GradBuffer>>& buffers() const { return buffers_; }
+  bool distributed() const;  // some buffer is sharded
+  size_t num_buckets() const;
 
  private:
-  struct Bucket {
-    std::shared_ptr<Communicator> group;
-    DType dtype;
-    double scale;  // applied after the sum: 1 / data-parallel size
-    std::vector<Parameter*> params;
-    int64_t numel = 0;
-    Tensor buffer;  // on group->device(), allocated on first use
-  };
-  std::vector<Bucket> buckets_;
+  std::vector<std::unique_ptr<GradBuffer>> buffers_;
+  // Per buffer and bucket, the smallest creation index of its parameters: the bucket is ready
+  // once grads_final(first) has reported first <= it.
+  std::vector<std::vector<size_t>> ready_at_;
 };
 
 // Whether a parameter's gradient is summed over the expert-data-parallel group (its values

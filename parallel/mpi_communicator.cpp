@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -118,7 +119,43 @@ std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key, cons
   return std::make_unique<MpiCommunicator>(sub, name, timeout_s_, log_, world_rank_);
 }
 
-void MpiCommunicator::wait(MPI_Request& req, uint64_t seq, const char* op) {
+// A non-blocking collective of an MpiCommunicator: MPI_Test drives it, the communicator's wait()
+// watches it.
+class MpiRequest final : public CommRequest {
+ public:
+  MpiRequest(const MpiCommunicator& comm, MPI_Request req, uint64_t seq, const char* op)
+      : comm_(comm), req_(req), seq_(seq), op_(op) {}
+  ~MpiRequest() override {
+    if (done_) return;
+    try {
+      wait();
+    } catch (const std::exception& e) {  // no throw from a destructor
+      std::fprintf(stderr, "decotron: %s on group '%s' failed while abandoned: %s\n", op_, comm_.name().c_str(),
+                   e.what());
+    }
+  }
+  void wait() override {
+    if (done_) return;
+    comm_.wait(req_, seq_, op_);
+    done_ = true;
+  }
+  bool test() override {
+    if (done_) return true;
+    int flag = 0;
+    MPI_CHECK(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE));
+    if (flag) comm_.log_->end(seq_), done_ = true;
+    return done_;
+  }
+
+ private:
+  const MpiCommunicator& comm_;
+  MPI_Request req_;
+  uint64_t seq_;
+  const char* op_;
+  bool done_ = false;
+};
+
+void MpiCommunicator::wait(MPI_Request& req, uint64_t seq, const char* op) const {
   const auto start = std::chrono::steady_clock::now();
   int flag = 0;
   for (int spins = 0;; ++spins) {
@@ -137,29 +174,44 @@ void MpiCommunicator::wait(MPI_Request& req, uint64_t seq, const char* op) {
   log_->end(seq);
 }
 
-void MpiCommunicator::all_reduce(void* buf, int64_t count, CommType type) {
+// The blocking collectives are the non-blocking ones waited for at once (one watched path).
+void MpiCommunicator::all_reduce(void* buf, int64_t count, CommType type) { all_reduce_async(buf, count, type)->wait(); }
+
+void MpiCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv_count, CommType type) {
+  reduce_scatter_async(send, recv, recv_count, type)->wait();
+}
+
+void MpiCommunicator::all_gather(const void* send, void* recv, int64_t send_count, CommType type) {
+  all_gather_async(send, recv, send_count, type)->wait();
+}
+
+std::unique_ptr<CommRequest> MpiCommunicator::all_reduce_async(void* buf, int64_t count, CommType type) {
   uint64_t seq = log_->begin(name_, size_, "all_reduce", count * comm_type_size(type), count * comm_type_size(type));
   MPI_Request req;
   MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, mpi_count(count, "all_reduce"), mpi_type(type), MPI_SUM, comm_, &req));
-  wait(req, seq, "all_reduce");
+  return std::make_unique<MpiRequest>(*this, req, seq, "all_reduce");
 }
 
-void MpiCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv_count, CommType type) {
+std::unique_ptr<CommRequest> MpiCommunicator::reduce_scatter_async(const void* send, void* recv, int64_t recv_count,
+                                                                   CommType type) {
   uint64_t seq = log_->begin(name_, size_, "reduce_scatter", recv_count * size_ * comm_type_size(type),
                              recv_count * size_ * comm_type_size(type));
   MPI_Request req;
   MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, mpi_count(recv_count, "reduce_scatter"), mpi_type(type), MPI_SUM,
                                       comm_, &req));
-  wait(req, seq, "reduce_scatter");
+  return std::make_unique<MpiRequest>(*this, req, seq, "reduce_scatter");
 }
 
-void MpiCommunicator::all_gather(const void* send, void* recv, int64_t send_count, CommType type) {
+std::unique_ptr<CommRequest> MpiCommunicator::all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                               CommType type) {
   uint64_t seq = log_->begin(name_, size_, "all_gather", send_count * comm_type_size(type),
                              send_count * comm_type_size(type));
+  // In place (send is this rank's block of recv): MPI wants MPI_IN_PLACE, aliased buffers are an error.
+  const bool in_place = send == static_cast<const char*>(recv) + rank_ * send_count * comm_type_size(type);
   MPI_Request req;
-  MPI_CHECK(MPI_Iallgather(send, mpi_count(send_count, "all_gather"), mpi_type(type), recv,
+  MPI_CHECK(MPI_Iallgather(in_place ? MPI_IN_PLACE : send, mpi_count(send_count, "all_gather"), mpi_type(type), recv,
                            mpi_count(send_count, "all_gather"), mpi_type(type), comm_, &req));
-  wait(req, seq, "all_gather");
+  return std::make_unique<MpiRequest>(*this, req, seq, "all_gather");
 }
 
 void MpiCommunicator::all_to_all(const void* send, const std::vector<int64_t>& send_counts, void* recv,

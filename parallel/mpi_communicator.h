@@ -55,10 +55,18 @@ class MpiCommunicator final : public Communicator {
                   const std::vector<int64_t>& recv_counts, CommType type) override;
   void broadcast(void* buf, int64_t count, CommType type, int root) override;
   void barrier() override;
+  // The requests refer to this communicator: wait for them before it is destroyed.
+  std::unique_ptr<CommRequest> all_reduce_async(void* buf, int64_t count, CommType type) override;
+  std::unique_ptr<CommRequest> reduce_scatter_async(const void* send, void* recv, int64_t recv_count,
+                                                    CommType type) override;
+  std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                CommType type) override;
 
  private:
-  // Polls `req` until it completes; past the deadline prints the diagnostic and aborts the job.
-  void wait(MPI_Request& req, uint64_t seq, const char* op);
+  friend class MpiRequest;
+  // Polls `req` until it completes; past the deadline (counted from this call) prints the
+  // diagnostic and aborts the job.
+  void wait(MPI_Request& req, uint64_t seq, const char* op) const;
 
   MPI_Comm comm_;
   std::string name_;

@@ -5,6 +5,7 @@
 #include <nccl.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <thread>
 
@@ -47,7 +48,6 @@ class NcclCommunicator final : public Communicator {
     MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group.comm()));
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;  // calls return ncclInProgress; completion is polled (so a hang is seen)
     uint64_t seq = log_->begin(name_, size_, "nccl_init", 0, 0);
@@ -57,7 +57,6 @@ class NcclCommunicator final : public Communicator {
   }
   ~NcclCommunicator() override {
     if (comm_) ncclCommDestroy(comm_);  // no throw from a destructor
-    if (done_) cudaEventDestroy(done_);
     if (ready_) cudaEventDestroy(ready_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -67,20 +66,31 @@ class NcclCommunicator final : public Communicator {
   const std::string& name() const override { return name_; }
   Device device() const override { return Device::cuda; }
 
-  void all_reduce(void* buf, int64_t count, CommType type) override {
-    uint64_t seq = start("all_reduce", count * comm_type_size(type));
-    NCCL_CHECK_NB(ncclAllReduce(buf, buf, count, nccl_type(type), ncclSum, comm_, stream_));
-    finish(seq, "all_reduce");
-  }
+  // The blocking collectives are the non-blocking ones waited for at once (one watched path).
+  void all_reduce(void* buf, int64_t count, CommType type) override { all_reduce_async(buf, count, type)->wait(); }
   void reduce_scatter(const void* send, void* recv, int64_t recv_count, CommType type) override {
-    uint64_t seq = start("reduce_scatter", recv_count * size_ * comm_type_size(type));
-    NCCL_CHECK_NB(ncclReduceScatter(send, recv, recv_count, nccl_type(type), ncclSum, comm_, stream_));
-    finish(seq, "reduce_scatter");
+    reduce_scatter_async(send, recv, recv_count, type)->wait();
   }
   void all_gather(const void* send, void* recv, int64_t send_count, CommType type) override {
+    all_gather_async(send, recv, send_count, type)->wait();
+  }
+  std::unique_ptr<CommRequest> all_reduce_async(void* buf, int64_t count, CommType type) override {
+    uint64_t seq = start("all_reduce", count * comm_type_size(type));
+    NCCL_CHECK_NB(ncclAllReduce(buf, buf, count, nccl_type(type), ncclSum, comm_, stream_));
+    return launched(seq, "all_reduce");
+  }
+  std::unique_ptr<CommRequest> reduce_scatter_async(const void* send, void* recv, int64_t recv_count,
+                                                    CommType type) override {
+    uint64_t seq = start("reduce_scatter", recv_count * size_ * comm_type_size(type));
+    NCCL_CHECK_NB(ncclReduceScatter(send, recv, recv_count, nccl_type(type), ncclSum, comm_, stream_));
+    return launched(seq, "reduce_scatter");
+  }
+  // In place when send == recv + rank * send_count: NCCL's own convention.
+  std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                CommType type) override {
     uint64_t seq = start("all_gather", send_count * comm_type_size(type));
     NCCL_CHECK_NB(ncclAllGather(send, recv, send_count, nccl_type(type), comm_, stream_));
-    finish(seq, "all_gather");
+    return launched(seq, "all_gather");
   }
   void all_to_all(const void* send, const std::vector<int64_t>& send_counts, void* recv,
                   const std::vector<int64_t>& recv_counts, CommType type) override {
@@ -102,12 +112,12 @@ class NcclCommunicator final : public Communicator {
       so += send_counts[r], ro += recv_counts[r];
     }
     NCCL_CHECK_NB(ncclGroupEnd());
-    finish(seq, "all_to_all");
+    launched(seq, "all_to_all")->wait();
   }
   void broadcast(void* buf, int64_t count, CommType type, int root) override {
     uint64_t seq = start("broadcast", count * comm_type_size(type), rank_ == root ? count * comm_type_size(type) : 0);
     NCCL_CHECK_NB(ncclBroadcast(buf, buf, count, nccl_type(type), root, comm_, stream_));
-    finish(seq, "broadcast");
+    launched(seq, "broadcast")->wait();
   }
   void barrier() override {
     // NCCL has no barrier: an all-reduce of one value is one.
@@ -140,23 +150,71 @@ class NcclCommunicator final : public Communicator {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
-  void finish(uint64_t seq, const char* op) {
+  // The collective just enqueued on stream_, as a request whose wait() polls an event recorded
+  // after it (and the communicator's asynchronous error) against the watchdog's deadline. The
+  // compute stream goes on meanwhile: that is the overlap with the backward pass.
+  std::unique_ptr<CommRequest> launched(uint64_t seq, const char* op) {
     wait_enqueued(seq, op);
-    CUDA_CHECK(cudaEventRecord(done_, stream_));
+    cudaEvent_t done;
+    CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(done, stream_));
+    return std::make_unique<NcclRequest>(*this, done, seq, op);
+  }
+  // true once the collective's event has completed; aborts the job on an asynchronous error.
+  bool poll(cudaEvent_t done, uint64_t seq, const char* op) {
+    cudaError_t q = cudaEventQuery(done);
+    if (q == cudaSuccess) return true;
+    if (q != cudaErrorNotReady) CUDA_CHECK(q);
+    ncclResult_t st;
+    NCCL_CHECK(ncclCommGetAsyncError(comm_, &st));
+    if (st != ncclSuccess && st != ncclInProgress)
+      abort_job(seq, op, cat("asynchronous NCCL error: ", ncclGetErrorString(st)), 0);
+    return false;
+  }
+  void wait_done(cudaEvent_t done, uint64_t seq, const char* op) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (int spins = 0;; ++spins) {
-      cudaError_t q = cudaEventQuery(done_);
-      if (q == cudaSuccess) break;
-      if (q != cudaErrorNotReady) CUDA_CHECK(q);
-      ncclResult_t st;
-      NCCL_CHECK(ncclCommGetAsyncError(comm_, &st));
-      if (st != ncclSuccess && st != ncclInProgress)
-        abort_job(seq, op, cat("asynchronous NCCL error: ", ncclGetErrorString(st)), 0);
+    for (int spins = 0; !poll(done, seq, op); ++spins) {
       check_deadline(t0, seq, op);
       if (spins > 200) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
     log_->end(seq);
   }
+
+  // A collective in flight on stream_. Not run yet: no GPU was available while writing it (it
+  // compiles; docs/parallelism.md).
+  class NcclRequest final : public CommRequest {
+   public:
+    NcclRequest(NcclCommunicator& comm, cudaEvent_t done, uint64_t seq, const char* op)
+        : comm_(comm), done_(done), seq_(seq), op_(op) {}
+    ~NcclRequest() override {
+      if (!finished_) {
+        try {
+          wait();
+        } catch (const std::exception& e) {  // no throw from a destructor
+          std::fprintf(stderr, "decotron: %s on group '%s' failed while abandoned: %s\n", op_,
+                       comm_.name().c_str(), e.what());
+        }
+      }
+      cudaEventDestroy(done_);
+    }
+    void wait() override {
+      if (finished_) return;
+      comm_.wait_done(done_, seq_, op_);
+      finished_ = true;
+    }
+    bool test() override {
+      if (!finished_ && comm_.poll(done_, seq_, op_)) comm_.log_->end(seq_), finished_ = true;
+      return finished_;
+    }
+
+   private:
+    NcclCommunicator& comm_;
+    cudaEvent_t done_;
+    uint64_t seq_;
+    const char* op_;
+    bool finished_ = false;
+  };
+
   void check_deadline(std::chrono::steady_clock::time_point t0, uint64_t seq, const char* op) {
     const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (waited > timeout_s_) abort_job(seq, op, "", waited);
@@ -177,7 +235,7 @@ class NcclCommunicator final : public Communicator {
   int world_rank_, rank_, size_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t ready_ = nullptr, done_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
 };
 
 }  // namespace

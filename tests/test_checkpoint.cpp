@@ -63,8 +63,9 @@ void expect_same_state(Trainer& a, Trainer& b) {
   ASSERT_EQ(pa.size(), pb.size());
   for (size_t i = 0; i < pa.size(); ++i) {
     EXPECT_TRUE(same_bits(pa[i]->value, pb[i]->value)) << pa[i]->name;
-    EXPECT_TRUE(same_bits(a.optimizer().exp_avg(i), b.optimizer().exp_avg(i))) << pa[i]->name;
-    EXPECT_TRUE(same_bits(a.optimizer().exp_avg_sq(i), b.optimizer().exp_avg_sq(i))) << pa[i]->name;
+    EXPECT_TRUE(same_bits(a.optimizer().moments()[i].exp_avg, b.optimizer().moments()[i].exp_avg)) << pa[i]->name;
+    EXPECT_TRUE(same_bits(a.optimizer().moments()[i].exp_avg_sq, b.optimizer().moments()[i].exp_avg_sq))
+        << pa[i]->name;
   }
   EXPECT_EQ(a.optimizer().step(), b.optimizer().step());
   EXPECT_EQ(a.state().iteration, b.state().iteration);

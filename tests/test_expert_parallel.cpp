@@ -20,7 +20,7 @@
 
 namespace fs = std::filesystem;
 using namespace decotron;
-using namespace decotron::testing;
+using namespace decotron::mpi_test;
 
 namespace {
 
@@ -85,10 +85,11 @@ TEST(EpWorker, LayoutsEqualOneRankInFp64) {
     }
     Tensor tok, tgt;
     batch(ctx->layout.dp_rank, tok, tgt);
+    GradientSync sync(par.params().all(), *ctx);  // the gradients now live in its buffers
     par.params().zero_grad();
     ForwardResult f = par.forward(tok, tgt, bs, reg, 1.0, true);
     par.backward(1.0);
-    GradientSync(par.params().all(), *ctx).all_reduce_mean();
+    sync.finish_grad_sync();
     std::vector<double> sums = {f.lm_loss_sum};
     std::vector<int64_t> counts = {0, 0};
     for (const auto& r : f.routing) counts[0] += r.active_pairs, counts[1] += r.pairs_computed;
@@ -125,13 +126,13 @@ TEST(EpWorker, LayoutsEqualOneRankInFp64) {
 
 TEST(ExpertParallel, GradientsEqualOneRankInFp64) {
   if (std::getenv("DECOTRON_EP_WORKER")) GTEST_SKIP() << "inside the worker";
-  const std::string dir = fresh_test_dir("ep_worker");
+  const std::string dir = fresh_dir("ep_worker");
   char self[4096] = {0};
   ASSERT_GT(readlink("/proc/self/exe", self, sizeof self - 1), 0);
-  int rc = run_command(std::string("DECOTRON_EP_WORKER=1 ") + kMpirun + " -x DECOTRON_EP_WORKER -np 4 " + self +
+  int rc = run(std::string("DECOTRON_EP_WORKER=1 ") + kMpirun + " -x DECOTRON_EP_WORKER -np 4 " + self +
                            " --gtest_color=no --gtest_filter=EpWorker.*",
                        dir + "/log", 120);
-  const std::string log = read_text(dir + "/log");
+  const std::string log = read_file(dir + "/log");
   EXPECT_EQ(rc, 0) << log;
   size_t passed = 0;
   for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
@@ -165,13 +166,10 @@ std::string train(const std::string& cfg, const std::string& run_dir, int np, in
                     std::to_string(expert) + extra;
   if (np > 1) cmd = std::string(kMpirun) + " -np " + std::to_string(np) + " " + cmd;
   const std::string log = run_dir + ".log";
-  int rc = run_command(cmd, log);
-  return rc == 0 ? std::string() : cat("exit ", rc, ": ", read_text(log));
+  int rc = run(cmd, log);
+  return rc == 0 ? std::string() : cat("exit ", rc, ": ", read_file(log));
 }
 
-void expect_close(double a, double b, double rel, const std::string& what) {
-  EXPECT_LE(std::fabs(a - b), rel * std::max(std::fabs(a), std::fabs(b)) + 1e-12) << what << ": " << a << " vs " << b;
-}
 
 // The losses of every record within 1e-5 relative. ReLU routing makes the rest discontinuous:
 // a router logit within fp32 rounding of 0 is active in one layout and not in another (the
@@ -180,7 +178,7 @@ void expect_close(double a, double b, double rel, const std::string& what) {
 // and (in the checkpoints) the weights are held to looser bounds here, and the exact equality of
 // every gradient is checked in fp64 (EpWorker above).
 void expect_same_records(const std::string& got_dir, const std::string& ref_dir, const std::string& what) {
-  const auto got = metrics_records(got_dir + "/metrics.jsonl"), ref = metrics_records(ref_dir + "/metrics.jsonl");
+  const auto got = train_records(got_dir + "/metrics.jsonl"), ref = train_records(ref_dir + "/metrics.jsonl");
   ASSERT_EQ(got.size(), ref.size()) << what;
   for (size_t i = 0; i < ref.size(); ++i) {
     const std::string at = what + " record " + std::to_string(i);
@@ -223,7 +221,7 @@ void expect_same_checkpoints(const std::string& got_dir, const std::string& ref_
 // 20 fp32 steps of a tiny DECO at EP2, EP4 and TP2 x EP2 follow the one-rank run, for the
 // sparse path (only active pairs sent) and the dense-masked reference (every pair sent).
 TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
-  const std::string dir = fresh_test_dir("ep_layouts");
+  const std::string dir = fresh_dir("ep_layouts");
   for (const std::string compute : {"sparse", "dense"}) {
     const std::string cfg = ep_config(dir, compute), one = dir + "/one-" + compute;
     ASSERT_EQ(train(cfg, one, 1, 1, 1), "");
@@ -235,7 +233,7 @@ TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
       if (compute == "dense" && std::string(l.name) == "ep4") continue;  // the sparse run covers EP4
       const std::string run_dir = dir + "/" + l.name + "-" + compute;
       ASSERT_EQ(train(cfg, run_dir, l.np, l.tensor, l.expert), "");
-      const std::string log = read_text(run_dir + ".log");
+      const std::string log = read_file(run_dir + ".log");
       EXPECT_NE(log.find(cat("expert ", l.expert, " within data")), std::string::npos) << log;
       expect_same_records(run_dir, one, cat(l.name, " ", compute));
       expect_same_checkpoints(run_dir, one, 1e-3, cat(l.name, " ", compute));
@@ -249,14 +247,14 @@ TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
   for (int expert : {1, 2}) {
     const std::string run_dir = dir + "/from-ep4-to-ep" + std::to_string(expert);
     ASSERT_EQ(train(cfg, run_dir, expert, 1, expert, more), "");
-    EXPECT_NE(read_text(run_dir + ".log").find("resumed from"), std::string::npos);
+    EXPECT_NE(read_file(run_dir + ".log").find("resumed from"), std::string::npos);
     expect_same_records(run_dir, ep4, cat("EP4 -> EP", expert));
     expect_same_checkpoints(run_dir, ep4, 1e-5, cat("EP4 -> EP", expert));
   }
 }
 
 TEST(ExpertParallel, ExpertsThatDoNotSplitAreAClearError) {
-  const std::string dir = fresh_test_dir("ep_errors");
+  const std::string dir = fresh_dir("ep_errors");
   const std::string cfg = ep_config(dir, "sparse");
   // 8 experts over 3 expert-parallel ranks.
   std::string err = train(cfg, dir + "/ep3", 3, 1, 3);

@@ -343,9 +343,9 @@ void check_collectives(const ParallelContext& ctx) {
   ps.add("b", {5}, Partition::column, Init::ones, 0, false);
   for (Parameter* p : ps.all())
     for (int64_t i = 0; i < p->grad.numel(); ++i) p->grad.data<float>()[i] = static_cast<float>(r + i);
-  GradientSync sync(ps.all(), ctx, 64);
+  GradientSync sync(ps.all(), ctx, GradientSync::Options{64});
   if (ctx.dp->size() > 1) EXPECT_GE(sync.num_buckets(), 2u);
-  sync.all_reduce_mean();
+  sync.finish_grad_sync();
   const int dp = ctx.dp->size();
   for (Parameter* p : ps.all()) {
     for (int64_t i = 0; i < p->grad.numel(); ++i)

@@ -80,10 +80,18 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
     std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
                  "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());
   model_->params().initialize(cfg.train.seed);  // the same weights on every rank (keyed by seed and name)
-  optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train);
+  // The sync moves the gradients (and, distributed, the parameters) into its buffers before the
+  // optimizer takes views of them.
+  GradientSync::Options sync;
+  sync.bucket_bytes = static_cast<size_t>(cfg.parallel.grad_bucket_mb * (1 << 20));
+  sync.distributed_optimizer = cfg.parallel.distributed_optimizer;
+  grad_sync_ = std::make_unique<GradientSync>(model_->params().all(), *par_, sync);
+  optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train, grad_sync_.get());
   optimizer_->set_tensor_parallel(par_->tp.get());
   optimizer_->set_expert_parallel(par_->ep.get());
-  grad_sync_ = std::make_unique<GradientSync>(model_->params().all(), *par_);
+  if (cfg.parallel.distributed_optimizer && !optimizer_->distributed() && par_->is_main())
+    std::fprintf(stderr, "note: %s: the data-parallel size is 1, nothing to shard (the optimizer state stays whole)\n",
+                 cfg.where("parallel.distributed_optimizer").c_str());
   last_active_.assign(model_->num_deco_layers(), std::vector<int64_t>(cfg.model.experts, 0));
   warned_.assign(model_->num_deco_layers(), std::vector<bool>(cfg.model.experts, false));
   if (!run_dir_.empty() && par_->is_main()) {
@@ -128,7 +136,12 @@ StepResult Trainer::train_step() {
     Tensor tok, tgt;
     split_batch(batch, B, S, model_->params().device(), tok, tgt);
     ForwardResult f = model_->forward(tok, tgt, {B, S}, reg, loss_scale, true);
+    // Overlap: during the last micro-batch's backward each bucket's reduction starts as soon as
+    // its gradients are complete (earlier micro-batches still add to them).
+    if (m + 1 == n_micro && cfg_.parallel.overlap_grad_reduce)
+      model_->on_grads_final = [this](size_t first) { grad_sync_->grads_final(first); };
     model_->backward(loss_scale);
+    model_->on_grads_final = nullptr;
     lm_sum += f.lm_loss_sum;
     tokens += f.tokens;
     reg_sum += f.reg_loss * loss_scale;
@@ -140,9 +153,10 @@ StepResult Trainer::train_step() {
       for (int64_t e = 0; e < cfg_.model.experts; ++e) per_expert[l][e] += f.routing[l].active_per_expert[e];
     }
   }
-  // Data parallel: average the gradients, and sum the statistics over the ranks (every rank
-  // then computes the same losses, rho, lambda, norm and skip decision).
-  grad_sync_->all_reduce_mean();
+  // Data parallel: average the gradients (distributed optimizer: each rank's shard of them), and
+  // sum the statistics over the ranks (every rank then computes the same losses, rho, lambda,
+  // norm and skip decision).
+  grad_sync_->finish_grad_sync();
   {
     std::vector<double> sums = {lm_sum, reg_sum, entropy_sum};
     par_->dp->sum_in_place(sums);

@@ -74,6 +74,13 @@ class Trainer {
   const Config& config() const { return cfg_; }
   const std::string& run_dir() const { return run_dir_; }
   const ParallelContext& parallel() const { return *par_; }
+  // Whether capturing a checkpoint is collective (every rank must take part, rank 0 writes):
+  // the main rank's tensor- and expert-parallel grid gathers the split tensors; with the
+  // distributed optimizer every rank takes part (its state shards are gathered).
+  bool checkpoint_is_collective() const {
+    const ParallelLayout& l = par_->layout;
+    return optimizer_->distributed() || ((l.tp_size > 1 || l.ep_size > 1) && l.edp_rank == 0);
+  }
   // Replaces the data source (after a resume restores consumed_samples).
   void set_data(std::unique_ptr<TrainingData> data) { data_ = std::move(data); }
 
@@ -87,11 +94,11 @@ class Trainer {
 
   Config cfg_;
   std::shared_ptr<ParallelContext> par_;
-  std::unique_ptr<GradientSync> grad_sync_;
   std::unique_ptr<TrainingData> data_;
   std::string run_dir_;
   std::unique_ptr<Transformer> model_;
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<GradientSync> grad_sync_;  // after the model (its buffers hold the model's gradients)
+  std::unique_ptr<AdamW> optimizer_;         // after the sync (it takes views of the sync's shards)
   SparsityController controller_;
   TrainState state_;
   std::atomic<bool> stop_requested_{false};
