@@ -57,6 +57,9 @@ void sparse_experts_backward(Tensor& dx, Tensor& ds, Tensor& dw_pre, Tensor* dw_
                              const Tensor& s, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
 double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale);
+void vocab_parallel_ce_forward(Tensor& stats, const Tensor& logits, const Tensor& targets, int64_t vocab_start);
+void vocab_parallel_ce_backward(Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t vocab_start,
+                                double grad_scale);
 void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStep& s, double grad_scale);
 double sum_squares(const Tensor& x);
 bool has_nonfinite(const Tensor& x);
