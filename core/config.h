@@ -187,7 +187,10 @@ struct ParallelConfig {
     v("tensor", tensor, "Tensor-parallel size");
     v("expert", expert, "Expert-parallel size (carved out of the data-parallel ranks)");
     v("data", data, "Data-parallel size; 0 = world / tensor");
-    v("sequence", sequence, "Sequence parallelism within the tensor-parallel group");
+    v("sequence", sequence,
+      "Sequence parallelism (Megatron's): outside attention and the FFNs, the residual stream and the norms hold "
+      "1/tensor of the tokens on each tensor-parallel rank; needs tensor > 1 and micro_batch x seq_len divisible by "
+      "tensor");
     v("timeout_s", timeout_s,
       "Watchdog: a collective not completed within this many seconds aborts the job with a diagnostic");
   }

@@ -6,18 +6,26 @@
 #include <vector>
 
 #include "model/layers.h"
+#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
+// A pre-norm block: x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1)). Under tensor
+// parallelism the attention and the FFN are tensor-parallel regions whose partial sums the
+// block reduces (tp_: all-reduce; with sequence parallelism x, x1, x2 and the norms hold this
+// rank's row block of the tokens, gathered before each region and reduce-scattered after it).
 class TransformerBlock {
  public:
-  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn, Communicator* tp = nullptr);
+  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn,
+                   const TensorParallelMappings& tp = {});
+  // bs: the shape of the whole micro-batch (under sequence parallelism x holds a block of it).
   Tensor forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
                  double& reg_loss);
   Tensor backward(const Tensor& dy, double loss_scale);
   bool is_deco() const { return deco_ != nullptr; }
 
  private:
+  TensorParallelMappings tp_;
   RMSNormLayer norm1_, norm2_;
   AttentionLayer attn_;
   std::unique_ptr<SwiGLULayer> dense_;
@@ -34,9 +42,12 @@ struct ForwardResult {
 class Transformer {
  public:
   // tp: the tensor-parallel group (null or size one: whole tensors, the single-rank code path).
-  // Under tensor parallelism the embedding and the LM head are split by vocabulary range; the
-  // logits are gathered for the cross-entropy.
-  Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp = nullptr);
+  // Under tensor parallelism the embedding and the LM head are split by vocabulary range and the
+  // cross-entropy is vocabulary-parallel (no rank holds [T, V] logits). sequence_parallel
+  // (needs tp): the residual stream, the norms and the residual adds run on 1/TP of the tokens
+  // (docs/parallelism.md); the micro-batch's B*S tokens must divide by TP.
+  Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp = nullptr,
+              bool sequence_parallel = false);
 
   ParameterSet& params() { return params_; }
   const ModelConfig& config() const { return cfg_; }
@@ -49,7 +60,9 @@ class Transformer {
   // in place (the logits' memory) for backward().
   ForwardResult forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
                         const RegularizerSpec& reg, double loss_scale, bool with_grad);
-  // Accumulates every parameter's gradient of the objective of the last forward.
+  // Accumulates every parameter's gradient of the objective of the last forward. Under sequence
+  // parallelism the norm weights' gradients are then partial sums over the tensor-parallel
+  // ranks: call tp_all_reduce_sequence_parallel_grads once after the step's last backward.
   void backward(double loss_scale);
   // Logits [T, V] of every position (inference and tests).
   Tensor logits(const Tensor& tokens, const BatchShape& bs);
@@ -61,11 +74,16 @@ class Transformer {
  private:
   Tensor trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg, ForwardResult* res);
 
-  // Under tensor parallelism: logits [T, V] from this rank's vocabulary rows of the LM head.
+  // Logits of the LM head on the final norm's output h: [T, V]; under tensor parallelism this
+  // rank's vocabulary columns [T, V/TP] (of every token: under sequence parallelism h is
+  // gathered first, and the LM head's input is kept in h_final_ for backward).
   Tensor lm_logits(const Tensor& h);
+  // Fails unless the micro-batch's tokens split over the tensor-parallel ranks (sequence parallel).
+  void check_token_split(const BatchShape& bs) const;
 
   ModelConfig cfg_;
   Communicator* tp_;
+  TensorParallelMappings tpm_;  // the reductions around the embedding and the LM head
   ParameterSet params_;
   Parameter& embedding_;
   std::vector<std::unique_ptr<TransformerBlock>> blocks_;
@@ -73,7 +91,7 @@ class Transformer {
   Parameter* lm_head_ = nullptr;
   int num_deco_ = 0;
   std::vector<int> deco_ids_;
-  // cached for backward
+  // cached for backward: h_final_ is the LM head's input (every token)
   Tensor tokens_, h_final_, dlogits_;
   BatchShape bs_;
 };

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "kernels/ops.h"
+#include "parallel/tensor_parallel.h"
 #include "trainer/lr_schedule.h"
 
 namespace decotron {
@@ -65,12 +66,11 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
          "(docs/parallelism.md); use data and tensor parallelism (parallel.expert: 1)");
   if (lay.tp_size > 1 && cfg.train.device != "cpu")
     fail(cfg.where("parallel.tensor"), ": tensor parallelism runs on the CPU so far (docs/parallelism.md)");
-  if (cfg.parallel.sequence)
-    fail(cfg.where("parallel.sequence"), ": sequence parallelism is not implemented yet; set parallel.sequence: false");
   if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
     fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
-  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get());
+  model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get(),
+                                         cfg.parallel.sequence);
   if (cfg.train.dtype != "fp32" && par_->is_main())
     std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
                  "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());
@@ -132,8 +132,11 @@ StepResult Trainer::train_step() {
       for (int64_t e = 0; e < cfg_.model.experts; ++e) per_expert[l][e] += f.routing[l].active_per_expert[e];
     }
   }
-  // Data parallel: average the gradients, and sum the statistics over the ranks (every rank
-  // then computes the same losses, rho, lambda, norm and skip decision).
+  // Sequence parallel: the norm weights' gradients are partial sums over the tensor-parallel
+  // ranks' tokens (nothing to do otherwise). Data parallel: average the gradients, and sum the
+  // statistics over the ranks (every rank then computes the same losses, rho, lambda, norm and
+  // skip decision).
+  tp_all_reduce_sequence_parallel_grads(*par_->tp, model_->params().all());
   grad_sync_->all_reduce_mean();
   {
     std::vector<double> sums = {lm_sum, reg_sum, entropy_sum};
