@@ -322,6 +322,15 @@ void validate_config(const Config& c) {
   if (!(c.parallel.timeout_s > 0)) fail(c.where("parallel.timeout_s"), " must be positive");
   if (!(c.parallel.grad_bucket_mb > 0))
     fail(c.where("parallel.grad_bucket_mb"), " = ", c.parallel.grad_bucket_mb, " must be positive (default 25)");
+  // Sequence parallelism splits the tokens over the tensor-parallel ranks: as Megatron-Core's
+  // ModelParallelConfig, it is an error without tensor parallelism (not silently ignored).
+  if (c.parallel.sequence && c.parallel.tensor == 1)
+    fail(c.where("parallel.sequence"), ": sequence parallelism needs tensor parallelism (parallel.tensor > 1); set "
+         "parallel.sequence: false or raise parallel.tensor");
+  if (c.parallel.sequence && (t.micro_batch * m.seq_len) % c.parallel.tensor != 0)
+    fail(c.where("parallel.sequence"), ": the micro-batch's train.micro_batch x model.seq_len = ", t.micro_batch,
+         " x ", m.seq_len, " = ", t.micro_batch * m.seq_len, " tokens do not split over parallel.tensor = ",
+         c.parallel.tensor, " ranks; pick a micro-batch and sequence length whose product is a multiple of it");
   if (c.log.interval < 1) fail(c.where("log.interval"), " must be >= 1");
   if (c.checkpoint.keep < 1) fail(c.where("checkpoint.keep"), " must be >= 1");
   if (c.checkpoint.interval < 0) fail(c.where("checkpoint.interval"), " must be >= 0");

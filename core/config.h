@@ -190,7 +190,10 @@ struct ParallelConfig {
     v("tensor", tensor, "Tensor-parallel size");
     v("expert", expert, "Expert-parallel size (carved out of the data-parallel ranks)");
     v("data", data, "Data-parallel size; 0 = world / tensor");
-    v("sequence", sequence, "Sequence parallelism within the tensor-parallel group");
+    v("sequence", sequence,
+      "Sequence parallelism (Megatron's): outside attention and the FFNs, the residual stream and the norms hold "
+      "1/tensor of the tokens on each tensor-parallel rank; needs tensor > 1 and micro_batch x seq_len divisible by "
+      "tensor");
     v("distributed_optimizer", distributed_optimizer,
       "Shard the AdamW state and the update of the fp32 master weights over the data-parallel ranks (Megatron's "
       "distributed optimizer, ZeRO-1): gradients are reduce-scattered, parameters all-gathered after each step; "

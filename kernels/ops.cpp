@@ -541,6 +541,37 @@ double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale) {
 #endif
 }
 
+void vocab_parallel_ce_forward(Tensor& stats, const Tensor& logits, const Tensor& targets, int64_t vocab_start) {
+  const Device dev = stats.device();
+  OpTimer timer("vocab_parallel_ce_forward", dev);
+  DT_ASSERT(!(logits.device() != dev || targets.device() != dev), "vocab_parallel_ce_forward: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::vocab_parallel_ce_forward(stats, logits, targets, vocab_start);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::vocab_parallel_ce_forward(stats, logits, targets, vocab_start);
+#else
+  fail("vocab_parallel_ce_forward: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void vocab_parallel_ce_backward(Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t vocab_start,
+                                double grad_scale) {
+  const Device dev = logits.device();
+  OpTimer timer("vocab_parallel_ce_backward", dev);
+  DT_ASSERT(!(targets.device() != dev || lse.device() != dev), "vocab_parallel_ce_backward: tensors on different devices");
+  if (dev == Device::cpu) {
+    cpu::vocab_parallel_ce_backward(logits, targets, lse, vocab_start, grad_scale);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::vocab_parallel_ce_backward(logits, targets, lse, vocab_start, grad_scale);
+#else
+  fail("vocab_parallel_ce_backward: CUDA tensors in a build without CUDA");
+#endif
+}
+
 void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStep& s, double grad_scale) {
   const Device dev = param.device();
   OpTimer timer("adamw_update", dev);

@@ -151,6 +151,21 @@ void add_rows_(Tensor& x, const Tensor& row, double alpha);
 // the gradient takes the logits' memory, so the [T, V] matrix exists once.
 double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale);
 
+// The two local halves of the vocabulary-parallel cross-entropy (Megatron's
+// VocabParallelCrossEntropy; parallel/vocab_parallel_cross_entropy.h combines them over the
+// tensor-parallel group). logits [T, V_l] are this rank's columns, vocabulary ids
+// [vocab_start, vocab_start + V_l); targets i32 [T] are global ids. stats and lse are fp64 for
+// every logits dtype: the log-sum-exp is combined in double and rounded once, as
+// ops::cross_entropy rounds it, so the gradient is the whole-vocabulary op's to the last bit
+// (nearly always; the ranks' partial sums round differently in double).
+// stats [2, T] =: row 0 the log-sum-exp of each row's local logits; row 1 the target's logit
+// where the target falls in this range, else 0 (so a sum over the ranks picks the target's).
+void vocab_parallel_ce_forward(Tensor& stats, const Tensor& logits, const Tensor& targets, int64_t vocab_start);
+// logits = grad_scale * (exp(logits - lse) - onehot), in place; lse [T] is the log-sum-exp over
+// the whole vocabulary; the onehot is nonzero only for targets in this range.
+void vocab_parallel_ce_backward(Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t vocab_start,
+                                double grad_scale);
+
 // ---- optimizer ---------------------------------------------------------------------------------
 struct AdamWStep {
   double lr, beta1, beta2, eps, weight_decay;

@@ -4,14 +4,12 @@
 
 namespace decotron {
 
-SwiGLULayer::SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std,
-                         Communicator* tp)
+SwiGLULayer::SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std)
     : w_gate_(ps.add(name + ".w_gate", {width, hidden}, Partition::column, Init::normal, init_std, true)),
       w_up_(ps.add(name + ".w_up", {width, hidden}, Partition::column, Init::normal, init_std, true)),
-      w_down_(ps.add(name + ".w_down", {hidden, width}, Partition::row, Init::normal, init_std, true)),
-      tp_(tp && tp->size() > 1 ? tp : nullptr) {}
+      w_down_(ps.add(name + ".w_down", {hidden, width}, Partition::row, Init::normal, init_std, true)) {}
 
-Tensor SwiGLULayer::forward(const Tensor& x, bool reduce_output) {
+Tensor SwiGLULayer::forward(const Tensor& x) {
   x_ = x;
   const int64_t T = x.numel() / x.dim(-1), F = w_up_.value.dim(0);
   gate_ = Tensor::empty({T, F}, x.dtype(), x.device());
@@ -21,8 +19,7 @@ Tensor SwiGLULayer::forward(const Tensor& x, bool reduce_output) {
   ops::linear_forward(up_, x, w_up_.value);
   ops::swiglu_forward(h_, gate_, up_);
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
-  ops::linear_forward(y, h_, w_down_.value);
-  if (tp_ && reduce_output) tp_all_reduce(*tp_, y);  // row-parallel W_down: partial sums
+  ops::linear_forward(y, h_, w_down_.value);  // under tp: partial sums over the width slices
   return y;
 }
 
@@ -34,8 +31,7 @@ Tensor SwiGLULayer::backward(const Tensor& dy, Tensor* accumulate_into) {
   ops::swiglu_backward(dgate, dup, dh, gate_, up_);
   Tensor dx = accumulate_into ? *accumulate_into : Tensor::empty(x_.shape(), dy.dtype(), dy.device());
   ops::linear_backward(&dx, &w_gate_.grad, dgate, x_, w_gate_.value, accumulate_into != nullptr);
-  ops::linear_backward(&dx, &w_up_.grad, dup, x_, w_up_.value, true);
-  if (tp_ && !accumulate_into) tp_all_reduce(*tp_, dx);  // column-parallel W_gate, W_up
+  ops::linear_backward(&dx, &w_up_.grad, dup, x_, w_up_.value, true);  // under tp: partial sums
   return dx;
 }
 
@@ -79,8 +75,7 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
     w_gate_ = &ps.add(name + ".w_gate", {cfg.experts * cfg.expert_width, cfg.hidden}, Partition::expert_rows,
                       Init::normal, cfg.init_std, true, cfg.expert_width);
   if (cfg.shared_expert_width > 0)
-    shared_ = std::make_unique<SwiGLULayer>(ps, name + ".shared", cfg.hidden, cfg.shared_expert_width, cfg.init_std,
-                                            tp);
+    shared_ = std::make_unique<SwiGLULayer>(ps, name + ".shared", cfg.hidden, cfg.shared_expert_width, cfg.init_std);
   // Tensor parallelism gives each rank a slice of whole experts; expert parallelism splits the
   // slice over the expert-parallel ranks. Both run the pair path (the dense-masked math when
   // expert_compute is dense: every pair of the slice is sent).
@@ -137,8 +132,9 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
     ops::linear_forward(out, y_, w_down_.value);
   }
   // 7. The shared expert, always on.
-  if (shared_) ops::add_(out, shared_->forward(x, /*reduce_output=*/tp_ == nullptr));
-  if (tp_) tp_all_reduce(*tp_, out);  // one reduction for the routed and the shared experts' partial sums
+  if (shared_) ops::add_(out, shared_->forward(x));
+  // Under tensor parallelism out is the routed and the shared experts' partial sum: the block
+  // reduces it.
   routing_stats(stats, reg, reg_loss);
   stats.pairs_computed = dispatcher_ ? dispatcher_->pairs_received() : stats.active_pairs;
   return out;
@@ -211,14 +207,14 @@ void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg
 
 // Steps 1-3 backward, shared by every expert path: the regularizer's gradient enters at
 // a = ReLU(r) next to the scaling's; dx += the router's input gradient.
-void DecoFFNLayer::router_backward(Tensor& dx, const Tensor& ds, double loss_scale) {
+void DecoFFNLayer::router_backward(Tensor& dx, const Tensor& ds, double loss_scale, bool add_input_grad) {
   const int64_t T = x_.numel() / x_.dim(-1);
   Tensor da = Tensor::zeros(r_.shape(), r_.dtype(), r_.device());
   if (reg_.kind == RegularizerSpec::Kind::entropy) ops::entropy_backward(da, r_, loss_scale * reg_.coef / T);
   if (reg_.kind == RegularizerSpec::Kind::l1) ops::l1_reg_backward(da, r_, reg_.target, loss_scale * reg_.coef);
   Tensor dr = Tensor::empty(r_.shape(), r_.dtype(), r_.device());
   ops::router_scale_backward(dr, (g_ && g_->trainable) ? &g_->grad : nullptr, ds, r_, scaling(), &da);
-  ops::linear_backward(&dx, &w_router_.grad, dr, x_, w_router_.value, true);
+  ops::linear_backward(add_input_grad ? &dx : nullptr, &w_router_.grad, dr, x_, w_router_.value, true);
 }
 
 Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
@@ -244,13 +240,12 @@ Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
     }
   }
   if (shared_) shared_->backward(dy, &dx);
-  if (tp_) {
-    // Partial sums of the column-parallel experts and shared expert; ds holds only this rank's
-    // experts' entries. The replicated router then computes the same gradient on every rank.
-    tp_all_reduce(*tp_, dx);
-    tp_all_reduce(*tp_, ds);
-  }
-  router_backward(dx, ds, loss_scale);
+  // Under tensor parallelism dx is a partial sum (this rank's experts and shared-expert columns):
+  // the block reduces it. ds holds only this rank's experts' entries: summed here, so that every
+  // rank computes the replicated router's gradient from the whole ds; the router's input
+  // gradient is then whole on every rank, so only rank 0 adds it to the partial dx.
+  if (tp_) tp_all_reduce(*tp_, ds);
+  router_backward(dx, ds, loss_scale, /*add_input_grad=*/!tp_ || tp_->rank() == 0);
   return dx;
 }
 

@@ -4,11 +4,15 @@
 //
 // Tensor parallelism (`tp`, null or a group of size one for none): the ParameterSet holds each
 // split parameter's local part; attention splits heads and SwiGLU its width (column-parallel in,
-// row-parallel out: the output is all-reduced in forward, the input gradient in backward);
-// DECO splits whole experts (NormSiLU's mean stays exact: mean(u) = x . w_bar, with w_bar summed
-// over the ranks holding experts) and keeps the router replicated. Expert parallelism (`ep`)
-// splits each rank's experts again and moves only active (token, expert) pairs between the
-// ranks of the expert-parallel group. Inputs and outputs of every layer are replicated.
+// row-parallel out); DECO splits whole experts (NormSiLU's mean stays exact: mean(u) = x . w_bar,
+// with w_bar summed over the ranks holding experts) and keeps the router replicated. Expert
+// parallelism (`ep`) splits each rank's experts again and moves only active (token, expert)
+// pairs between the ranks of the expert-parallel group. Contract: a layer's input holds every
+// token of the micro-batch, the same on every tensor-parallel rank; its forward returns the
+// tensor-parallel PARTIAL sum of its output (before the row-parallel reduction) and its backward
+// the PARTIAL sum of its input gradient. The caller reduces both (TransformerBlock, through
+// TensorParallelMappings: all-reduce, or reduce-scatter / all-gather along the tokens under
+// sequence parallelism). With no tp the outputs are whole and nothing is reduced.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -30,7 +34,9 @@ struct BatchShape {
 
 class RMSNormLayer {
  public:
-  RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hidden, double eps);
+  // sequence_parallel: the layer sees this rank's tokens only, so its weight's gradient is a
+  // partial sum over the tensor-parallel ranks (Parameter::sequence_parallel).
+  RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hidden, double eps, bool sequence_parallel = false);
   Tensor forward(const Tensor& x);
   Tensor backward(const Tensor& dy);
 
@@ -55,20 +61,18 @@ class AttentionLayer {
   Tensor x_, q_, k_, v_, o_, lse_;
 };
 
-// SwiGLU: W_down (SiLU(W_gate x) * (W_up x)); the dense FFN and DECO's shared expert.
+// SwiGLU: W_down (SiLU(W_gate x) * (W_up x)); the dense FFN and DECO's shared expert. Under
+// tensor parallelism the ParameterSet gives it its slice of the width (W_gate, W_up rows, W_down
+// columns), and its output and dx are partial sums (the contract above).
 class SwiGLULayer {
  public:
-  SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std,
-              Communicator* tp = nullptr);
-  // reduce_output = false leaves a tensor-parallel partial sum (the caller reduces it).
-  Tensor forward(const Tensor& x, bool reduce_output = true);
-  // Returns dx; with accumulate_into, adds dx into it instead (and returns it; under tensor
-  // parallelism a partial sum the caller reduces).
+  SwiGLULayer(ParameterSet& ps, const std::string& name, int64_t hidden, int64_t width, double init_std);
+  Tensor forward(const Tensor& x);
+  // Returns dx; with accumulate_into, adds dx into it instead (and returns it).
   Tensor backward(const Tensor& dy, Tensor* accumulate_into = nullptr);
 
  private:
   Parameter &w_gate_, &w_up_, &w_down_;
-  Communicator* tp_;
   Tensor x_, gate_, up_, h_;
 };
 
@@ -112,7 +116,9 @@ class DecoFFNLayer {
   void routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss);
   Tensor experts_forward_pairs(const Tensor& x);
   void experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& ds);
-  void router_backward(Tensor& dx, const Tensor& ds, double loss_scale);
+  // add_input_grad = false accumulates the router's weight gradients only (under tensor
+  // parallelism every rank computes them, one rank adds the input gradient to its partial dx).
+  void router_backward(Tensor& dx, const Tensor& ds, double loss_scale, bool add_input_grad = true);
   Communicator* tp_;
   Communicator* ep_;
   int64_t experts_, width_;

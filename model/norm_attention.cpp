@@ -1,11 +1,13 @@
 // RMSNorm and attention layers: forward and backward written out in order.
 #include "model/layers.h"
-#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
-RMSNormLayer::RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hidden, double eps)
-    : w_(ps.add(name + ".weight", {hidden}, Partition::replicated, Init::ones, 1.0, /*decay=*/false)), eps_(eps) {}
+RMSNormLayer::RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hidden, double eps,
+                           bool sequence_parallel)
+    : w_(ps.add(name + ".weight", {hidden}, Partition::replicated, Init::ones, 1.0, /*decay=*/false)), eps_(eps) {
+  w_.sequence_parallel = sequence_parallel;
+}
 
 Tensor RMSNormLayer::forward(const Tensor& x) {
   x_ = x;
@@ -60,8 +62,7 @@ Tensor AttentionLayer::forward(const Tensor& x, const BatchShape& bs) {
   lse_ = Tensor::empty({bs.batch, heads_, bs.seq}, x.dtype(), x.device());
   ops::attention_forward(o_, lse_, q_, k_, v_, {bs.batch, bs.seq, heads_, kv_heads_, head_dim_});
   Tensor y = make(wo_.value.dim(0));
-  ops::linear_forward(y, o_, wo_.value);
-  if (tp_) tp_all_reduce(*tp_, y);  // row-parallel: each rank's heads contribute a partial sum
+  ops::linear_forward(y, o_, wo_.value);  // under tp: this rank's heads' partial sum (the block reduces)
   return y;
 }
 
@@ -77,8 +78,7 @@ Tensor AttentionLayer::backward(const Tensor& dy) {
   Tensor dx = Tensor::empty(x_.shape(), dy.dtype(), dy.device());
   ops::linear_backward(&dx, &wq_.grad, dq, x_, wq_.value, false);
   ops::linear_backward(&dx, &wk_.grad, dk, x_, wk_.value, true);
-  ops::linear_backward(&dx, &wv_.grad, dv, x_, wv_.value, true);
-  if (tp_) tp_all_reduce(*tp_, dx);  // column-parallel: x fed every rank's heads
+  ops::linear_backward(&dx, &wv_.grad, dv, x_, wv_.value, true);  // under tp: partial (x fed every rank's heads)
   return dx;
 }
 

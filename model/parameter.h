@@ -33,6 +33,10 @@ struct Parameter {
   int64_t expert_block = 0;  // rows/cols per expert for expert_* partitions
   bool weight_decay = true;  // matrices decay; norms, g and gamma do not
   bool trainable = true;     // false for buffers (fixed router scaling)
+  // Sequence parallelism: a replicated parameter applied to token-split activations (the
+  // RMSNorm weights); each tensor-parallel rank's gradient covers its tokens only, and the
+  // trainer sums them over the group once per step (tp_all_reduce_sequence_parallel_grads).
+  bool sequence_parallel = false;
   // Tensor parallelism: the whole tensor's shape, and which part of it `value` holds (dim -1:
   // all of it; else [shard_start, shard_start + value.dim(shard_dim)) along shard_dim).
   Shape global_shape;

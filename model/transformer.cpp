@@ -1,61 +1,76 @@
 #include "model/transformer.h"
 
-#include "parallel/tensor_parallel.h"
+#include "parallel/vocab_parallel_cross_entropy.h"
 
 namespace decotron {
 
 TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn,
-                                   Communicator* tp, Communicator* ep)
-    : norm1_(ps, cat("layers.", index, ".attn_norm"), cfg.hidden, cfg.norm_eps),
-      norm2_(ps, cat("layers.", index, ".ffn_norm"), cfg.hidden, cfg.norm_eps),
-      attn_(ps, cat("layers.", index, ".attn"), cfg, tp) {
+                                   const TensorParallelMappings& tp, Communicator* ep)
+    : tp_(tp),
+      norm1_(ps, cat("layers.", index, ".attn_norm"), cfg.hidden, cfg.norm_eps, tp.sequence_parallel),
+      norm2_(ps, cat("layers.", index, ".ffn_norm"), cfg.hidden, cfg.norm_eps, tp.sequence_parallel),
+      attn_(ps, cat("layers.", index, ".attn"), cfg, tp.tp) {
   if (deco_ffn)
-    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg, tp, ep);
+    deco_ = std::make_unique<DecoFFNLayer>(ps, cat("layers.", index, ".ffn"), cfg, tp.tp, ep);
   else
-    dense_ = std::make_unique<SwiGLULayer>(ps, cat("layers.", index, ".ffn"), cfg.hidden, cfg.ffn_hidden, cfg.init_std,
-                                           tp);
+    dense_ = std::make_unique<SwiGLULayer>(ps, cat("layers.", index, ".ffn"), cfg.hidden, cfg.ffn_hidden, cfg.init_std);
 }
 
 Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
                                  RoutingStats* stats, double& reg_loss) {
-  // x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1))
-  Tensor x1 = attn_.forward(norm1_.forward(x), bs);
+  // x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1)). enter/exit are the identity on one
+  // rank, the tensor-parallel reductions otherwise (parallel/tensor_parallel.h).
+  Tensor x1 = tp_.exit(attn_.forward(tp_.enter(norm1_.forward(x)), bs));
   ops::add_(x1, x);
-  Tensor h2 = norm2_.forward(x1);
-  Tensor x2 = deco_ ? deco_->forward(h2, reg, *stats, reg_loss) : dense_->forward(h2);
+  Tensor h2 = tp_.enter(norm2_.forward(x1));
+  Tensor x2 = tp_.exit(deco_ ? deco_->forward(h2, reg, *stats, reg_loss) : dense_->forward(h2));
   ops::add_(x2, x1);
   return x2;
 }
 
 Tensor TransformerBlock::backward(const Tensor& dy, double loss_scale) {
-  Tensor dh2 = deco_ ? deco_->backward(dy, loss_scale) : dense_->backward(dy);
+  Tensor dffn = tp_.exit_backward(dy);
+  Tensor dh2 = tp_.enter_backward(deco_ ? deco_->backward(dffn, loss_scale) : dense_->backward(dffn));
   Tensor dx1 = norm2_.backward(dh2);
   ops::add_(dx1, dy);
-  Tensor dx = norm1_.backward(attn_.backward(dx1));
+  Tensor dx = norm1_.backward(tp_.enter_backward(attn_.backward(tp_.exit_backward(dx1))));
   ops::add_(dx, dx1);
   return dx;
 }
 
-Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp, Communicator* ep)
+Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp, Communicator* ep,
+                         bool sequence_parallel)
     : cfg_(cfg),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
       ep_(ep && ep->size() > 1 ? ep : nullptr),
+      tpm_{tp_, sequence_parallel},
       params_(dtype, device, tp_ ? tp_->rank() : 0, tp_ ? tp_->size() : 1, ep_ ? ep_->rank() : 0,
               ep_ ? ep_->size() : 1),
       embedding_(params_.add("embedding.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
                              cfg.init_std, true)) {
+  // As Megatron-Core's ModelParallelConfig: the token split needs a tensor-parallel group.
+  if (sequence_parallel && !tp_)
+    fail("parallel.sequence: sequence parallelism splits the tokens over the tensor-parallel ranks and needs "
+         "parallel.tensor > 1; set parallel.sequence: false");
   for (int i = 0; i < cfg.layers; ++i) {
     bool deco = cfg.arch == "deco" && i >= cfg.dense_layers;
     block_first_param_.push_back(params_.all().size());
-    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco, tp_, ep_));
+    blocks_.push_back(std::make_unique<TransformerBlock>(params_, i, cfg, deco, tpm_, ep_));
     if (deco) deco_ids_.push_back(i);
   }
   num_deco_ = static_cast<int>(deco_ids_.size());
   final_norm_first_param_ = params_.all().size();
-  final_norm_ = std::make_unique<RMSNormLayer>(params_, "final_norm", cfg.hidden, cfg.norm_eps);
+  final_norm_ = std::make_unique<RMSNormLayer>(params_, "final_norm", cfg.hidden, cfg.norm_eps, sequence_parallel);
   lm_head_param_ = params_.all().size();
   lm_head_ = &params_.add("lm_head.weight", {cfg.vocab_size, cfg.hidden}, Partition::vocab, Init::normal,
                           cfg.init_std, true);
+}
+
+void Transformer::check_token_split(const BatchShape& bs) const {
+  if (tpm_.sequence_parallel && bs.tokens() % tp_->size() != 0)
+    fail("parallel.sequence: the micro-batch's ", bs.batch, " x ", bs.seq, " = ", bs.tokens(),
+         " tokens do not split over parallel.tensor = ", tp_->size(), " ranks; pick train.micro_batch and "
+         "model.seq_len whose product is a multiple of parallel.tensor");
 }
 
 Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg,
@@ -64,9 +79,11 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
   bs_ = bs;
   Tensor x = Tensor::empty({bs.tokens(), cfg_.hidden}, params_.dtype(), params_.device());
   if (tp_) {
-    // Vocabulary-parallel embedding: each rank looks up the ids in its range, the sum is the lookup.
+    check_token_split(bs);
+    // Vocabulary-parallel embedding: each rank looks up the ids in its range, the sum is the
+    // lookup (all-reduced; reduce-scattered to this rank's tokens under sequence parallelism).
     vocab_embedding_forward(x, tokens, embedding_.value, embedding_.shard_start);
-    tp_all_reduce(*tp_, x);
+    x = tpm_.exit(x);
   } else {
     ops::embedding_forward(x, tokens, embedding_.value);
   }
@@ -79,8 +96,7 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
       res->routing.push_back(std::move(stats));
     }
   }
-  h_final_ = final_norm_->forward(x);
-  return h_final_;
+  return final_norm_->forward(x);
 }
 
 ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
@@ -89,8 +105,11 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
   res.tokens = bs.tokens();
   Tensor h = trunk_forward(tokens, bs, reg, &res);
   Tensor logits = lm_logits(h);
-  // The CE gradient replaces the logits in place: the [T, V] matrix exists once.
-  res.lm_loss_sum = ops::cross_entropy(logits, targets, with_grad ? loss_scale / bs.tokens() : 0.0);
+  // The CE gradient replaces the logits in place: the [T, V] matrix exists once (under tensor
+  // parallelism each rank's [T, V/TP] columns, vocabulary-parallel).
+  const double grad_scale = with_grad ? loss_scale / bs.tokens() : 0.0;
+  res.lm_loss_sum = tp_ ? vocab_parallel_cross_entropy(*tp_, logits, targets, lm_head_->shard_start, grad_scale)
+                        : ops::cross_entropy(logits, targets, grad_scale);
   dlogits_ = with_grad ? logits : Tensor();
   return res;
 }
@@ -98,14 +117,11 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
 void Transformer::backward(double loss_scale) {
   DT_ASSERT(dlogits_.defined(), "backward() without a forward(with_grad=true)");
   Tensor dh = Tensor::empty(h_final_.shape(), h_final_.dtype(), h_final_.device());
-  if (tp_) {
-    // Every rank holds the whole dlogits; its vocabulary columns feed its LM-head rows.
-    Tensor mine = tp_slice_columns(dlogits_, tp_->rank(), tp_->size());
-    ops::linear_backward(&dh, &lm_head_->grad, mine, h_final_, lm_head_->value);
-    tp_all_reduce(*tp_, dh);
-  } else {
-    ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
-  }
+  // Under tensor parallelism this rank's dlogits columns feed its LM-head rows: dh is a partial
+  // sum over the vocabulary ranges (all-reduced; reduce-scattered to this rank's tokens under
+  // sequence parallelism).
+  ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
+  if (tp_) dh = tpm_.enter_backward(dh);
   dlogits_ = Tensor();
   auto final_from = [this](size_t first) {
     if (on_grads_final) on_grads_final(first);
@@ -117,27 +133,26 @@ void Transformer::backward(double loss_scale) {
     dx = blocks_[i]->backward(dx, loss_scale);
     final_from(block_first_param_[i]);
   }
-  if (tp_) vocab_embedding_backward(embedding_.grad, tokens_, dx, embedding_.shard_start);
+  if (tp_) vocab_embedding_backward(embedding_.grad, tokens_, tpm_.exit_backward(dx), embedding_.shard_start);
   else ops::embedding_backward(embedding_.grad, tokens_, dx);
   final_from(0);
 }
 
 Tensor Transformer::lm_logits(const Tensor& h) {
-  if (!tp_) {
-    Tensor logits = Tensor::empty({h.dim(0), cfg_.vocab_size}, h.dtype(), h.device());
-    ops::linear_forward(logits, h, lm_head_->value);
-    return logits;
-  }
-  // Vocabulary-parallel LM head; the cross-entropy runs on the gathered logits on every rank.
-  Tensor mine = Tensor::empty({h.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
-  ops::linear_forward(mine, h, lm_head_->value);
-  return tp_gather_columns(*tp_, mine);
+  // Under sequence parallelism the final norm ran on this rank's tokens: the vocabulary-parallel
+  // LM head takes every token (Megatron's output layer: gathered, as a column-parallel linear).
+  h_final_ = tp_ ? tpm_.enter(h) : h;
+  Tensor logits = Tensor::empty({h_final_.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
+  ops::linear_forward(logits, h_final_, lm_head_->value);
+  return logits;
 }
 
 Tensor Transformer::logits(const Tensor& tokens, const BatchShape& bs) {
   RegularizerSpec none;
   Tensor h = trunk_forward(tokens, bs, none, nullptr);
-  return lm_logits(h);
+  Tensor logits = lm_logits(h);
+  // Whole logits for inference and evaluation: the vocabulary columns gathered.
+  return tp_ ? tp_gather_columns(*tp_, logits) : logits;
 }
 
 double Transformer::train_flops_per_token(double ratio) const {

@@ -7,19 +7,26 @@
 #include <vector>
 
 #include "model/layers.h"
+#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
+// A pre-norm block: x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1)). Under tensor
+// parallelism the attention and the FFN are tensor-parallel regions whose partial sums the
+// block reduces (tp_: all-reduce; with sequence parallelism x, x1, x2 and the norms hold this
+// rank's row block of the tokens, gathered before each region and reduce-scattered after it).
 class TransformerBlock {
  public:
-  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn, Communicator* tp = nullptr,
-                   Communicator* ep = nullptr);
+  TransformerBlock(ParameterSet& ps, int index, const ModelConfig& cfg, bool deco_ffn,
+                   const TensorParallelMappings& tp = {}, Communicator* ep = nullptr);
+  // bs: the shape of the whole micro-batch (under sequence parallelism x holds a block of it).
   Tensor forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
                  double& reg_loss);
   Tensor backward(const Tensor& dy, double loss_scale);
   bool is_deco() const { return deco_ != nullptr; }
 
  private:
+  TensorParallelMappings tp_;
   RMSNormLayer norm1_, norm2_;
   AttentionLayer attn_;
   std::unique_ptr<SwiGLULayer> dense_;
@@ -36,11 +43,13 @@ struct ForwardResult {
 class Transformer {
  public:
   // tp: the tensor-parallel group (null or size one: whole tensors, the single-rank code path).
-  // Under tensor parallelism the embedding and the LM head are split by vocabulary range; the
-  // logits are gathered for the cross-entropy. ep: the expert-parallel group, which splits each
-  // DECO layer's experts again (the data differs between its ranks).
+  // Under tensor parallelism the embedding and the LM head are split by vocabulary range and the
+  // cross-entropy is vocabulary-parallel (no rank holds [T, V] logits). ep: the expert-parallel
+  // group, which splits each DECO layer's experts again (the data differs between its ranks).
+  // sequence_parallel (needs tp): the residual stream, the norms and the residual adds run on
+  // 1/TP of the tokens (docs/parallelism.md); the micro-batch's B*S tokens must divide by TP.
   Transformer(const ModelConfig& cfg, DType dtype, Device device, Communicator* tp = nullptr,
-              Communicator* ep = nullptr);
+              Communicator* ep = nullptr, bool sequence_parallel = false);
 
   ParameterSet& params() { return params_; }
   const ModelConfig& config() const { return cfg_; }
@@ -53,7 +62,9 @@ class Transformer {
   // in place (the logits' memory) for backward().
   ForwardResult forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
                         const RegularizerSpec& reg, double loss_scale, bool with_grad);
-  // Accumulates every parameter's gradient of the objective of the last forward.
+  // Accumulates every parameter's gradient of the objective of the last forward. Under sequence
+  // parallelism the norm weights' gradients are then partial sums over the tensor-parallel
+  // ranks: call tp_all_reduce_sequence_parallel_grads once after the step's last backward.
   void backward(double loss_scale);
   // Optional, called by backward() each time the gradients of a suffix of the parameters (in
   // creation order, params().all()) are complete: with the index of the first of them, after the
@@ -70,12 +81,17 @@ class Transformer {
  private:
   Tensor trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg, ForwardResult* res);
 
-  // Under tensor parallelism: logits [T, V] from this rank's vocabulary rows of the LM head.
+  // Logits of the LM head on the final norm's output h: [T, V]; under tensor parallelism this
+  // rank's vocabulary columns [T, V/TP] (of every token: under sequence parallelism h is
+  // gathered first, and the LM head's input is kept in h_final_ for backward).
   Tensor lm_logits(const Tensor& h);
+  // Fails unless the micro-batch's tokens split over the tensor-parallel ranks (sequence parallel).
+  void check_token_split(const BatchShape& bs) const;
 
   ModelConfig cfg_;
   Communicator* tp_;
   Communicator* ep_;
+  TensorParallelMappings tpm_;  // the reductions around the embedding and the LM head
   ParameterSet params_;
   Parameter& embedding_;
   std::vector<std::unique_ptr<TransformerBlock>> blocks_;
@@ -86,7 +102,7 @@ class Transformer {
   // Creation index of the first parameter of each block, of the final norm and of the LM head.
   std::vector<size_t> block_first_param_;
   size_t final_norm_first_param_ = 0, lm_head_param_ = 0;
-  // cached for backward
+  // cached for backward: h_final_ is the LM head's input (every token)
   Tensor tokens_, h_final_, dlogits_;
   BatchShape bs_;
 };

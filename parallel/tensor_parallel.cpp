@@ -6,17 +6,17 @@
 
 namespace decotron {
 
+void tp_require_host(const Tensor& t, const char* what) {
+  if (t.device() != Device::cpu)
+    fail(what, ": tensor parallelism runs on the CPU so far (docs/parallelism.md); set train.device: cpu");
+}
+
 namespace {
 
 CommType comm_type_of(const Tensor& t) {
   DT_ASSERT(t.dtype() == DType::f32 || t.dtype() == DType::f64, "tensor-parallel mappings take fp32 or fp64, not ",
             dtype_name(t.dtype()));
   return t.dtype() == DType::f32 ? CommType::f32 : CommType::f64;
-}
-
-void require_host(const Tensor& t, const char* what) {
-  if (t.device() != Device::cpu)
-    fail(what, ": tensor parallelism runs on the CPU so far (docs/parallelism.md); set train.device: cpu");
 }
 
 }  // namespace
@@ -44,7 +44,7 @@ Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_
 }
 
 Tensor slice_shard(const Tensor& global, const Shard& s) {
-  require_host(global, "slice_shard");
+  tp_require_host(global, "slice_shard");
   if (s.dim < 0) return global.clone();
   if (s.dim == 0) return global.rows(s.start, s.count).clone();
   const int64_t rows = global.dim(0), cols = global.dim(1), es = dtype_size(global.dtype());
@@ -56,12 +56,12 @@ Tensor slice_shard(const Tensor& global, const Shard& s) {
 }
 
 void tp_all_reduce(Communicator& tp, Tensor& t) {
-  require_host(t, "tensor-parallel all-reduce");
+  tp_require_host(t, "tensor-parallel all-reduce");
   tp.all_reduce(t.raw(), t.numel(), comm_type_of(t));
 }
 
 Tensor tp_gather_columns(Communicator& tp, const Tensor& local) {
-  require_host(local, "tensor-parallel gather");
+  tp_require_host(local, "tensor-parallel gather");
   const int n = tp.size();
   const int64_t rows = local.dim(0), c = local.numel() / rows, es = dtype_size(local.dtype());
   Tensor stacked = Tensor::empty({n * rows * c}, local.dtype());  // [rank][row][c]
@@ -82,12 +82,81 @@ Tensor tp_slice_columns(const Tensor& full, int rank, int size) {
 Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
   if (dim < 0) return local.clone();
   if (dim == 1) return tp_gather_columns(tp, local);
-  require_host(local, "tensor-parallel gather");
+  tp_require_host(local, "tensor-parallel gather");
   Shape shape = local.shape();
   shape[0] *= tp.size();
   Tensor full = Tensor::empty(shape, local.dtype());
   tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));
   return full;
+}
+
+Tensor tp_gather_rows(Communicator& tp, const Tensor& local) {
+  tp_require_host(local, "sequence-parallel gather");
+  Shape shape = local.shape();
+  shape[0] *= tp.size();
+  Tensor full = Tensor::empty(shape, local.dtype());
+  tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));  // rank order = row order
+  return full;
+}
+
+Tensor tp_reduce_scatter_rows(Communicator& tp, const Tensor& partial) {
+  tp_require_host(partial, "sequence-parallel reduce-scatter");
+  Shape shape = partial.shape();
+  DT_ASSERT(shape[0] % tp.size() == 0, "sequence-parallel reduce-scatter of ", shape_str(shape), " over ", tp.size(),
+            " ranks: the tokens do not split");
+  shape[0] /= tp.size();
+  Tensor mine = Tensor::empty(shape, partial.dtype());
+  tp.reduce_scatter(partial.raw(), mine.raw(), mine.numel(), comm_type_of(partial));
+  return mine;
+}
+
+Tensor TensorParallelMappings::enter(const Tensor& x) const {
+  if (!tp || !sequence_parallel) return x;
+  return tp_gather_rows(*tp, x);
+}
+
+Tensor TensorParallelMappings::enter_backward(Tensor dx) const {
+  if (!tp) return dx;
+  if (sequence_parallel) return tp_reduce_scatter_rows(*tp, dx);
+  tp_all_reduce(*tp, dx);
+  return dx;
+}
+
+Tensor TensorParallelMappings::exit(Tensor y) const {
+  if (!tp) return y;
+  if (sequence_parallel) return tp_reduce_scatter_rows(*tp, y);
+  tp_all_reduce(*tp, y);
+  return y;
+}
+
+Tensor TensorParallelMappings::exit_backward(const Tensor& dy) const {
+  if (!tp || !sequence_parallel) return dy;
+  return tp_gather_rows(*tp, dy);
+}
+
+void tp_all_reduce_sequence_parallel_grads(Communicator& tp, const std::vector<Parameter*>& params) {
+  std::vector<Parameter*> flagged;
+  int64_t n = 0;
+  for (Parameter* p : params)
+    if (p->sequence_parallel && p->trainable) flagged.push_back(p), n += p->grad.numel();
+  if (flagged.empty() || tp.size() == 1) return;
+  // Megatron-Core's _allreduce_layernorm_grads: packed into one buffer, one collective.
+  const DType dt = flagged[0]->grad.dtype();
+  const int64_t es = dtype_size(dt);
+  Tensor buf = Tensor::empty({n}, dt);
+  int64_t off = 0;
+  for (Parameter* p : flagged) {
+    DT_ASSERT(p->grad.dtype() == dt, p->name, ": sequence-parallel gradients of mixed dtypes");
+    tp_require_host(p->grad, "sequence-parallel gradient all-reduce");
+    std::memcpy(static_cast<char*>(buf.raw()) + off * es, p->grad.raw(), p->grad.nbytes());
+    off += p->grad.numel();
+  }
+  tp_all_reduce(tp, buf);
+  off = 0;
+  for (Parameter* p : flagged) {
+    std::memcpy(p->grad.raw(), static_cast<const char*>(buf.raw()) + off * es, p->grad.nbytes());
+    off += p->grad.numel();
+  }
 }
 
 namespace {
@@ -107,7 +176,7 @@ void embed(T* y, const int32_t* tok, const T* table, int64_t T_, int64_t h, int6
 }  // namespace
 
 void vocab_embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table, int64_t start) {
-  require_host(table, "vocabulary-parallel embedding");
+  tp_require_host(table, "vocabulary-parallel embedding");
   const int64_t T_ = tokens.numel(), h = table.dim(1), rows = table.dim(0);
   if (table.dtype() == DType::f32)
     embed<float>(y.data<float>(), tokens.data<int32_t>(), table.data<float>(), T_, h, start, rows, false, nullptr,
@@ -118,7 +187,7 @@ void vocab_embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& tabl
 }
 
 void vocab_embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy, int64_t start) {
-  require_host(dtable, "vocabulary-parallel embedding");
+  tp_require_host(dtable, "vocabulary-parallel embedding");
   const int64_t T_ = tokens.numel(), h = dtable.dim(1), rows = dtable.dim(0);
   if (dtable.dtype() == DType::f32)
     embed<float>(nullptr, tokens.data<int32_t>(), nullptr, T_, h, start, rows, true, dtable.data<float>(),

@@ -15,10 +15,10 @@ Pure Python 3, no dependencies.
   perf_model.py volumes --config FILE [--set k=v ...] --np N
       The formula alone.
 
-The volume formulas are one function, step_collectives(); "current" is the communication of the
-layers as they are in this checkout (checked byte for byte against measured runs by `volumes`
-and tests/test_parallel_mpi.cpp), "planned" the Megatron-style scheme the model assumes for a
-GPU run (docs/performance-model.md says which terms differ).
+The volume formulas are one function, step_collectives(): the communication of the layers as
+they are in this checkout (checked byte for byte against measured runs by `volumes` and
+tests/test_parallel_mpi.cpp, except the expert-parallel all-to-all, whose size depends on the
+routing).
 """
 import argparse
 import json
@@ -195,11 +195,10 @@ class Coll:
         self.group, self.op, self.bytes, self.calls, self.what, self.overlap = group, op, nbytes, calls, what, overlap
 
 
-def step_collectives(m, t, lay, scheme="current", act_bytes=4, grad_bytes=4, dp_scheme="allreduce",
-                     ep_dispatch="pairs", ratio=None, bucket_bytes=25 << 20):
-    """lay: dict tp, dp, ep, micro (sequences per micro-batch). scheme: 'current' (this checkout:
-    the logits gathered for the cross-entropy) or 'planned' (vocabulary-parallel cross-entropy).
-    Expert parallelism: the pairs' rows (the counts, the scores and w_bar are left out: small)."""
+def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce",
+                     ep_dispatch="dedup", ratio=None, bucket_bytes=25 << 20):
+    """lay: dict tp, dp, ep, micro (sequences per micro-batch). Expert parallelism: the rows moved
+    (the counts, per-pair row indices and scores, and w_bar are left out: small)."""
     tp, dp, ep, mb = lay["tp"], lay["dp"], lay["ep"], lay["micro"]
     S, h, L, V = m["seq_len"], m["hidden"], m["layers"], m["vocab_size"]
     E, d = m["experts"], m["expert_width"]
@@ -213,11 +212,9 @@ def step_collectives(m, t, lay, scheme="current", act_bytes=4, grad_bytes=4, dp_
         # layer attention and FFN, forward (the row-parallel output) and backward (dx).
         out.append(Coll("tp", "all_reduce", micro * (2 + 4 * L) * T * h * act_bytes, micro * (2 + 4 * L),
                         "activations [T,h]: embedding, LM head dh, 4 per layer"))
-        if scheme == "current":
-            out.append(Coll("tp", "all_gather", micro * T * (V // tp) * act_bytes, micro, "logits [T,V/tp]"))
-        else:
-            out.append(Coll("tp", "all_reduce", micro * 3 * T * 4, micro * 3,
-                            "vocab-parallel cross-entropy: max, sum-exp, target logit [T] fp32"))
+        # The vocabulary-parallel cross-entropy: one all-gather of each rank's per-token log-sum-exp
+        # and target logit [2, T] (fp64).
+        out.append(Coll("tp", "all_gather", micro * 2 * T * 8, micro, "vocab-parallel cross-entropy [2,T] fp64"))
         if D:
             # NormSiLU's mean is x . w_bar: w_bar and the mean's rank-one gradient gx (h each) and
             # gamma's gradient (d) are all-reduced, and ds [T, E] for the replicated router.
@@ -285,7 +282,7 @@ def cmd_volumes(a):
     if tp * dp != a.np:
         sys.exit(f"volumes: tensor {tp} x data {dp} != --np {a.np}")
     lay = {"tp": tp, "dp": dp, "ep": par["expert"], "micro": cfg["train"]["micro_batch"]}
-    want = by_group_op(step_collectives(cfg["model"], cfg["train"], lay, "current", 4, 4))
+    want = by_group_op(step_collectives(cfg["model"], cfg["train"], lay, 4, 4))
     rows = [(g, op, b) for g, ops in sorted(want.items()) for op, b in sorted(ops.items())]
     name = f"TP{tp}xDP{dp}" if tp > 1 and dp > 1 else (f"TP{tp}" if tp > 1 else f"DP{dp}")
     if not a.run_dir:
@@ -337,6 +334,9 @@ def placement(lay, group):
     elif group == "edp":
         n = dp // ep
         g = max(1, min(n, per_node_dp // ep))
+    elif group == "world":
+        n = tp * dp
+        g = min(n, GPUS_PER_NODE)
     else:
         raise ValueError(group)
     return g, n // g
@@ -398,7 +398,7 @@ def analyse(m, t, lay, o):
     else:
         static = (ne + ex) * 6 + ne * 12 / dp + ex * 12 / edp
     per_tok = activation_bytes_per_token(m, lay, rho, o.act_bytes, o.ep_dispatch)
-    logits_per_tok = 4 * (m["vocab_size"] if o.tp_scheme == "current" else m["vocab_size"] / tp)  # fp32, once
+    logits_per_tok = 4 * m["vocab_size"] / tp  # fp32, once (vocabulary-parallel)
     usable = o.gpu_mem * 1e9 - o.reserve * 1e9
     seqs = B // dp  # sequences per data-parallel rank and step
     mb = None
@@ -411,7 +411,7 @@ def analyse(m, t, lay, o):
         mb = 1
     mem = static + mb * S * (per_tok + logits_per_tok)
     lay = dict(lay, micro=mb)
-    colls = step_collectives(m, t, lay, o.tp_scheme, o.act_bytes, o.grad_bytes, o.dp_scheme, o.ep_dispatch)
+    colls = step_collectives(m, t, lay, o.act_bytes, o.grad_bytes, o.dp_scheme, o.ep_dispatch)
     f_tok = flops_per_token(m, 1.0 if o.expert_flops == "dense" else rho)
     rate = o.tokens_per_s if o.tokens_per_s else o.tflops * 1e12 / f_tok  # tokens/s of one GPU
     t_compute = B * S / (world * rate)
@@ -425,7 +425,7 @@ def analyse(m, t, lay, o):
     exposed = {"dp": 0.0, "tp": 0.0, "ep": 0.0}
     rows = []
     for c in colls:
-        kind = "dp" if c.group in ("dp", "edp") else c.group
+        kind = "dp" if c.group in ("dp", "edp", "world") else c.group  # world: the step's small statistics
         tc = coll_time(c, lay, bw)
         if c.overlap:
             # Overlapped with the last micro-batch's backward (reduction) or the next step's first
@@ -465,7 +465,7 @@ def layout_name(lay):
 
 LAYOUTS = [  # (GPUs, tp, dp, ep): EP is carved out of DP
     (8, 1, 8, 1), (8, 2, 4, 1), (8, 2, 4, 2), (8, 1, 8, 2), (8, 1, 8, 8),
-    (64, 1, 64, 1), (64, 2, 32, 1), (64, 1, 64, 8), (64, 2, 32, 4), (64, 1, 64, 16),
+    (64, 1, 64, 1), (64, 2, 32, 1), (64, 1, 64, 2), (64, 1, 64, 8), (64, 2, 32, 4), (64, 1, 64, 16),
 ]
 
 
@@ -492,7 +492,7 @@ def cmd_model(a):
           f"{f_dense / 1e9:.3f} G (experts dense) / {f_sparse / 1e9:.3f} G (experts at rho {rho}); compute: {rate}")
     print(f"links: NVLink {a.nvlink_busbw:g} GB/s bus bandwidth (all-reduce etc.), {a.nvlink_a2a_busbw:g} GB/s "
           f"all-to-all; InfiniBand {a.ib_busbw:g} GB/s per GPU; latency {a.lat_intra_us:g} / {a.lat_inter_us:g} us "
-          f"per call; TP scheme {a.tp_scheme}, EP dispatch {a.ep_dispatch}, DP {a.dp_scheme}, gradients "
+          f"per call; EP dispatch {a.ep_dispatch}, DP {a.dp_scheme}, gradients "
           f"{a.grad_bytes} B, activations {a.act_bytes} B; memory {a.gpu_mem:g} GB - {a.reserve:g} GB reserved, "
           f"{a.hbm_tbs:g} TB/s")
     print()
@@ -505,8 +505,8 @@ def cmd_model(a):
         if m["heads"] % tp:
             notes.append(f"{m['heads']} heads do not split over TP{tp}")
         if m["experts"] % (tp * ep):
-            notes.append(f"{m['experts']} experts over {tp * ep} ranks: up to {math.ceil(m['experts'] / (tp * ep))} "
-                         f"per rank")
+            notes.append(f"{m['experts']} experts do not split evenly over {tp * ep} ranks: decotron refuses the "
+                         f"layout (estimated here with up to {math.ceil(m['experts'] / (tp * ep))} per rank)")
         results.append((gpus, lay, analyse(m, t, lay, a), notes))
     print("| GPUs | layout | micro-batch x steps | memory/GPU GB | compute s | optimizer s | DP GB/GPU | TP GB/GPU "
           "| EP GB/GPU | DP exposed s | TP s | EP s | step s | tokens/s/GPU | efficiency |")
@@ -527,8 +527,8 @@ def cmd_model(a):
               f"({r['mb']}) | {gb(r['logits'])} | {gb(r['mem'])} | {'; '.join(notes)} |")
     if a.sensitivity:
         print()
-        scenarios = [("as above", {}), ("EP dedup", {"ep_dispatch": "dedup"}),
-                     ("TP current", {"tp_scheme": "current"}), ("distributed optimizer", {"dp_scheme": "distopt"}),
+        scenarios = [("as above", {}), ("EP one row per pair", {"ep_dispatch": "pairs"}),
+                     ("distributed optimizer", {"dp_scheme": "distopt"}),
                      ("bf16 gradients", {"grad_bytes": 2}), (f"{1.5 * a.tflops:g} TFLOP/s", {"tflops": 1.5 * a.tflops}),
                      ("sparse expert FLOPs", {"expert_flops": "sparse"}),
                      ("IB 25 GB/s, NVLink 250", {"ib_busbw": 25.0, "nvlink_busbw": 250.0, "nvlink_a2a_busbw": 200.0})]
@@ -590,8 +590,8 @@ def main(argv):
     p.add_argument("--ib-busbw", type=float, default=40.0, help="GB/s per GPU between nodes (one 400 Gb/s NIC)")
     p.add_argument("--lat-intra-us", type=float, default=10.0, help="latency per collective call inside a node")
     p.add_argument("--lat-inter-us", type=float, default=25.0, help="latency per collective call across nodes")
-    p.add_argument("--tp-scheme", choices=["current", "planned"], default="planned")
-    p.add_argument("--ep-dispatch", choices=["pairs", "dedup"], default="pairs")
+    p.add_argument("--ep-dispatch", choices=["pairs", "dedup"], default="dedup",
+                   help="dedup (this checkout): one row per token and destination rank; pairs: one per active pair")
     p.add_argument("--dp-scheme", choices=["allreduce", "distopt"], default="allreduce")
     p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element reduced (fp32: 4)")
     p.add_argument("--act-bytes", type=int, default=2, help="bytes per activation element (bf16: 2)")

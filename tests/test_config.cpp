@@ -62,6 +62,25 @@ TEST(Config, ImpossibleShapesAreErrors) {
   EXPECT_NE(msg.find("not a multiple"), std::string::npos) << msg;
 }
 
+// Sequence parallelism splits each micro-batch's tokens over the tensor-parallel ranks: it is
+// an error without tensor parallelism (as in Megatron-Core) and when the tokens do not divide.
+TEST(Config, SequenceParallelNeedsTensorParallelAndDivisibleTokens) {
+  std::string msg = error_of([&] { load_config(write_file("sp1.yaml", "parallel:\n  sequence: true\n")); });
+  EXPECT_NE(msg.find("sp1.yaml:2: parallel.sequence"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("needs tensor parallelism (parallel.tensor > 1)"), std::string::npos) << msg;
+  msg = error_of([&] {
+    load_config(write_file("sp3.yaml", "model:\n  seq_len: 16\ntrain:\n  micro_batch: 1\n  global_batch: 4\n"
+                                       "parallel:\n  tensor: 3\n  sequence: true\n"));
+  });
+  EXPECT_NE(msg.find("sp3.yaml:8: parallel.sequence"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("1 x 16 = 16 tokens do not split over parallel.tensor = 3"), std::string::npos) << msg;
+  EXPECT_EQ(error_of([&] {
+              load_config(write_file("sp2.yaml", "model:\n  seq_len: 16\ntrain:\n  micro_batch: 1\n"
+                                                 "  global_batch: 4\nparallel:\n  tensor: 2\n  sequence: true\n"));
+            }),
+            "");
+}
+
 TEST(Config, IncludesAndOverrides) {
   write_file("base.yaml", "model:\n  hidden: 64\n  heads: 2\ntrain:\n  lr: 0.5\n");
   std::string child = write_file("child.yaml", "include: base.yaml\ntrain:\n  lr: 0.25\n  iters: 200\n  decay_iters: 50\n");

@@ -499,6 +499,26 @@ TEST(CudaOps, CrossEntropy) {
     }
 }
 
+// The vocabulary-parallel halves on one rank's columns (ids 500..999 of 1000): the fp64 stats
+// (log-sum-exp and the target's logit, from an fp32 sum on the GPU) and the in-place gradient.
+TEST(CudaOps, VocabParallelCrossEntropyPieces) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 13, V_l = 500, start = 500;
+  for (DType dt : kBoth) {
+    Tensor logits = as(randn({rows, V_l}, 3.0), dt), tg = random_ids(rows, 2 * V_l);
+    Tensor stats = Tensor::empty({2, rows}, DType::f64);
+    Tensor statsg = Tensor::empty({2, rows}, DType::f64, Device::cuda);
+    ops::vocab_parallel_ce_forward(stats, logits, tg, start);
+    ops::vocab_parallel_ce_forward(statsg, gpu(logits, dt), gpu(tg), start);
+    expect_close(statsg, stats, tol(DType::f32), std::string("vocab_parallel_ce_forward stats ") + dtype_name(dt));
+    Tensor lse = stats.rows(0, 1).view({rows});  // any log-sum-exp will do for the backward
+    Tensor ref = logits.clone(), lg = gpu(logits, dt);
+    ops::vocab_parallel_ce_backward(ref, tg, lse, start, 1.0 / rows);
+    ops::vocab_parallel_ce_backward(lg, gpu(tg), gpu(lse), start, 1.0 / rows);
+    expect_close(lg, ref, dt, "vocab_parallel_ce_backward");
+  }
+}
+
 // ---- optimizer and reductions ------------------------------------------------------------------
 
 TEST(CudaOps, AdamW) {

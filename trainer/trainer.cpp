@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "kernels/ops.h"
+#include "parallel/tensor_parallel.h"
 #include "trainer/lr_schedule.h"
 
 namespace decotron {
@@ -69,13 +70,11 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
     fail(cfg.where("parallel.expert"), ": expert parallelism runs on the CPU so far (docs/parallelism.md)");
   if (lay.tp_size > 1 && cfg.train.device != "cpu")
     fail(cfg.where("parallel.tensor"), ": tensor parallelism runs on the CPU so far (docs/parallelism.md)");
-  if (cfg.parallel.sequence)
-    fail(cfg.where("parallel.sequence"), ": sequence parallelism is not implemented yet; set parallel.sequence: false");
   if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
     fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
   model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get(),
-                                         par_->ep.get());
+                                         par_->ep.get(), cfg.parallel.sequence);
   if (cfg.train.dtype != "fp32" && par_->is_main())
     std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
                  "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());
@@ -126,6 +125,16 @@ StepResult Trainer::train_step() {
   }
 
   model_->params().zero_grad();
+  // Sequence parallel: the norm weights' gradients are partial sums over the tensor-parallel
+  // ranks' tokens; they are summed over the group once per step, before the data-parallel
+  // reduction reads them. Parameters [sp_summed, end) are done.
+  const std::vector<Parameter*> params = model_->params().all();
+  size_t sp_summed = params.size();
+  auto sequence_parallel_grads_from = [&](size_t first) {
+    if (!cfg_.parallel.sequence || first >= sp_summed) return;
+    tp_all_reduce_sequence_parallel_grads(*par_->tp, {params.begin() + first, params.begin() + sp_summed});
+    sp_summed = first;
+  };
   double lm_sum = 0, reg_sum = 0, entropy_sum = 0;
   int64_t tokens = 0, no_expert = 0, pairs_computed = 0;
   std::vector<int64_t> layer_active(D, 0);
@@ -136,10 +145,15 @@ StepResult Trainer::train_step() {
     Tensor tok, tgt;
     split_batch(batch, B, S, model_->params().device(), tok, tgt);
     ForwardResult f = model_->forward(tok, tgt, {B, S}, reg, loss_scale, true);
-    // Overlap: during the last micro-batch's backward each bucket's reduction starts as soon as
-    // its gradients are complete (earlier micro-batches still add to them).
-    if (m + 1 == n_micro && cfg_.parallel.overlap_grad_reduce)
-      model_->on_grads_final = [this](size_t first) { grad_sync_->grads_final(first); };
+    // During the last micro-batch's backward, as soon as a block's gradients are complete
+    // (earlier micro-batches still add to them): sequence parallelism sums its norm weights'
+    // partial gradients over the tensor-parallel ranks, then (overlap) the data-parallel
+    // reduction of every bucket that is complete starts.
+    if (m + 1 == n_micro)
+      model_->on_grads_final = [&](size_t first) {
+        sequence_parallel_grads_from(first);
+        if (cfg_.parallel.overlap_grad_reduce) grad_sync_->grads_final(first);
+      };
     model_->backward(loss_scale);
     model_->on_grads_final = nullptr;
     lm_sum += f.lm_loss_sum;
@@ -156,6 +170,7 @@ StepResult Trainer::train_step() {
   // Data parallel: average the gradients (distributed optimizer: each rank's shard of them), and
   // sum the statistics over the ranks (every rank then computes the same losses, rho, lambda,
   // norm and skip decision).
+  sequence_parallel_grads_from(0);
   grad_sync_->finish_grad_sync();
   {
     std::vector<double> sums = {lm_sum, reg_sum, entropy_sum};

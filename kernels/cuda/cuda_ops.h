@@ -63,6 +63,9 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
 void sum_rows(Tensor& out, const Tensor& x);
 void add_rows_(Tensor& x, const Tensor& row, double alpha);
 double cross_entropy(Tensor& logits, const Tensor& targets, double grad_scale);
+void vocab_parallel_ce_forward(Tensor& stats, const Tensor& logits, const Tensor& targets, int64_t vocab_start);
+void vocab_parallel_ce_backward(Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t vocab_start,
+                                double grad_scale);
 void adamw_update(Tensor& param, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStep& s, double grad_scale);
 double sum_squares(const Tensor& x);
 bool has_nonfinite(const Tensor& x);
