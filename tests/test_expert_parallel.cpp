@@ -218,8 +218,9 @@ void expect_same_checkpoints(const std::string& got_dir, const std::string& ref_
 
 }  // namespace
 
-// 20 fp32 steps of a tiny DECO at EP2, EP4 and TP2 x EP2 follow the one-rank run, for the
-// sparse path (only active pairs sent) and the dense-masked reference (every pair sent).
+// 20 fp32 steps of a tiny DECO at EP2, EP4, TP2 x EP2, TP2 x EP2 with sequence parallelism and
+// EP2 x DP4 with the distributed optimizer follow the one-rank run (the sparse path: only
+// active pairs sent), and EP2 and TP2 x EP2 with the dense-masked reference (every pair sent).
 TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
   const std::string dir = fresh_dir("ep_layouts");
   for (const std::string compute : {"sparse", "dense"}) {
@@ -228,11 +229,15 @@ TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
     struct Layout {
       const char* name;
       int np, tensor, expert;
+      const char* extra;
     };
-    for (Layout l : {Layout{"ep2", 2, 1, 2}, Layout{"ep4", 4, 1, 4}, Layout{"tp2ep2", 4, 2, 2}}) {
-      if (compute == "dense" && std::string(l.name) == "ep4") continue;  // the sparse run covers EP4
+    for (Layout l : {Layout{"ep2", 2, 1, 2, ""}, Layout{"ep4", 4, 1, 4, ""}, Layout{"tp2ep2", 4, 2, 2, ""},
+                     Layout{"tp2ep2-sp", 4, 2, 2, " --set parallel.sequence=true"},
+                     Layout{"ep2dp4-distopt", 4, 1, 2, " --set parallel.distributed_optimizer=true"}}) {
+      // The sparse runs cover the combinations; the dense-masked reference runs EP2 and TP2 x EP2.
+      if (compute == "dense" && (std::string(l.name) != "ep2" && std::string(l.name) != "tp2ep2")) continue;
       const std::string run_dir = dir + "/" + l.name + "-" + compute;
-      ASSERT_EQ(train(cfg, run_dir, l.np, l.tensor, l.expert), "");
+      ASSERT_EQ(train(cfg, run_dir, l.np, l.tensor, l.expert, l.extra), "");
       const std::string log = read_file(run_dir + ".log");
       EXPECT_NE(log.find(cat("expert ", l.expert, " within data")), std::string::npos) << log;
       expect_same_records(run_dir, one, cat(l.name, " ", compute));
