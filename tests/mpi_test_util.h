@@ -91,8 +91,11 @@ inline std::vector<nlohmann::json> train_records(const std::string& metrics) {
   return out;
 }
 
-// The tiny DECO of the parallel tests (expert_compute: dense on every layout; see
-// test_parallel_mpi.cpp for why), logging every step. Adam's eps is 1e-6: with 1e-8 a weight
+// The tiny DECO of the parallel tests, logging every step. expert_compute: dense, so that every
+// layout computes the same dense-masked products (the sparse path's per-expert GEMMs see
+// different row counts on each data-parallel slice, fp32 rounding differs, and a router logit
+// near 0 can flip); the sparse path equals the dense one exactly in fp64
+// (test_model_gradients.cpp, test_expert_parallel.cpp), and test_expert_parallel.cpp trains it. Adam's eps is 1e-6: with 1e-8 a weight
 // whose gradient is ~0 turns fp32 rounding differences between layouts into lr-sized steps, and
 // a router logit then crosses 0 within 20 steps.
 inline std::string tiny_config(const std::string& dir, int64_t iters, int64_t global_batch, double timeout_s,
@@ -106,7 +109,7 @@ inline std::string tiny_config(const std::string& dir, int64_t iters, int64_t gl
                          "        reg_lambda0: 1.0e-3, reg_multiplier: 1.05, eval_interval: 10, eval_iters: 4,\n"
                          "        adam_eps: 1.0e-6}\n"
                          "parallel: {timeout_s: " << timeout_s << "}\n"
-                         "checkpoint: {interval: " << checkpoint_interval << "}\n"
+                         "checkpoint: {interval: " << checkpoint_interval << "}\n"  // 0: at the end only
                          "log: {interval: 1}\n";
   return path;
 }
@@ -115,8 +118,11 @@ inline std::string train_cmd(const std::string& cfg, const std::string& run_dir)
   return std::string(DECOTRON_BINARY) + " train --config " + cfg + " --synthetic-data --run-dir " + run_dir;
 }
 
-inline void expect_close(double a, double b, double rel, const std::string& what) {
-  EXPECT_LE(std::fabs(a - b), rel * std::max(std::fabs(a), std::fabs(b)) + 1e-12) << what << ": " << a << " vs " << b;
+// Returns the relative difference (for the measured numbers the tests print).
+inline double expect_close(double a, double b, double rel, const std::string& what) {
+  const double diff = std::fabs(a - b), scale = std::max(std::fabs(a), std::fabs(b));
+  EXPECT_LE(diff, rel * scale + 1e-12) << what << ": " << a << " vs " << b;
+  return scale > 0 ? diff / scale : 0.0;
 }
 
 }  // namespace decotron::mpi_test
