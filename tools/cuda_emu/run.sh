@@ -20,10 +20,10 @@ for f in $E/tree/core/cuda_backend.cpp $E/tree/kernels/cuda/*.cpp $T/fake_cuda.c
   build "$CU" $f $E/obj/emu_$(basename $f .cpp).o &
   if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
 done
-for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/cpu/*.cpp $R/tests/test_cuda_ops.cpp; do
+for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/cpu/*.cpp $R/tests/test_cuda_ops.cpp; do
   build "$CX" $f $E/obj/cpu_$(basename $f .cpp).o &
   if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
 done
 wait
-g++ -o $E/emu_tests $E/obj/*.o -lgtest -lgtest_main -lopenblas -lpthread
+g++ -o $E/emu_tests $E/obj/*.o -lgtest -lgtest_main -lopenblas -lyaml-cpp -lpthread
 exec $E/emu_tests "$@"
