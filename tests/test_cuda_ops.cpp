@@ -276,6 +276,16 @@ TEST(CudaOps, Embedding) {
     ops::embedding_backward(dtabg2, gpu(ids), gpu(dy, dt));
     EXPECT_TRUE(bitwise_equal(dtabg, dtabg2)) << "embedding_backward is not deterministic";
   }
+  // A vocabulary over several prefix-sum blocks (1024 ids each), most rows absent, narrow rows
+  // (the pair path scatters [n, 1] scores this way).
+  for (int64_t hh : {1, 5}) {
+    const int64_t VV = 3000, n = 700;
+    Tensor ids = random_ids(n, VV), dy = randn({n, hh}), tab0 = randn({VV, hh});
+    Tensor tab = tab0.clone(), tabg = gpu(tab0);
+    ops::embedding_backward(tab, ids, dy);
+    ops::embedding_backward(tabg, gpu(ids), gpu(dy));
+    expect_close(tabg, tab, DType::f32, "embedding_backward V3000 h" + std::to_string(hh));
+  }
 }
 
 // ---- RMSNorm and RoPE ----------------------------------------------------------------------------
