@@ -551,24 +551,25 @@ TEST(CudaOps, SumSquaresAndNonFinite) {
 
 TEST(CudaOps, RoutePairs) {
   SKIP_WITHOUT_GPU();
-  const int64_t T = 37, E = 7;
-  Tensor r = randn({T, E}, 1.0, -0.6);
-  for (int64_t t = 0; t < T; ++t) r.data<float>()[t * E + 3] = -1.0f;  // expert 3 never active
+  const int64_t E = 7;
   struct Range {
     int64_t begin, end;
     bool all;
   };
-  for (Range g : {Range{0, E, false}, Range{2, 5, false}, Range{4, 4, false}, Range{1, 6, true}}) {
-    const std::string tag = "experts [" + std::to_string(g.begin) + ", " + std::to_string(g.end) + ")" +
-                            (g.all ? " all pairs" : "");
-    ops::RoutedPairs want, got;
-    ops::route_pairs(want, r, g.begin, g.end, g.all);
-    ops::route_pairs(got, gpu(r), g.begin, g.end, g.all);
-    EXPECT_EQ(got.offsets, want.offsets) << tag;
-    EXPECT_EQ(got.tokens.device(), Device::cuda);
-    EXPECT_TRUE(bitwise_equal(got.tokens, want.tokens)) << tag;
-    EXPECT_TRUE(bitwise_equal(got.slots, want.slots)) << tag;
-  }
+  for (int64_t T : {37, 600, 0})  // the CUDA kernel takes tokens in chunks of 256
+    for (Range g : {Range{0, E, false}, Range{2, 5, false}, Range{4, 4, false}, Range{1, 6, true}}) {
+      Tensor r = randn({T, E}, 1.0, -0.6);
+      for (int64_t t = 0; t < T; ++t) r.data<float>()[t * E + 3] = -1.0f;  // expert 3 never active
+      const std::string tag = "T " + std::to_string(T) + " experts [" + std::to_string(g.begin) + ", " +
+                              std::to_string(g.end) + ")" + (g.all ? " all pairs" : "");
+      ops::RoutedPairs want, got;
+      ops::route_pairs(want, r, g.begin, g.end, g.all);
+      ops::route_pairs(got, gpu(r), g.begin, g.end, g.all);
+      EXPECT_EQ(got.offsets, want.offsets) << tag;
+      EXPECT_EQ(got.tokens.device(), Device::cuda);
+      EXPECT_TRUE(bitwise_equal(got.tokens, want.tokens)) << tag;
+      EXPECT_TRUE(bitwise_equal(got.slots, want.slots)) << tag;
+    }
 }
 
 TEST(CudaOps, SumRowsAddRows) {

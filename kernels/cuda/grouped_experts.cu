@@ -31,10 +31,10 @@
 // sp and dsp are fp32, and so are the cached mu and rs (as NormSiLU's stats on CUDA); weight
 // gradients and gx may be fp32 or the activation dtype.
 //
-// route_pairs builds the pair lists on the host from a copy of the router logits (one
-// synchronizing [T, E] copy per layer: correct, not yet fast). sum_rows and add_rows_ are plain
-// kernels.
-#include "kernels/cpu/cpu_ops.h"
+// route_pairs: per (expert, chunk of 256 tokens) counts of active pairs, copied to the host (the
+// offsets live there: one small synchronizing copy per layer), then each block writes its
+// chunk's pairs in token order (ballot compaction): the CPU's lists exactly. sum_rows and
+// add_rows_ are plain kernels.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -53,6 +53,38 @@ template <class T> __global__ void sum_rows_kernel(T* out, const T* x, int64_t r
 
 template <class T> __global__ void add_rows_kernel(T* x, const T* row, float alpha, int64_t rows, int64_t cols) {
   DT_GRID_STRIDE(i, rows * cols) x[i] = from_float<T>(to_float(x[i]) + alpha * to_float(row[i % cols]));
+}
+
+// ---- route_pairs ---------------------------------------------------------------------------------------
+// Block (expert i, chunk c) looks at tokens [c * kRouteChunk, (c+1) * kRouteChunk) of expert
+// e_begin + i, one thread per token.
+constexpr int kRouteChunk = 256;
+
+__device__ __forceinline__ bool route_active(const float* r, int64_t t, int64_t T, int64_t E, int64_t e, bool all) {
+  return t < T && (all || r[t * E + e] > 0.0f);
+}
+
+__global__ void route_count_kernel(int32_t* counts, const float* r, int64_t T, int64_t E, int64_t e_begin, bool all) {
+  const int64_t t = blockIdx.y * static_cast<int64_t>(kRouteChunk) + threadIdx.x;
+  const int c = block_sum(route_active(r, t, T, E, e_begin + blockIdx.x, all) ? 1 : 0);
+  if (threadIdx.x == 0) counts[blockIdx.x * static_cast<int64_t>(gridDim.y) + blockIdx.y] = c;
+}
+
+__global__ void route_fill_kernel(int32_t* tokens, int32_t* slots, const int32_t* starts, const float* r, int64_t T,
+                                  int64_t E, int64_t e_begin, bool all) {
+  __shared__ int warp_base[kRouteChunk / 32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t t = blockIdx.y * static_cast<int64_t>(kRouteChunk) + threadIdx.x, e = e_begin + blockIdx.x;
+  const bool hit = route_active(r, t, T, E, e, all);
+  const unsigned mask = __ballot_sync(0xffffffffu, hit);
+  if (lane == 0) warp_base[w] = __popc(mask);
+  __syncthreads();
+  if (!hit) return;
+  int base = starts[blockIdx.x * static_cast<int64_t>(gridDim.y) + blockIdx.y];
+  for (int k = 0; k < w; ++k) base += warp_base[k];
+  const int64_t p = base + __popc(mask & ((1u << lane) - 1u));
+  tokens[p] = static_cast<int32_t>(t);
+  slots[p] = static_cast<int32_t>(t * E + e);
 }
 
 // ---- grouped experts -------------------------------------------------------------------------------
@@ -287,11 +319,43 @@ void add_rows_(Tensor& x, const Tensor& row, double alpha) {
 }
 
 void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs) {
-  RoutedPairs host;
-  cpu::route_pairs(host, r.to(Device::cpu), e_begin, e_end, all_pairs);
-  pairs.offsets = std::move(host.offsets);
-  pairs.tokens = host.tokens.to(Device::cuda);
-  pairs.slots = host.slots.to(Device::cuda);
+  const int64_t T = r.dim(0), E = r.dim(1), El = e_end - e_begin;
+  DT_ASSERT(0 <= e_begin && e_begin <= e_end && e_end <= E, "route_pairs: experts [", e_begin, ", ", e_end, ") of ", E);
+  DT_ASSERT(T * E < (int64_t(1) << 31), "route_pairs: ", T, " x ", E, " router entries overflow i32 slots");
+  expect_dtype(r, DType::f32, "route_pairs", "r (router logits)");
+  pairs.offsets.assign(1, 0);
+  const int64_t chunks = (T + kRouteChunk - 1) / kRouteChunk;
+  if (El == 0 || T == 0) {
+    pairs.offsets.assign(El + 1, 0);
+    pairs.tokens = Tensor::empty({0}, DType::i32, Device::cuda);
+    pairs.slots = Tensor::empty({0}, DType::i32, Device::cuda);
+    return;
+  }
+  cudaStream_t st = context().stream;
+  const dim3 grid(static_cast<unsigned>(El), static_cast<unsigned>(chunks));
+  // 1. Active pairs per (expert, chunk of tokens); to the host, which needs the offsets anyway.
+  Tensor counts = scratch(El * chunks, DType::i32);
+  route_count_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(counts), ptr<float>(r), T, E, e_begin, all_pairs);
+  CUDA_CHECK_LAUNCH();
+  Tensor hc = counts.to(Device::cpu);  // waits for the stream
+  // 2. Each (expert, chunk)'s first pair: experts in order, chunks (tokens) ascending within.
+  Tensor starts = Tensor::empty({El * chunks}, DType::i32);
+  int64_t run = 0;
+  for (int64_t e = 0; e < El; ++e) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      starts.data<int32_t>()[e * chunks + c] = static_cast<int32_t>(run);
+      run += hc.data<int32_t>()[e * chunks + c];
+    }
+    pairs.offsets.push_back(run);
+  }
+  pairs.tokens = Tensor::empty({run}, DType::i32, Device::cuda);
+  pairs.slots = Tensor::empty({run}, DType::i32, Device::cuda);
+  if (run == 0) return;
+  Tensor dstarts = starts.to(Device::cuda);
+  // 3. Each block writes its chunk's active tokens in ascending order (ballot compaction).
+  route_fill_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(pairs.tokens), ptr<int32_t>(pairs.slots),
+                                                  ptr<int32_t>(dstarts), ptr<float>(r), T, E, e_begin, all_pairs);
+  CUDA_CHECK_LAUNCH();
 }
 
 void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
