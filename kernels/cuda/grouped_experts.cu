@@ -18,12 +18,12 @@
 //   4. the mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p (deterministic column sums).
 //
 // First version: a loop of cublasGemmEx calls over the local experts (E_local <= 42 in the
-// paper's configs at one rank; 3 GEMMs per expert forward, 4-6 backward). Each 64-wide expert
+// paper's configs at one rank; 2-3 GEMMs per expert forward, 4-6 backward). Each 64-wide expert
 // GEMM re-reads its gathered rows for only 64 outputs, so this is memory- and launch-bound at
 // d = 64 (performance-targets.md: 42 per-expert GEMMs at 20% take ~0.17 ms, about the dense
 // GEMM's time). Faster: one cublasGemmGroupedBatchedEx call per GEMM kind (CUDA >= 12.5), or a
 // CUTLASS grouped GEMM with the NormSiLU epilogue fused and the gathered activations kept on chip
-// across experts (docs/cuda-backend.md, "Still to do").
+// across experts (docs/cuda-backend.md, "The sparse expert path").
 //
 // Determinism: every reduction is a warp tree, a fixed-order sum of per-block partials or a
 // column sum of common.cuh; no float atomics. cuBLAS is reproducible with the fixed workspace.
