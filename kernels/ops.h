@@ -119,7 +119,8 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
 // of xp [P, h] go to local expert e, whose blocks are rows e*d.. of w_pre [E_l*d, h] (and of
 // w_up_gated) and columns e*d.. of w_down [h, E_l*d]. sp [P]: the pairs' scores s_te; w_bar [h]:
 // the mean row of the WHOLE pre matrix (all E experts, on every rank), so mu_p = x_p . w_bar.
-// outp [P, h] = W_down_e (s_p * z_p) (=).
+// outp [P, h] = W_down_e (s_p * z_p) (=). On CUDA (fp32 or bf16 activations) sp, dsp and the
+// cached mu and rs are fp32.
 struct GroupedExperts {
   Tensor mu;   // [P] NormSiLU's mean of each pair's token (0 where the mode has no mean step)
   Tensor pre;  // [P, d] pre-activations

@@ -129,15 +129,19 @@ def parameters(m):
     return out
 
 
-EXPERT = ("expert_rows", "expert_cols", "expert_entries")
+# Split by whole experts over tensor x expert ranks, gradients summed over `edp`
+# (parallel/grad_sync.cpp: is_expert_parameter). The expert scaling g ("expert_entries") is whole
+# on every rank and its gradient is averaged over `dp` like the router's.
+EXPERT = ("expert_rows", "expert_cols")
 
 
 def local_numel(shape, partition, block, tp, ep=1):
-    """Elements one rank holds: tensor parallelism splits column/row/vocab/expert_* partitions
-    (parallel/tensor_parallel.cpp), expert parallelism whole experts (the busiest rank: ceil)."""
+    """Elements one rank holds: tensor parallelism splits column/row/vocab/expert_rows/expert_cols
+    partitions (parallel/tensor_parallel.cpp), expert parallelism whole experts (the busiest rank:
+    ceil, for layouts decotron refuses)."""
     n = math.prod(shape)
-    if partition == "expert_entries":  # g: replicated over tensor ranks, one entry per expert
-        return n if ep == 1 else math.ceil(n / ep)
+    if partition == "expert_entries":  # g: one entry per expert, whole on every rank
+        return n
     if partition in ("column", "vocab", "expert_rows"):
         dim = 0
     elif partition in ("row", "expert_cols"):
@@ -195,23 +199,45 @@ class Coll:
         self.group, self.op, self.bytes, self.calls, self.what, self.overlap = group, op, nbytes, calls, what, overlap
 
 
+def ep_rows_per_token(rho, E, tp, ep):
+    """Rows of h values a token sends to other expert-parallel ranks in one dispatch ("dedup"): one
+    per other rank holding at least one of its active experts, each of the E/(tp ep) experts of a
+    rank active independently with probability rho."""
+    return (ep - 1) * (1 - (1 - rho) ** (E / (tp * ep)))
+
+
+def ep_pairs_per_token(rho, E, tp, ep):
+    """Active (token, expert) pairs of a token's tensor-parallel slice that live on other ranks."""
+    return rho * (E / tp) * (ep - 1) / ep
+
+
 def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce",
-                     ep_dispatch="dedup", ratio=None, bucket_bytes=25 << 20):
-    """lay: dict tp, dp, ep, micro (sequences per micro-batch). Expert parallelism: the rows moved
-    (the counts, per-pair row indices and scores, and w_bar are left out: small)."""
-    tp, dp, ep, mb = lay["tp"], lay["dp"], lay["ep"], lay["micro"]
+                     ep_dispatch="dedup", ratio=None, bucket_bytes=25 << 20, weight_bytes=2):
+    """lay: dict tp, dp, ep, micro (sequences per micro-batch), sp (sequence parallelism, optional).
+    Expert parallelism: expected bytes at activation ratio rho (per-token activations of the
+    experts independent); the exact bytes depend on the routing."""
+    tp, dp, ep, mb, sp = lay["tp"], lay["dp"], lay["ep"], lay["micro"], lay.get("sp", False)
     S, h, L, V = m["seq_len"], m["hidden"], m["layers"], m["vocab_size"]
     E, d = m["experts"], m["expert_width"]
     D = m["layers"] - m["dense_layers"] if m["arch"] == "deco" else 0
     micro = t["global_batch"] // (mb * dp)  # micro-steps per rank
     T = mb * S  # tokens per micro-batch
     rho = t["target_ratio"] if ratio is None else ratio
+    if m.get("expert_compute", "sparse") == "dense":
+        rho = 1.0  # the dense-masked path dispatches every pair of the slice
     out = []
     if tp > 1:
-        # All-reduces of [T, h] per micro-batch: the embedding's output and the LM head's dh, and per
-        # layer attention and FFN, forward (the row-parallel output) and backward (dx).
-        out.append(Coll("tp", "all_reduce", micro * (2 + 4 * L) * T * h * act_bytes, micro * (2 + 4 * L),
-                        "activations [T,h]: embedding, LM head dh, 4 per layer"))
+        # Per micro-batch, the embedding's output and the LM head's dh, and per layer attention and
+        # FFN, forward (the row-parallel output) and backward (dx): an all-reduce of [T, h] each, or
+        # with sequence parallelism a reduce-scatter (counted: the whole [T, h] input) and an
+        # all-gather (counted: this rank's [T/tp, h]) each; the same wire traffic.
+        n_act = micro * (2 + 4 * L)
+        what = "activations [T,h]: embedding, LM head dh, 4 per layer"
+        if sp:
+            out.append(Coll("tp", "reduce_scatter", n_act * T * h * act_bytes, n_act, what + " (SP)"))
+            out.append(Coll("tp", "all_gather", n_act * (T // tp) * h * act_bytes, n_act, what + " (SP)"))
+        else:
+            out.append(Coll("tp", "all_reduce", n_act * T * h * act_bytes, n_act, what))
         # The vocabulary-parallel cross-entropy: one all-gather of each rank's per-token log-sum-exp
         # and target logit [2, T] (fp64).
         out.append(Coll("tp", "all_gather", micro * 2 * T * 8, micro, "vocab-parallel cross-entropy [2,T] fp64"))
@@ -220,17 +246,29 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
             # gamma's gradient (d) are all-reduced, and ds [T, E] for the replicated router.
             out.append(Coll("tp", "all_reduce", micro * D * (2 * h + d + T * E) * act_bytes, micro * D * 4,
                             "DECO w_bar, gx [h], d gamma [d], ds [T,E]"))
+        if sp:
+            # The RMSNorm weights' gradients (each rank's tokens only), summed once per step.
+            out.append(Coll("tp", "all_reduce", (2 * L + 1) * h * grad_bytes, 1, "SP norm weight gradients"))
         out.append(Coll("tp", "all_reduce", 8, 1, "gradient norm of split parameters (fp64)"))
     if ep > 1 and D:
         # Per DECO layer: forward dispatch (x) and combine (expert outputs), backward dispatch (dy)
         # and combine (dx); each tensor rank moves the pairs of its own experts (E/tp).
         tokens = micro * T
         if ep_dispatch == "pairs":  # one h-vector per active (token, expert) pair on another rank
-            per_token = rho * (E / tp) * (ep - 1) / ep
+            per_token = ep_pairs_per_token(rho, E, tp, ep)
         else:  # one h-vector per (token, other rank holding at least one of its active experts)
-            per_token = (ep - 1) * (1 - (1 - rho) ** (E / (tp * ep)))
+            per_token = ep_rows_per_token(rho, E, tp, ep)
         out.append(Coll("ep", "all_to_all", 4 * D * tokens * per_token * h * act_bytes, 4 * D * micro,
                         f"dispatch + combine, forward and backward ({ep_dispatch})"))
+        # model/expert_dispatch.cpp, per DECO layer and micro-batch: the counts (rows, then pairs per
+        # expert: E/(tp ep) + 1 i64 per peer), each pair's row (i64) and score (fp32) forward, and its
+        # score gradient (fp32) backward.
+        pairs = ep_pairs_per_token(rho, E, tp, ep)
+        header = D * micro * (ep - 1) * (E // (tp * ep) + 1) * 8 + D * tokens * pairs * (8 + 4 + 4)
+        out.append(Coll("ep", "all_to_all", header, 4 * D * micro, "counts, pair rows (i64), scores, score grads"))
+        # w_bar and gx (h each) summed over the expert ranks too; the gradient norm of expert shards.
+        out.append(Coll("ep", "all_reduce", micro * D * 2 * h * act_bytes, micro * D * 2, "DECO w_bar, gx [h]"))
+        out.append(Coll("ep", "all_reduce", 8, 1, "gradient norm of expert shards (fp64)"))
     if dp > 1:
         ne, ex = param_counts(m, tp, ep)
         groups = [("dp", ne + (ex if ep == 1 else 0), dp)]
@@ -243,9 +281,17 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
             calls = max(1, math.ceil(b / bucket_bytes))
             if dp_scheme == "allreduce":
                 out.append(Coll(g, "all_reduce", b, calls, "gradients (bucketed)", "backward"))
-            else:  # distributed optimizer: reduce-scatter the gradients, all-gather bf16 weights
-                out.append(Coll(g, "reduce_scatter", b, calls, "gradients (bucketed)", "backward"))
-                out.append(Coll(g, "all_gather", n * 2 // size, calls, "updated bf16 weights (own shard)", "forward"))
+            else:  # distributed optimizer (parallel/grad_buffer.cpp): each bucket padded to a multiple
+                # of the group size and reduce-scattered; the updated weights' own shard all-gathered
+                # (fp32 today, bf16 once the GPU's bf16 path gathers its copy: weight_bytes); the
+                # gradient norm's sums of squares of the shards (3 fp64) all-reduced. Padding per
+                # bucket, modelled here per group: exact with one bucket, else up to calls x (size-1)
+                # elements short.
+                npad = -(-n // size) * size
+                out.append(Coll(g, "reduce_scatter", npad * grad_bytes, calls, "gradients (bucketed)", "backward"))
+                out.append(Coll(g, "all_gather", npad // size * weight_bytes, calls,
+                                "updated weights (own shard)", "forward"))
+                out.append(Coll(g, "all_reduce", 3 * 8, 1, "gradient norm of shards (fp64)"))
         # The step's statistics (trainer.cpp): {lm, reg, entropy} sums (fp64) and {tokens, tokens
         # without expert, active pairs per DECO layer, active tokens per layer and expert} (i64).
         out.append(Coll("dp", "all_reduce", 3 * 8, 1, "loss sums (fp64)"))
@@ -266,6 +312,9 @@ def by_group_op(colls):
 # ---------------------------------------------------------------------------------------------
 # `volumes`: formula vs measured
 
+ROUTING_DEPENDENT = {("ep", "all_to_all")}  # bytes depend on the routing: compared at the step's act_ratio
+
+
 def cmd_volumes(a):
     if a.run_dir:
         cfg_path = os.path.join(a.run_dir, "config.yaml")
@@ -281,36 +330,76 @@ def cmd_volumes(a):
     dp = par["data"] or a.np // tp
     if tp * dp != a.np:
         sys.exit(f"volumes: tensor {tp} x data {dp} != --np {a.np}")
-    lay = {"tp": tp, "dp": dp, "ep": par["expert"], "micro": cfg["train"]["micro_batch"]}
-    want = by_group_op(step_collectives(cfg["model"], cfg["train"], lay, 4, 4))
+    ep = par["expert"]
+    lay = {"tp": tp, "dp": dp, "ep": ep, "micro": cfg["train"]["micro_batch"], "sp": bool(par.get("sequence"))}
+    scheme = "distopt" if par.get("distributed_optimizer") else "allreduce"
+    # The CPU runs: fp32 activations, gradients and weights.
+    def formula(ratio=None):
+        return by_group_op(step_collectives(cfg["model"], cfg["train"], lay, 4, 4, scheme, "dedup", ratio,
+                                            int(par.get("grad_bucket_mb", 25) * (1 << 20)), 4))
+    want = formula()
     rows = [(g, op, b) for g, ops in sorted(want.items()) for op, b in sorted(ops.items())]
-    name = f"TP{tp}xDP{dp}" if tp > 1 and dp > 1 else (f"TP{tp}" if tp > 1 else f"DP{dp}")
+    name = layout_name(lay).replace("xDP1", "") + (" SP" if lay["sp"] else "") + (" distopt" if scheme == "distopt" else "")
     if not a.run_dir:
         print("| layout | group | collective | formula bytes/step |\n|---|---|---|---|")
         for g, op, b in rows:
-            print(f"| {name} | {g} | {op} | {b} |")
+            note = f" (at act_ratio {cfg['train']['target_ratio']})" if (g, op) in ROUTING_DEPENDENT else ""
+            print(f"| {name} | {g} | {op} | {b:.0f}{note} |")
         return 0
     measured = []
     with open(os.path.join(a.run_dir, "metrics.jsonl")) as f:
         for line in f:
             j = json.loads(line)
             if "comm_bytes_by_op" in j:
-                measured.append((j["iter"], j["comm_bytes_by_op"]))
+                measured.append(j)
     if not measured:
-        sys.exit(f"volumes: {a.run_dir}/metrics.jsonl has no comm_bytes_by_op records")
+        sys.exit(f"{a.run_dir}/metrics.jsonl has no comm_bytes_by_op records")
     ok = True
     print("| layout | group | collective | formula bytes/step | measured bytes/step (rank 0) | equal |")
     print("|---|---|---|---|---|---|")
     keys = set((g, op) for g, op, _ in rows)
-    for _, got in measured:
-        keys |= set((g, op) for g, ops in got.items() for op in ops)
+    for j in measured:
+        keys |= set((g, op) for g, ops in j["comm_bytes_by_op"].items() for op in ops)
+    routed = []
     for g, op in sorted(keys):
+        if (g, op) in ROUTING_DEPENDENT:
+            routed.append((g, op))
+            continue
         f_b = want.get(g, {}).get(op, 0)
-        vals = sorted(set(got.get(g, {}).get(op, 0) for _, got in measured))
+        vals = sorted(set(j["comm_bytes_by_op"].get(g, {}).get(op, 0) for j in measured))
         same = vals == [f_b]
         ok &= same
         shown = str(vals[0]) if len(vals) == 1 else "varies: " + ", ".join(map(str, vals))
         print(f"| {name} | {g} | {op} | {f_b} | {shown} (all {len(measured)} steps) | {'yes' if same else 'NO'} |")
+    if routed:
+        # Expert parallelism: the formula is an expectation over the routing (each expert of a
+        # rank active independently with probability rho); evaluated per step at the step's
+        # measured act_ratio (global batch, all DECO layers), and at its per-layer ratios.
+        print()
+        print(f"Routing-dependent bytes, per step (formula: expectation with independent expert activations; "
+              f"tolerance {a.ep_tolerance:.0%}):")
+        print()
+        print("| layout | group | collective | iter | act_ratio | formula at act_ratio | formula at per-layer "
+              "ratios | measured (rank 0) | measured / formula |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        m = cfg["model"]
+        D = m["layers"] - m["dense_layers"]
+        for g, op in routed:
+            for j in measured:
+                rho = j.get("act_ratio")
+                got = j["comm_bytes_by_op"].get(g, {}).get(op, 0)
+                if rho is None:
+                    print(f"| {name} | {g} | {op} | {j.get('iter')} | - | - | - | {got} | - |")
+                    ok = False
+                    continue
+                f_b = formula(rho).get(g, {}).get(op, 0)
+                per_layer = j.get("act_ratio_per_layer") or []
+                f_l = (sum(formula(r).get(g, {}).get(op, 0) for r in per_layer) / D
+                       if len(per_layer) == D and D else float("nan"))
+                ratio = got / f_b if f_b else float("inf")
+                ok &= abs(ratio - 1) <= a.ep_tolerance
+                print(f"| {name} | {g} | {op} | {j.get('iter')} | {rho:.4f} | {f_b:,.0f} | {f_l:,.0f} | {got:,} | "
+                      f"{ratio:.4f} |")
     return 0 if ok else 1
 
 
@@ -567,6 +656,9 @@ def main(argv):
         p.add_argument("--set", action="append", help="override a key: section.key=value")
         p.add_argument("--np", type=int, help="ranks launched")
         p.add_argument("--tp", type=int, help="tensor-parallel size (default: parallel.tensor of the config)")
+        p.add_argument("--ep-tolerance", type=float, default=0.1,
+                       help="largest relative difference accepted for the routing-dependent expert-parallel "
+                            "all-to-all (default 0.1)")
         return cmd_volumes(p.parse_args(argv[1:]))
     if argv and argv[0] == "model":
         argv = argv[1:]

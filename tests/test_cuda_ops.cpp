@@ -276,6 +276,16 @@ TEST(CudaOps, Embedding) {
     ops::embedding_backward(dtabg2, gpu(ids), gpu(dy, dt));
     EXPECT_TRUE(bitwise_equal(dtabg, dtabg2)) << "embedding_backward is not deterministic";
   }
+  // A vocabulary over several prefix-sum blocks (1024 ids each), most rows absent, narrow rows
+  // (the pair path scatters [n, 1] scores this way).
+  for (int64_t hh : {1, 5}) {
+    const int64_t VV = 3000, n = 700;
+    Tensor ids = random_ids(n, VV), dy = randn({n, hh}), tab0 = randn({VV, hh});
+    Tensor tab = tab0.clone(), tabg = gpu(tab0);
+    ops::embedding_backward(tab, ids, dy);
+    ops::embedding_backward(tabg, gpu(ids), gpu(dy));
+    expect_close(tabg, tab, DType::f32, "embedding_backward V3000 h" + std::to_string(hh));
+  }
 }
 
 // ---- RMSNorm and RoPE ----------------------------------------------------------------------------
@@ -552,4 +562,249 @@ TEST(CudaOps, SumSquaresAndNonFinite) {
       EXPECT_TRUE(ops::has_nonfinite(gpu(y, dt))) << dtype_name(dt) << " " << bad;
     }
   }
+}
+
+// ---- DECO routed experts on (token, expert) pairs ------------------------------------------------
+// The sparse expert path's CUDA kernels (kernels/cuda/grouped_experts.cu) against the CPU
+// reference (kernels/cpu/grouped_experts.cpp), and, composed as model/ffn.cpp composes them,
+// against the dense-masked path on the GPU.
+
+TEST(CudaOps, RoutePairs) {
+  SKIP_WITHOUT_GPU();
+  const int64_t E = 7;
+  struct Range {
+    int64_t begin, end;
+    bool all;
+  };
+  for (int64_t T : {37, 600, 0})  // the CUDA kernel takes tokens in chunks of 256
+    for (Range g : {Range{0, E, false}, Range{2, 5, false}, Range{4, 4, false}, Range{1, 6, true}}) {
+      Tensor r = randn({T, E}, 1.0, -0.6);
+      for (int64_t t = 0; t < T; ++t) r.data<float>()[t * E + 3] = -1.0f;  // expert 3 never active
+      const std::string tag = "T " + std::to_string(T) + " experts [" + std::to_string(g.begin) + ", " +
+                              std::to_string(g.end) + ")" + (g.all ? " all pairs" : "");
+      ops::RoutedPairs want, got;
+      ops::route_pairs(want, r, g.begin, g.end, g.all);
+      ops::route_pairs(got, gpu(r), g.begin, g.end, g.all);
+      EXPECT_EQ(got.offsets, want.offsets) << tag;
+      EXPECT_EQ(got.tokens.device(), Device::cuda);
+      EXPECT_TRUE(bitwise_equal(got.tokens, want.tokens)) << tag;
+      EXPECT_TRUE(bitwise_equal(got.slots, want.slots)) << tag;
+    }
+}
+
+TEST(CudaOps, SumRowsAddRows) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kBoth) {
+    Tensor x = as(randn({37, 53}), dt), row = as(randn({53}), dt);
+    Tensor s = Tensor::empty({53}, DType::f32), sg = Tensor::empty({53}, dt, Device::cuda);
+    ops::sum_rows(s, x);
+    ops::sum_rows(sg, gpu(x, dt));
+    expect_close(sg, s, dt, "sum_rows");
+    Tensor y = x.clone(), yg = gpu(x, dt);
+    ops::add_rows_(y, row, -0.3);
+    ops::add_rows_(yg, gpu(row, dt), -0.3);
+    expect_close(yg, y, dt, "add_rows_");
+  }
+}
+
+namespace {
+
+const ops::NormSiluMode kModes[] = {ops::NormSiluMode::full, ops::NormSiluMode::no_mean, ops::NormSiluMode::no_rms,
+                                    ops::NormSiluMode::silu};
+const char* kModeNames[] = {"full", "no_mean", "no_rms", "silu"};
+
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> off(1, 0);
+  for (int64_t c : counts) off.push_back(off.back() + c);
+  return off;
+}
+
+// One grouped-experts case: CPU reference in fp32 on the dtype's values, CUDA in dtype dt.
+// Outputs ("=") start as garbage on the GPU; accumulators ("+=") start equal on both sides.
+// Returns the GPU's gradients for a determinism check.
+std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h, int64_t d, ops::NormSiluMode mode,
+                                  bool gated, DType dt, const std::string& tag) {
+  const std::vector<int64_t> off = offsets_of(counts);
+  const int64_t El = static_cast<int64_t>(counts.size()), P = off.back();
+  const double eps = 1e-5;
+  const double ws = 1.0 / std::sqrt(static_cast<double>(h));
+  Tensor xp = as(randn({P, h}, 1.0, 0.1), dt), sp = randn({P}, 0.5, 0.3), w_bar = as(randn({h}, 0.1, 0.02), dt);
+  Tensor w_pre = as(randn({El * d, h}, ws, 0.05), dt), w_up = as(randn({El * d, h}, ws), dt);
+  Tensor gamma = as(randn({d}, 0.2, 1.0), dt), w_down = as(randn({h, El * d}, 0.1), dt);
+  Tensor doutp = as(randn({P, h}), dt);
+  const Tensor* wu = gated ? &w_up : nullptr;
+
+  Tensor outp = Tensor::empty({P, h}, DType::f32);
+  ops::GroupedExperts cache;
+  ops::grouped_experts_forward(outp, cache, xp, off, sp, w_bar, w_pre, wu, gamma, w_down, mode, eps);
+  Tensor outg = gpu(randn({P, h}), dt);
+  ops::GroupedExperts cg;
+  Tensor w_upg = gpu(w_up, dt);
+  const Tensor* wug = gated ? &w_upg : nullptr;
+  const Tensor xpg = gpu(xp, dt), spg = gpu(sp), w_barg = gpu(w_bar, dt), w_preg = gpu(w_pre, dt);
+  const Tensor gammag = gpu(gamma, dt), w_downg = gpu(w_down, dt);
+  ops::grouped_experts_forward(outg, cg, xpg, off, spg, w_barg, w_preg, wug, gammag, w_downg, mode, eps);
+  expect_close(outg, outp, dt, "grouped_experts_forward outp " + tag);
+  expect_close(cg.pre, cache.pre, dt, "grouped_experts_forward pre " + tag);
+  expect_close(cg.y, cache.y, dt, "grouped_experts_forward y " + tag);
+  expect_close(cg.mu, cache.mu, dt, "grouped_experts_forward mu " + tag);
+  expect_close(cg.rs, cache.rs, dt, "grouped_experts_forward rs " + tag);
+  if (gated) expect_close(cg.up, cache.up, dt, "grouped_experts_forward up " + tag);
+
+  Tensor gx0 = as(randn({h}), dt), dwp0 = as(randn({El * d, h}), dt), dwu0 = as(randn({El * d, h}), dt);
+  Tensor dg0 = as(randn({d}), dt), dwd0 = as(randn({h, El * d}), dt);
+  Tensor dxp = Tensor::empty({P, h}, DType::f32), dsp = Tensor::empty({P}, DType::f32);
+  Tensor gx = gx0.clone(), dwp = dwp0.clone(), dwu = dwu0.clone(), dg = dg0.clone(), dwd = dwd0.clone();
+  ops::grouped_experts_backward(dxp, dsp, gx, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_bar,
+                                w_pre, wu, gamma, w_down, mode, eps);
+  Tensor dxpg = gpu(randn({P, h}), dt), dspg = gpu(randn({P}));
+  Tensor gxg = gpu(gx0, dt), dwpg = gpu(dwp0, dt), dwug = gpu(dwu0, dt), dgg = gpu(dg0, dt), dwdg = gpu(dwd0, dt);
+  ops::grouped_experts_backward(dxpg, dspg, gxg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(doutp, dt), cg, xpg, off,
+                                spg, w_barg, w_preg, wug, gammag, w_downg, mode, eps);
+  expect_close(dxpg, dxp, dt, "grouped_experts_backward dxp " + tag);
+  // dsp sums d products of fp32 dY with z (rounded to bf16 in the reference's inputs only).
+  expect_close(dspg, dsp, dt, "grouped_experts_backward dsp " + tag);
+  expect_close(gxg, gx, dt, "grouped_experts_backward gx " + tag);
+  expect_close(dwpg, dwp, dt, "grouped_experts_backward dw_pre " + tag);
+  if (gated) expect_close(dwug, dwu, dt, "grouped_experts_backward dw_up " + tag);
+  expect_close(dgg, dg, dt, "grouped_experts_backward dgamma " + tag);
+  expect_close(dwdg, dwd, dt, "grouped_experts_backward dw_down " + tag);
+  return {dxpg, dspg, gxg, dwpg, dwug, dgg, dwdg};
+}
+
+}  // namespace
+
+TEST(CudaOps, GroupedExperts) {
+  SKIP_WITHOUT_GPU();
+  struct Case {
+    std::vector<int64_t> counts;
+    int64_t h, d;
+  };
+  // Several local expert counts, experts without pairs (first, middle, last), one expert, d
+  // below a warp, and a case with more pairs than one backward block takes (64).
+  const Case cases[] = {{{5, 0, 17, 3}, 48, 64}, {{0, 9, 0, 4, 0}, 40, 16}, {{21}, 24, 64}, {{70, 1, 90}, 33, 32}};
+  for (const Case& c : cases)
+    for (int mi = 0; mi < 4; ++mi)
+      for (bool gated : {false, true}) {
+        std::string tag = std::string(kModeNames[mi]) + (gated ? " gated" : "") + " E_l" +
+                          std::to_string(c.counts.size()) + " P" + std::to_string(offsets_of(c.counts).back()) + " h" +
+                          std::to_string(c.h) + " d" + std::to_string(c.d);
+        check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::f32, tag);
+        if (mi == 0 || mi == 3) check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag);
+      }
+}
+
+TEST(CudaOps, GroupedExpertsNoPairs) {
+  SKIP_WITHOUT_GPU();
+  for (bool gated : {false, true}) {
+    check_grouped({0, 0, 0}, 16, 16, ops::NormSiluMode::full, gated, DType::f32, gated ? "P0 gated" : "P0");
+    check_grouped({0}, 16, 64, ops::NormSiluMode::no_mean, gated, DType::bf16, gated ? "P0 E_l1 gated" : "P0 E_l1");
+  }
+}
+
+TEST(CudaOps, GroupedExpertsDeterministic) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kBoth) {
+    next_stream = 9000;  // the same inputs twice
+    std::vector<Tensor> a = check_grouped({70, 3, 0, 90}, 40, 64, ops::NormSiluMode::full, true, dt, "run 1");
+    next_stream = 9000;
+    std::vector<Tensor> b = check_grouped({70, 3, 0, 90}, 40, 64, ops::NormSiluMode::full, true, dt, "run 2");
+    for (size_t i = 0; i < a.size(); ++i)
+      EXPECT_TRUE(bitwise_equal(a[i], b[i])) << "grouped_experts_backward output " << i << " differs between runs ["
+                                             << dtype_name(dt) << "]";
+  }
+}
+
+// The pair path composed as model/ffn.cpp composes it (route, gather, grouped experts, scatter,
+// the mean's rank-one term through add_rows_) equals the dense-masked path, both on the GPU in
+// fp32: the identities of deco-model.md hold for the CUDA kernels.
+TEST(CudaOps, PairPathEqualsDenseMasked) {
+  SKIP_WITHOUT_GPU();
+  const int64_t T = 23, E = 6, d = 16, h = 32, n = E * d;
+  const double eps = 1e-5, ws = 1.0 / std::sqrt(static_cast<double>(h));
+  auto dev = [](const Shape& s) { return Tensor::empty(s, DType::f32, Device::cuda); };
+  auto dev0 = [](const Shape& s) { return Tensor::zeros(s, DType::f32, Device::cuda); };
+  for (int mi : {0, 2, 3})
+    for (bool gated : {false, true}) {
+      const ops::NormSiluMode mode = kModes[mi];
+      const bool mean = mi == 0 || mi == 2;
+      const std::string tag = std::string(kModeNames[mi]) + (gated ? " gated" : "");
+      Tensor x = gpu(randn({T, h})), r = gpu(randn({T, E}, 1.0, -0.4)), g = gpu(randn({E}, 0.02, 0.1));
+      Tensor w_up = gpu(randn({n, h}, ws, 0.05)), w_gate = gpu(randn({n, h}, ws, -0.03));
+      Tensor gamma = gpu(randn({d}, 0.2, 1.0)), w_down = gpu(randn({h, n}, 0.1)), dy = gpu(randn({T, h}));
+      const Tensor& w_pre = gated ? w_gate : w_up;
+      Tensor s = dev({T, E});
+      ops::router_scale_forward(s, r, g);
+
+      // Dense-masked (model/ffn.cpp without a dispatcher).
+      Tensor u = dev({T, n}), pre = dev({T, n}), act = dev({T, n}), z = dev({T, n}), st = dev({T, 1 + E});
+      ops::linear_forward(u, x, w_up);
+      if (gated) {
+        ops::linear_forward(pre, x, w_gate);
+        ops::normsilu_forward(act, st, pre, gamma, E, mode, eps);
+        ops::mul_forward(z, act, u);
+      } else {
+        ops::normsilu_forward(z, st, u, gamma, E, mode, eps);
+      }
+      Tensor y = dev({T, n}), out = dev({T, h});
+      ops::expert_scale_forward(y, z, s, E);
+      ops::linear_forward(out, y, w_down);
+      Tensor dY = dev({T, n}), dz = dev({T, n}), ds = dev({T, E}), du = dev({T, n}), dx = dev({T, h});
+      Tensor dw_down = dev0({h, n}), dw_up = dev0({n, h}), dw_gate = dev0({n, h}), dgamma = dev0({d});
+      ops::linear_backward(&dY, &dw_down, dy, y, w_down);
+      ops::expert_scale_backward(dz, ds, dY, z, s, E);
+      if (gated) {
+        Tensor dact = dev({T, n}), dpre = dev({T, n});
+        ops::mul_backward(dact, du, dz, act, u);
+        ops::normsilu_backward(dpre, dgamma, dact, pre, gamma, st, E, mode, eps);
+        ops::linear_backward(&dx, &dw_gate, dpre, x, w_gate, false);
+        ops::linear_backward(&dx, &dw_up, du, x, w_up, true);
+      } else {
+        ops::normsilu_backward(du, dgamma, dz, u, gamma, st, E, mode, eps);
+        ops::linear_backward(&dx, &dw_up, du, x, w_up, false);
+      }
+
+      // Pairs (model/ffn.cpp experts_forward_pairs / experts_backward_pairs, one rank).
+      Tensor w_bar = dev0({h});
+      if (mean) {
+        ops::sum_rows(w_bar, w_pre);
+        ops::scale_(w_bar, 1.0 / static_cast<double>(n));
+      }
+      ops::RoutedPairs rp;
+      ops::route_pairs(rp, r, 0, E, false);
+      const int64_t P = rp.tokens.numel();
+      ASSERT_GT(P, 0) << tag;
+      ASSERT_LT(P, T * E) << tag;
+      Tensor xp = dev({P, h}), sp = dev({P, 1});
+      ops::embedding_forward(xp, rp.tokens, x);
+      ops::embedding_forward(sp, rp.slots, s.view({T * E, 1}));
+      sp = sp.view({P});
+      Tensor outp = dev({P, h}), out2 = dev0({T, h});
+      ops::GroupedExperts cache;
+      ops::grouped_experts_forward(outp, cache, xp, rp.offsets, sp, w_bar, w_pre, gated ? &w_up : nullptr, gamma,
+                                   w_down, mode, eps);
+      ops::embedding_backward(out2, rp.tokens, outp);
+      const Tol t{1e-4, 1e-4};
+      expect_close(out2, host(out), t, "pair path out vs dense-masked " + tag);
+
+      Tensor doutp = dev({P, h}), dxp = dev({P, h}), dsp = dev({P}), gx = dev0({h});
+      ops::embedding_forward(doutp, rp.tokens, dy);
+      Tensor dw_pre2 = dev0({n, h}), dw_up2 = dev0({n, h}), dgamma2 = dev0({d}), dw_down2 = dev0({h, n});
+      ops::grouped_experts_backward(dxp, dsp, gx, dw_pre2, gated ? &dw_up2 : nullptr, dgamma2, dw_down2, doutp, cache, xp,
+                                    rp.offsets, sp, w_bar, w_pre, gated ? &w_up : nullptr, gamma, w_down, mode, eps);
+      if (mean) ops::add_rows_(dw_pre2, gx, -1.0 / static_cast<double>(n));
+      Tensor dx2 = dev0({T, h}), ds2 = dev0({T * E, 1});
+      ops::embedding_backward(dx2, rp.tokens, dxp);
+      ops::embedding_backward(ds2, rp.slots, dsp.view({P, 1}));
+      expect_close(dx2, host(dx), t, "pair path dx vs dense-masked " + tag);
+      // ds matters where r > 0 only (the router backward masks it); the pair path leaves 0 elsewhere.
+      Tensor dsm = host(ds), rh = host(r);
+      for (int64_t i = 0; i < T * E; ++i)
+        if (!(rh.data<float>()[i] > 0)) dsm.data<float>()[i] = 0.0f;
+      expect_close(ds2, dsm, t, "pair path ds vs dense-masked " + tag);
+      expect_close(dw_pre2, host(gated ? dw_gate : dw_up), t, "pair path dW_pre vs dense-masked " + tag);
+      if (gated) expect_close(dw_up2, host(dw_up), t, "pair path dW_up vs dense-masked " + tag);
+      expect_close(dgamma2, host(dgamma), t, "pair path dgamma vs dense-masked " + tag);
+      expect_close(dw_down2, host(dw_down), t, "pair path dW_down vs dense-masked " + tag);
+    }
 }

@@ -75,6 +75,11 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
   model_ = std::make_unique<Transformer>(cfg.model, DType::f32, device_of(cfg.train.device), par_->tp.get(),
                                          par_->ep.get(), cfg.parallel.sequence);
+  if (cfg.train.device == "cuda" && cfg.model.arch == "deco" && cfg.model.expert_compute == "sparse" &&
+      par_->is_main())
+    std::fprintf(stderr, "warning: %s = sparse on cuda: the CUDA grouped expert kernels have passed their tests only "
+                 "in the host emulator (tools/cuda_emu), not yet on a GPU; model.expert_compute: dense is the "
+                 "GPU-tested reference\n", cfg.where("model.expert_compute").c_str());
   if (cfg.train.dtype != "fp32" && par_->is_main())
     std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
                  "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());

@@ -1,9 +1,40 @@
-// The routed experts' pair ops on the GPU. sum_rows and add_rows_ are plain kernels;
-// route_pairs builds the pair lists on the host from a copy of the router logits (one
-// synchronizing [T, E] copy per layer: correct, not yet fast). The grouped expert GEMMs have no
-// CUDA kernel yet (issue 5: grouped GEMMs over the experts' pair blocks): they refuse loudly
-// rather than fall back silently, and GPU runs use model.expert_compute: dense.
-#include "kernels/cpu/cpu_ops.h"
+// The routed experts' pair ops on the GPU: the sparse expert path (deco-model.md, "Identities
+// that make sparse computation exact"); kernels/cpu/grouped_experts.cpp is the reference and
+// states the math. STATUS: emulator-verified (tools/cuda_emu), not yet run on a GPU.
+//
+// grouped_experts_forward, per call:
+//   1. per local expert e with rows [off[e], off[e+1]) (n > 0): pre_e = X_e W_pre_e^T (and
+//      up_e = X_e W_up_e^T when gated): cublasGemmEx on the expert's sub-blocks;
+//   2. one fused kernel over all P pairs (a warp per pair): mu_p = x_p . w_bar (the GEMV),
+//      rs_p, y_p = s_p * SiLU(gamma * (pre_p - mu_p) * rs_p) (* up_p), caching mu, rs;
+//   3. per expert: outp_e = Y_e W_down_e^T.
+// grouped_experts_backward:
+//   1. per expert: dY_e = dOut_e W_down_e (fp32 scratch);
+//   2. one fused kernel (a warp per pair, a fixed chunk of pairs per block): dsp = dY . z, the
+//      NormSiLU backward to dc (dpre) and dup, g_p = sum of dc (the mean's gradient), dgamma
+//      partial sums per block;
+//   3. per expert (beta = 1 for the weight gradients): dW_down_e += dOut_e^T Y_e,
+//      dW_pre_e += dc_e^T X_e, dX_e = dc_e W_pre_e (+ the gated up-projection's two GEMMs);
+//   4. the mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p (deterministic column sums).
+//
+// First version: a loop of cublasGemmEx calls over the local experts (E_local <= 42 in the
+// paper's configs at one rank; 2-3 GEMMs per expert forward, 4-6 backward). Each 64-wide expert
+// GEMM re-reads its gathered rows for only 64 outputs, so this is memory- and launch-bound at
+// d = 64 (performance-targets.md: 42 per-expert GEMMs at 20% take ~0.17 ms, about the dense
+// GEMM's time). Faster: one cublasGemmGroupedBatchedEx call per GEMM kind (CUDA >= 12.5), or a
+// CUTLASS grouped GEMM with the NormSiLU epilogue fused and the gathered activations kept on chip
+// across experts (docs/cuda-backend.md, "The sparse expert path").
+//
+// Determinism: every reduction is a warp tree, a fixed-order sum of per-block partials or a
+// column sum of common.cuh; no float atomics. cuBLAS is reproducible with the fixed workspace.
+// dtypes: fp32, and bf16 activations/weights with fp32 accumulation. The router side stays fp32:
+// sp and dsp are fp32, and so are the cached mu and rs (as NormSiLU's stats on CUDA); weight
+// gradients and gx may be fp32 or the activation dtype.
+//
+// route_pairs: per (expert, chunk of 256 tokens) counts of active pairs, copied to the host (the
+// offsets live there: one small synchronizing copy per layer), then each block writes its
+// chunk's pairs in token order (ballot compaction): the CPU's lists exactly. sum_rows and
+// add_rows_ are plain kernels.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -22,6 +53,246 @@ template <class T> __global__ void sum_rows_kernel(T* out, const T* x, int64_t r
 
 template <class T> __global__ void add_rows_kernel(T* x, const T* row, float alpha, int64_t rows, int64_t cols) {
   DT_GRID_STRIDE(i, rows * cols) x[i] = from_float<T>(to_float(x[i]) + alpha * to_float(row[i % cols]));
+}
+
+// ---- route_pairs ---------------------------------------------------------------------------------------
+// Block (expert i, chunk c) looks at tokens [c * kRouteChunk, (c+1) * kRouteChunk) of expert
+// e_begin + i, one thread per token.
+constexpr int kRouteChunk = 256;
+
+__device__ __forceinline__ bool route_active(const float* r, int64_t t, int64_t T, int64_t E, int64_t e, bool all) {
+  return t < T && (all || r[t * E + e] > 0.0f);
+}
+
+__global__ void route_count_kernel(int32_t* counts, const float* r, int64_t T, int64_t E, int64_t e_begin, bool all) {
+  const int64_t t = blockIdx.y * static_cast<int64_t>(kRouteChunk) + threadIdx.x;
+  const int c = block_sum(route_active(r, t, T, E, e_begin + blockIdx.x, all) ? 1 : 0);
+  if (threadIdx.x == 0) counts[blockIdx.x * static_cast<int64_t>(gridDim.y) + blockIdx.y] = c;
+}
+
+__global__ void route_fill_kernel(int32_t* tokens, int32_t* slots, const int32_t* starts, const float* r, int64_t T,
+                                  int64_t E, int64_t e_begin, bool all) {
+  __shared__ int warp_base[kRouteChunk / 32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t t = blockIdx.y * static_cast<int64_t>(kRouteChunk) + threadIdx.x, e = e_begin + blockIdx.x;
+  const bool hit = route_active(r, t, T, E, e, all);
+  const unsigned mask = __ballot_sync(0xffffffffu, hit);
+  if (lane == 0) warp_base[w] = __popc(mask);
+  __syncthreads();
+  if (!hit) return;
+  int base = starts[blockIdx.x * static_cast<int64_t>(gridDim.y) + blockIdx.y];
+  for (int k = 0; k < w; ++k) base += warp_base[k];
+  const int64_t p = base + __popc(mask & ((1u << lane) - 1u));
+  tokens[p] = static_cast<int32_t>(t);
+  slots[p] = static_cast<int32_t>(t * E + e);
+}
+
+// ---- grouped experts -------------------------------------------------------------------------------
+
+bool uses_mean(NormSiluMode m) { return m == NormSiluMode::full || m == NormSiluMode::no_rms; }
+bool uses_rms(NormSiluMode m) { return m == NormSiluMode::full || m == NormSiluMode::no_mean; }
+
+// A lane keeps entries j = lane + 32 s (s < kSlots) of its pair's expert block in registers.
+constexpr int kMaxWidth = 256;
+constexpr int kSlots = kMaxWidth / 32;
+constexpr int kWarps = kThreads / 32;
+
+// Row-major C[M, N] = op(A) op(B) (beta 0) or += (beta 1), the arguments as the CPU reference's
+// cpu::gemm. A and B of dtype `in` (fp32 or bf16), C of dtype `out` (= in, or fp32); fp32
+// accumulation (CUBLAS_COMPUTE_32F: no TF32). Column-major terms: C^T = op(B)^T op(A)^T.
+void rgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb,
+           DType in, float beta, void* C, int64_t ldc, DType out) {
+  if (M == 0 || N == 0) return;
+  DT_ASSERT(K > 0, "grouped experts: a GEMM over an empty sum");
+  DT_ASSERT(out == DType::f32 || out == in, "grouped experts: ", dtype_name(in), " GEMM inputs with a ",
+            dtype_name(out), " output");
+  const cudaDataType_t it = in == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t ot = out == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+  const float alpha = 1.0f;
+  Context& ctx = context();
+  CUBLAS_CHECK(cublasGemmEx(ctx.blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                            static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B, it,
+                            static_cast<int>(ldb), A, it, static_cast<int>(lda), &beta, C, ot, static_cast<int>(ldc),
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// Element e of a matrix of dtype dt starting at base (byte arithmetic for the sub-blocks).
+const void* at(const Tensor& t, int64_t offset) {
+  return static_cast<const char*>(t.raw()) + offset * static_cast<int64_t>(dtype_size(t.dtype()));
+}
+void* at(Tensor& t, int64_t offset) { return static_cast<char*>(t.raw()) + offset * static_cast<int64_t>(dtype_size(t.dtype())); }
+
+// Forward epilogue, one warp per pair: mu = x . w_bar (0 without the mean step), rs (1 without
+// the RMS step), y = s * SiLU(gamma * (pre - mu) * rs) [* up].
+template <class T>
+__global__ void pairs_forward_kernel(T* y, float* mu_out, float* rs_out, const T* pre, const T* up, const T* xp,
+                                     const T* w_bar, const float* sp, const T* gamma, int64_t P, int h, int d,
+                                     bool mean, bool rms, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t p = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; p < P; p += warps) {
+    float mu = 0.0f;
+    if (mean) {
+      const T* xr = xp + p * h;
+      float acc = 0.0f;
+      for (int k = lane; k < h; k += 32) acc += to_float(xr[k]) * to_float(w_bar[k]);
+      mu = warp_sum(acc);
+    }
+    const T* pr = pre + p * d;
+    float c[kSlots];
+    float ss = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int j = lane + 32 * s;
+      c[s] = j < d ? to_float(pr[j]) - mu : 0.0f;
+      ss += c[s] * c[s];
+    }
+    float rs = 1.0f;
+    if (rms) rs = 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
+    if (lane == 0) {
+      mu_out[p] = mu;
+      rs_out[p] = rs;
+    }
+    const float se = sp[p];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int j = lane + 32 * s;
+      if (j >= d) continue;
+      const float a = rms ? to_float(gamma[j]) * c[s] * rs : c[s];
+      float z = a * sigmoidf_(a);
+      if (up) z *= to_float(up[p * d + j]);
+      y[p * d + j] = from_float<T>(se * z);
+    }
+  }
+}
+
+// Backward per pair, one warp per pair; block b takes pairs [b * per_block, (b+1) * per_block),
+// warp w the pairs begin + w, + kWarps, ... Writes dpre (the gradient reaching the centred block,
+// dc), dup (gated), dsp = dY . z, gmean = sum of dc (mean modes) and, with the RMS step, the
+// block's dgamma partials (lanes in registers, then the warps summed in order).
+template <class T>
+__global__ void pairs_backward_kernel(T* dpre, T* dup, float* dsp, float* gmean, double* dgamma_part, const float* dy,
+                                      const T* pre, const T* up, const float* mu, const float* rs_cache,
+                                      const float* sp, const T* gamma, int64_t P, int d, int64_t per_block, bool mean,
+                                      bool rms) {
+  __shared__ float wpart[kWarps][kMaxWidth];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t begin = blockIdx.x * per_block, end = begin + per_block < P ? begin + per_block : P;
+  float dg[kSlots];
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) dg[s] = 0.0f;
+  for (int64_t p = begin + w; p < end; p += kWarps) {
+    const float m = mu[p], rs = rs_cache[p], se = sp[p];
+    float dc[kSlots], chat[kSlots];
+    float dsum = 0.0f, dot = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int j = lane + 32 * s;
+      dc[s] = 0.0f, chat[s] = 0.0f;
+      if (j >= d) continue;
+      const int64_t i = p * d + j;
+      const float cval = to_float(pre[i]) - m;
+      const float gj = rms ? to_float(gamma[j]) : 1.0f;
+      chat[s] = cval * rs;
+      const float a = rms ? gj * chat[s] : cval;
+      const float sg = sigmoidf_(a), act = a * sg;
+      const float u = up ? to_float(up[i]) : 1.0f;
+      const float dyj = dy[i];
+      dsum += dyj * (act * u);
+      const float dz = dyj * se;
+      if (up) dup[i] = from_float<T>(dz * act);
+      const float da = dz * u * sg * (1.0f + a * (1.0f - sg));
+      if (rms) {
+        dg[s] += da * chat[s];
+        dc[s] = da * gj;  // d chat, turned into d c below
+        dot += dc[s] * chat[s];
+      } else {
+        dc[s] = da;
+      }
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0) dsp[p] = dsum;
+    if (rms) {
+      const float mm = warp_sum(dot) / static_cast<float>(d);
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) dc[s] = rs * (dc[s] - chat[s] * mm);  // 0 stays 0 for j >= d
+    }
+    if (mean) {
+      float gs = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) gs += dc[s];
+      gs = warp_sum(gs);
+      if (lane == 0) gmean[p] = gs;
+    }
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int j = lane + 32 * s;
+      if (j < d) dpre[p * d + j] = from_float<T>(dc[s]);
+    }
+  }
+  if (!rms) return;  // uniform over the block
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    const int j = lane + 32 * s;
+    if (j < d) wpart[w][j] = dg[s];
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    double acc = 0;
+    for (int k = 0; k < kWarps; ++k) acc += wpart[k][j];
+    dgamma_part[blockIdx.x * static_cast<int64_t>(d) + j] = acc;
+  }
+}
+
+// dxp[p, :] -= g_p w_bar: the mean's share of each pair's input gradient.
+template <class T> __global__ void sub_mean_grad_kernel(T* dxp, const float* gmean, const T* w_bar, int64_t P, int64_t h) {
+  DT_GRID_STRIDE(i, P * h) {
+    const int64_t p = i / h, k = i - p * h;
+    dxp[i] = from_float<T>(to_float(dxp[i]) - gmean[p] * to_float(w_bar[k]));
+  }
+}
+
+// (p, k) -> g_p x_p[k], column-summed into gx.
+template <class T> struct MeanGradX {
+  const float* g;
+  const T* x;
+  int64_t h;
+  __device__ double operator()(int64_t p, int64_t k) const {
+    return static_cast<double>(g[p]) * static_cast<double>(to_float(x[p * h + k]));
+  }
+};
+
+void check_offsets(const std::vector<int64_t>& off, int64_t P, int64_t d, const Tensor& w_pre, const Tensor& w_down,
+                   const char* op) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  DT_ASSERT(E >= 1 && off.front() == 0 && off.back() == P, op, ": offsets do not cover the ", P, " pairs");
+  for (int64_t e = 0; e < E; ++e) DT_ASSERT(off[e] <= off[e + 1], op, ": offsets decrease at expert ", e);
+  DT_ASSERT(w_pre.dim(0) == E * d && w_down.dim(1) == E * d, op, ": ", E, " experts of width ", d, " but W_pre has ",
+            w_pre.dim(0), " rows and W_down ", w_down.dim(1), " columns");
+  if (d > kMaxWidth) fail(op, ": expert width ", d, " is above the CUDA kernel's limit of ", kMaxWidth);
+}
+
+// The weights: the activation dtype, their shapes.
+void expect_weights(DType dt, int64_t E, int64_t h, int64_t d, const Tensor& w_bar, const Tensor& w_pre,
+                    const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down, const char* op) {
+  expect_numel(w_bar, h, op, "w_bar");
+  expect_numel(w_pre, E * d * h, op, "w_pre");
+  expect_numel(w_down, h * E * d, op, "w_down");
+  expect_dtype(w_bar, dt, op, "w_bar");
+  expect_dtype(w_pre, dt, op, "w_pre");
+  expect_dtype(gamma, dt, op, "gamma");
+  expect_dtype(w_down, dt, op, "w_down");
+  if (w_up_gated) {
+    expect_numel(*w_up_gated, E * d * h, op, "w_up_gated");
+    expect_dtype(*w_up_gated, dt, op, "w_up_gated");
+  }
+}
+
+// A weight gradient: fp32, or the activation dtype.
+void expect_grad(const Tensor& g, DType act, int64_t n, const char* op, const char* name) {
+  expect_numel(g, n, op, name);
+  DT_ASSERT(g.dtype() == DType::f32 || g.dtype() == act, op, ": ", name, " is ", dtype_name(g.dtype()),
+            " for ", dtype_name(act), " activations");
 }
 
 }  // namespace
@@ -48,24 +319,171 @@ void add_rows_(Tensor& x, const Tensor& row, double alpha) {
 }
 
 void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs) {
-  RoutedPairs host;
-  cpu::route_pairs(host, r.to(Device::cpu), e_begin, e_end, all_pairs);
-  pairs.offsets = std::move(host.offsets);
-  pairs.tokens = host.tokens.to(Device::cuda);
-  pairs.slots = host.slots.to(Device::cuda);
+  const int64_t T = r.dim(0), E = r.dim(1), El = e_end - e_begin;
+  DT_ASSERT(0 <= e_begin && e_begin <= e_end && e_end <= E, "route_pairs: experts [", e_begin, ", ", e_end, ") of ", E);
+  DT_ASSERT(T * E < (int64_t(1) << 31), "route_pairs: ", T, " x ", E, " router entries overflow i32 slots");
+  expect_dtype(r, DType::f32, "route_pairs", "r (router logits)");
+  pairs.offsets.assign(1, 0);
+  const int64_t chunks = (T + kRouteChunk - 1) / kRouteChunk;
+  if (El == 0 || T == 0) {
+    pairs.offsets.assign(El + 1, 0);
+    pairs.tokens = Tensor::empty({0}, DType::i32, Device::cuda);
+    pairs.slots = Tensor::empty({0}, DType::i32, Device::cuda);
+    return;
+  }
+  cudaStream_t st = context().stream;
+  const dim3 grid(static_cast<unsigned>(El), static_cast<unsigned>(chunks));
+  // 1. Active pairs per (expert, chunk of tokens); to the host, which needs the offsets anyway.
+  Tensor counts = scratch(El * chunks, DType::i32);
+  route_count_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(counts), ptr<float>(r), T, E, e_begin, all_pairs);
+  CUDA_CHECK_LAUNCH();
+  Tensor hc = counts.to(Device::cpu);  // waits for the stream
+  // 2. Each (expert, chunk)'s first pair: experts in order, chunks (tokens) ascending within.
+  Tensor starts = Tensor::empty({El * chunks}, DType::i32);
+  int64_t run = 0;
+  for (int64_t e = 0; e < El; ++e) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      starts.data<int32_t>()[e * chunks + c] = static_cast<int32_t>(run);
+      run += hc.data<int32_t>()[e * chunks + c];
+    }
+    pairs.offsets.push_back(run);
+  }
+  pairs.tokens = Tensor::empty({run}, DType::i32, Device::cuda);
+  pairs.slots = Tensor::empty({run}, DType::i32, Device::cuda);
+  if (run == 0) return;
+  Tensor dstarts = starts.to(Device::cuda);
+  // 3. Each block writes its chunk's active tokens in ascending order (ballot compaction).
+  route_fill_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(pairs.tokens), ptr<int32_t>(pairs.slots),
+                                                  ptr<int32_t>(dstarts), ptr<float>(r), T, E, e_begin, all_pairs);
+  CUDA_CHECK_LAUNCH();
 }
 
-void grouped_experts_forward(Tensor&, GroupedExperts&, const Tensor&, const std::vector<int64_t>&, const Tensor&,
-                             const Tensor&, const Tensor&, const Tensor*, const Tensor&, const Tensor&, NormSiluMode,
-                             double) {
-  fail("the sparse expert path has no CUDA kernel yet: set model.expert_compute: dense for GPU runs");
+void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
+                             const Tensor& sp, const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
+                             const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
+  static const char* op = "grouped_experts_forward";
+  const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
+  check_offsets(off, P, d, w_pre, w_down, op);
+  const DType dt = xp.dtype();
+  expect_numel(outp, P * h, op, "outp");
+  expect_numel(sp, P, op, "sp");
+  expect_dtype(sp, DType::f32, op, "sp (router scores)");
+  expect_dtype(outp, dt, op, "outp");
+  expect_weights(dt, E, h, d, w_bar, w_pre, w_up_gated, gamma, w_down, op);
+  c.mu = Tensor::empty({P}, DType::f32, Device::cuda);
+  c.rs = Tensor::empty({P}, DType::f32, Device::cuda);
+  c.pre = Tensor::empty({P, d}, dt, Device::cuda);
+  c.up = w_up_gated ? Tensor::empty({P, d}, dt, Device::cuda) : Tensor();
+  c.y = Tensor::empty({P, d}, dt, Device::cuda);
+  if (P == 0) return;
+  DT_CUDA_F32_BF16(dt, op, T, {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      rgemm(false, true, n, d, h, at(xp, off[e] * h), h, at(w_pre, e * d * h), h, dt, 0.0f, at(c.pre, off[e] * d), d, dt);
+      if (w_up_gated)
+        rgemm(false, true, n, d, h, at(xp, off[e] * h), h, at(*w_up_gated, e * d * h), h, dt, 0.0f,
+              at(c.up, off[e] * d), d, dt);
+    }
+    pairs_forward_kernel<T><<<grid_for(P * 32), kThreads, 0, context().stream>>>(
+        ptr<T>(c.y), ptr<float>(c.mu), ptr<float>(c.rs), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr,
+        ptr<T>(xp), ptr<T>(w_bar), ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(h), static_cast<int>(d),
+        uses_mean(mode), uses_rms(mode), static_cast<float>(eps));
+    CUDA_CHECK_LAUNCH();
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      rgemm(false, true, n, h, d, at(c.y, off[e] * d), d, at(w_down, e * d), E * d, dt, 0.0f, at(outp, off[e] * h), h,
+            dt);
+    }
+  });
 }
 
-void grouped_experts_backward(Tensor&, Tensor&, Tensor&, Tensor&, Tensor*, Tensor&, Tensor&, const Tensor&,
-                              const GroupedExperts&, const Tensor&, const std::vector<int64_t>&, const Tensor&,
-                              const Tensor&, const Tensor&, const Tensor*, const Tensor&, const Tensor&,
-                              NormSiluMode, double) {
-  fail("the sparse expert path has no CUDA kernel yet: set model.expert_compute: dense for GPU runs");
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
+                              const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
+                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                              const Tensor& w_down, NormSiluMode mode, double eps) {
+  (void)eps;  // rs is cached
+  static const char* op = "grouped_experts_backward";
+  const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
+  check_offsets(off, P, d, w_pre, w_down, op);
+  const DType dt = xp.dtype();
+  const bool mean = uses_mean(mode), rms = uses_rms(mode);
+  expect_weights(dt, E, h, d, w_bar, w_pre, w_up_gated, gamma, w_down, op);
+  expect_numel(dxp, P * h, op, "dxp");
+  expect_dtype(dxp, dt, op, "dxp");
+  expect_numel(doutp, P * h, op, "doutp");
+  expect_dtype(doutp, dt, op, "doutp");
+  expect_numel(dsp, P, op, "dsp");
+  expect_dtype(dsp, DType::f32, op, "dsp (router score gradients)");
+  expect_numel(sp, P, op, "sp");
+  expect_dtype(sp, DType::f32, op, "sp (router scores)");
+  expect_grad(gx, dt, h, op, "gx");
+  expect_grad(dw_pre, dt, E * d * h, op, "dw_pre");
+  expect_grad(dw_down, dt, h * E * d, op, "dw_down");
+  expect_grad(dgamma, dt, d, op, "dgamma");
+  DT_ASSERT((w_up_gated == nullptr) == (dw_up_gated == nullptr), op, ": gated weights without their gradient");
+  if (dw_up_gated) expect_grad(*dw_up_gated, dt, E * d * h, op, "dw_up_gated");
+  DT_ASSERT(c.pre.numel() == P * d && c.y.numel() == P * d && c.mu.numel() == P && c.rs.numel() == P &&
+                (!w_up_gated || c.up.numel() == P * d),
+            op, ": the forward cache does not hold ", P, " pairs");
+  if (P == 0) return;
+  cudaStream_t st = context().stream;
+  DT_CUDA_F32_BF16(dt, op, T, {
+    // 1. dY_e = dOut_e W_down_e, fp32.
+    Tensor dy = scratch(P * d, DType::f32);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      rgemm(false, false, n, d, h, at(doutp, off[e] * h), h, at(w_down, e * d), E * d, dt, 0.0f, at(dy, off[e] * d), d,
+            DType::f32);
+    }
+    // 2. The per-pair NormSiLU backward; dgamma partials per block, then summed in block order.
+    Tensor dpre = scratch(P * d, dt);
+    Tensor dup = w_up_gated ? scratch(P * d, dt) : Tensor();
+    Tensor gmean = scratch(P, DType::f32);
+    const int64_t per_block = std::max<int64_t>(64, (P + 1023) / 1024);
+    const int64_t blocks = (P + per_block - 1) / per_block;
+    Tensor part = scratch(rms ? blocks * d : 1, DType::f64);
+    pairs_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, st>>>(
+        ptr<T>(dpre), w_up_gated ? ptr<T>(dup) : nullptr, ptr<float>(dsp), ptr<float>(gmean), ptr<double>(part),
+        ptr<float>(dy), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr, ptr<float>(c.mu), ptr<float>(c.rs),
+        ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(d), per_block, mean, rms);
+    CUDA_CHECK_LAUNCH();
+    if (rms) {
+      const unsigned gblocks = static_cast<unsigned>((d + 127) / 128);
+      if (dgamma.dtype() == DType::f32)
+        col_finish_kernel<float><<<gblocks, 128, 0, st>>>(ptr<double>(part), blocks, d, ptr<float>(dgamma), true);
+      else
+        col_finish_kernel<T><<<gblocks, 128, 0, st>>>(ptr<double>(part), blocks, d, ptr<T>(dgamma), true);
+      CUDA_CHECK_LAUNCH();
+    }
+    // 3. The experts' GEMMs on their rows; weight gradients accumulate (beta 1).
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      const void* xe = at(xp, off[e] * h);
+      void* dxe = at(dxp, off[e] * h);
+      rgemm(true, false, h, d, n, at(doutp, off[e] * h), h, at(c.y, off[e] * d), d, dt, 1.0f, at(dw_down, e * d), E * d,
+            dw_down.dtype());
+      rgemm(true, false, d, h, n, at(dpre, off[e] * d), d, xe, h, dt, 1.0f, at(dw_pre, e * d * h), h, dw_pre.dtype());
+      rgemm(false, false, n, h, d, at(dpre, off[e] * d), d, at(w_pre, e * d * h), h, dt, 0.0f, dxe, h, dt);
+      if (w_up_gated) {
+        rgemm(true, false, d, h, n, at(dup, off[e] * d), d, xe, h, dt, 1.0f, at(*dw_up_gated, e * d * h), h,
+              dw_up_gated->dtype());
+        rgemm(false, false, n, h, d, at(dup, off[e] * d), d, at(*w_up_gated, e * d * h), h, dt, 1.0f, dxe, h, dt);
+      }
+    }
+    // 4. The mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p.
+    if (mean) {
+      sub_mean_grad_kernel<T><<<grid_for(P * h), kThreads, 0, st>>>(ptr<T>(dxp), ptr<float>(gmean), ptr<T>(w_bar), P, h);
+      CUDA_CHECK_LAUNCH();
+      MeanGradX<T> f{ptr<float>(gmean), ptr<T>(xp), h};
+      if (gx.dtype() == DType::f32) col_sum_into(f, P, h, ptr<float>(gx), true);
+      else col_sum_into(f, P, h, ptr<T>(gx), true);
+    }
+  });
 }
 
 }  // namespace decotron::cuda
