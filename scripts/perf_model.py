@@ -10,15 +10,18 @@ Pure Python 3, no dependencies.
 
   perf_model.py volumes RUN_DIR --np N
       The bytes per optimizer step of each group and collective that the volume formulas give for
-      the run's resolved config (RUN_DIR/config.yaml) and layout, against what the communicators
-      measured (RUN_DIR/metrics.jsonl, "comm_bytes_by_op"). Exit status 1 when they differ.
+      the run's resolved config (RUN_DIR/config.yaml) and layout (tensor, data, expert, sequence
+      parallelism, distributed optimizer), against what the communicators measured
+      (RUN_DIR/metrics.jsonl, "comm_bytes_by_op"). The expert-parallel all-to-all depends on the
+      routing: it is compared per step with the formula at that step's measured activation ratios.
+      Exit status 1 when an exact row differs or the all-to-all is off by more than --ep-tolerance.
   perf_model.py volumes --config FILE [--set k=v ...] --np N
       The formula alone.
 
 The volume formulas are one function, step_collectives(): the communication of the layers as
-they are in this checkout (checked byte for byte against measured runs by `volumes` and
-tests/test_parallel_mpi.cpp, except the expert-parallel all-to-all, whose size depends on the
-routing).
+they are in this checkout (checked byte for byte against measured runs by `volumes` and, for DP,
+TP and TP x DP, tests/test_parallel_mpi.cpp; the expert-parallel all-to-all is an expectation
+over the routing).
 """
 import argparse
 import json
@@ -289,8 +292,10 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
                 # elements short.
                 npad = -(-n // size) * size
                 out.append(Coll(g, "reduce_scatter", npad * grad_bytes, calls, "gradients (bucketed)", "backward"))
+                # Run right after the update, not overlapped with the next forward (Megatron's
+                # overlap_param_gather is not implemented: docs/parallelism.md, "What is not done").
                 out.append(Coll(g, "all_gather", npad // size * weight_bytes, calls,
-                                "updated weights (own shard)", "forward"))
+                                "updated weights (own shard)"))
                 out.append(Coll(g, "all_reduce", 3 * 8, 1, "gradient norm of shards (fp64)"))
         # The step's statistics (trainer.cpp): {lm, reg, entropy} sums (fp64) and {tokens, tokens
         # without expert, active pairs per DECO layer, active tokens per layer and expert} (i64).
@@ -377,11 +382,11 @@ def cmd_volumes(a):
         # measured act_ratio (global batch, all DECO layers), and at its per-layer ratios.
         print()
         print(f"Routing-dependent bytes, per step (formula: expectation with independent expert activations; "
-              f"tolerance {a.ep_tolerance:.0%}):")
+              f"measured / per-layer formula within {a.ep_tolerance:.0%}):")
         print()
         print("| layout | group | collective | iter | act_ratio | formula at act_ratio | formula at per-layer "
-              "ratios | measured (rank 0) | measured / formula |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "ratios | measured (rank 0) | measured / formula | measured / per-layer formula |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         m = cfg["model"]
         D = m["layers"] - m["dense_layers"]
         for g, op in routed:
@@ -389,7 +394,7 @@ def cmd_volumes(a):
                 rho = j.get("act_ratio")
                 got = j["comm_bytes_by_op"].get(g, {}).get(op, 0)
                 if rho is None:
-                    print(f"| {name} | {g} | {op} | {j.get('iter')} | - | - | - | {got} | - |")
+                    print(f"| {name} | {g} | {op} | {j.get('iter')} | - | - | - | {got} | - | - |")
                     ok = False
                     continue
                 f_b = formula(rho).get(g, {}).get(op, 0)
@@ -397,9 +402,10 @@ def cmd_volumes(a):
                 f_l = (sum(formula(r).get(g, {}).get(op, 0) for r in per_layer) / D
                        if len(per_layer) == D and D else float("nan"))
                 ratio = got / f_b if f_b else float("inf")
-                ok &= abs(ratio - 1) <= a.ep_tolerance
+                ratio_l = got / f_l if f_l == f_l and f_l else ratio
+                ok &= abs(ratio_l - 1) <= a.ep_tolerance
                 print(f"| {name} | {g} | {op} | {j.get('iter')} | {rho:.4f} | {f_b:,.0f} | {f_l:,.0f} | {got:,} | "
-                      f"{ratio:.4f} |")
+                      f"{ratio:.4f} | {ratio_l:.4f} |")
     return 0 if ok else 1
 
 
@@ -656,9 +662,10 @@ def main(argv):
         p.add_argument("--set", action="append", help="override a key: section.key=value")
         p.add_argument("--np", type=int, help="ranks launched")
         p.add_argument("--tp", type=int, help="tensor-parallel size (default: parallel.tensor of the config)")
-        p.add_argument("--ep-tolerance", type=float, default=0.1,
-                       help="largest relative difference accepted for the routing-dependent expert-parallel "
-                            "all-to-all (default 0.1)")
+        p.add_argument("--ep-tolerance", type=float, default=0.25,
+                       help="largest relative difference accepted between the measured expert-parallel all-to-all "
+                            "and the formula at the step's per-layer activation ratios (default 0.25: the formula "
+                            "assumes independent expert activations; docs/performance-model.md, Validation)")
         return cmd_volumes(p.parse_args(argv[1:]))
     if argv and argv[0] == "model":
         argv = argv[1:]
