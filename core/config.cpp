@@ -312,6 +312,7 @@ void validate_config(const Config& c) {
     fail(c.where("train.dtype"), " = ", t.dtype, ": the CPU trains in fp32; set train.dtype: fp32");
   if (t.clip_grad < 0) fail(c.where("train.clip_grad"), " must be >= 0");
   if (t.max_skipped_steps < 1) fail(c.where("train.max_skipped_steps"), " must be >= 1");
+  if (t.loss_chunk_tokens < 0) fail(c.where("train.loss_chunk_tokens"), " = ", t.loss_chunk_tokens, " must be >= 0 (0: the whole micro-batch at once)");
   if (!c.data.weights.empty() && c.data.weights.size() != c.data.prefixes.size())
     fail(c.where("data.weights"), ": ", c.data.weights.size(), " weights for ", c.data.prefixes.size(),
          " prefixes; give one weight per prefix or none");

@@ -92,6 +92,7 @@ struct TrainConfig {
   double reg_multiplier = 1.002;
   double skip_grad_norm_factor = 0.0;
   int64_t max_skipped_steps = 10;
+  int64_t loss_chunk_tokens = 8192;
   int64_t inactive_alarm_iters = 200;
   int64_t eval_interval = 0;
   int64_t eval_iters = 10;
@@ -128,6 +129,9 @@ struct TrainConfig {
     v("skip_grad_norm_factor", skip_grad_norm_factor,
       "Skip a step whose gradient norm exceeds this factor times the mean of the last 20 good steps; 0 disables");
     v("max_skipped_steps", max_skipped_steps, "Stop the run after this many consecutive skipped steps");
+    v("loss_chunk_tokens", loss_chunk_tokens,
+      "Tokens per chunk of the LM head + cross-entropy: the logits exist as [chunk, vocab] (becoming their own "
+      "gradient in place) instead of [micro_batch x seq_len, vocab]; 0: the whole micro-batch at once");
     v("inactive_alarm_iters", inactive_alarm_iters,
       "Warn when a layer or an expert has had no active token for this many steps; 0 disables");
     v("eval_interval", eval_interval, "Evaluate validation loss every N steps (and at the end); 0 disables");

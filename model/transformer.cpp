@@ -1,5 +1,7 @@
 #include "model/transformer.h"
 
+#include <algorithm>
+
 #include "parallel/vocab_parallel_cross_entropy.h"
 
 namespace decotron {
@@ -104,25 +106,43 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
   ForwardResult res;
   res.tokens = bs.tokens();
   Tensor h = trunk_forward(tokens, bs, reg, &res);
-  Tensor logits = lm_logits(h);
-  // The CE gradient replaces the logits in place: the [T, V] matrix exists once (under tensor
-  // parallelism each rank's [T, V/TP] columns, vocabulary-parallel).
+  // Under sequence parallelism the final norm ran on this rank's tokens: the vocabulary-parallel
+  // LM head takes every token (Megatron's output layer: gathered, as a column-parallel linear).
+  h_final_ = tp_ ? tpm_.enter(h) : h;
+  const int64_t T = h_final_.dim(0), V = lm_head_->value.dim(0);
+  const int64_t chunk = loss_chunk_tokens_ > 0 ? std::min(loss_chunk_tokens_, T) : T;
   const double grad_scale = with_grad ? loss_scale / bs.tokens() : 0.0;
-  res.lm_loss_sum = tp_ ? vocab_parallel_cross_entropy(*tp_, logits, targets, lm_head_->shard_start, grad_scale)
-                        : ops::cross_entropy(logits, targets, grad_scale);
-  dlogits_ = with_grad ? logits : Tensor();
+  dh_ = with_grad ? Tensor::empty(h_final_.shape(), h_final_.dtype(), h_final_.device()) : Tensor();
+  // The LM head and the cross-entropy a chunk of tokens at a time (fused linear cross-entropy):
+  // a chunk's logits [C, V] become their own gradient in place and are consumed at once (the
+  // LM head's weight gradient and the chunk's rows of dh), so [T, V] never exists. Under tensor
+  // parallelism each rank's [C, V/TP] columns, the cross-entropy vocabulary-parallel.
+  Tensor logits = Tensor::empty({chunk, V}, h_final_.dtype(), h_final_.device());
+  res.lm_loss_sum = 0;
+  for (int64_t c0 = 0; c0 < T; c0 += chunk) {
+    const int64_t n = std::min(chunk, T - c0);
+    const Tensor hc = h_final_.rows(c0, n), tc = targets.rows(c0, n);
+    Tensor lc = n == chunk ? logits : logits.rows(0, n);
+    ops::linear_forward(lc, hc, lm_head_->value);
+    res.lm_loss_sum += tp_ ? vocab_parallel_cross_entropy(*tp_, lc, tc, lm_head_->shard_start, grad_scale)
+                           : ops::cross_entropy(lc, tc, grad_scale);
+    if (with_grad) {
+      // Under tensor parallelism this rank's dlogits columns feed its LM-head rows: dh is a
+      // partial sum over the vocabulary ranges, reduced in backward().
+      Tensor dhc = dh_.rows(c0, n);
+      ops::linear_backward(&dhc, &lm_head_->grad, lc, hc, lm_head_->value);
+    }
+  }
   return res;
 }
 
 void Transformer::backward(double loss_scale) {
-  DT_ASSERT(dlogits_.defined(), "backward() without a forward(with_grad=true)");
-  Tensor dh = Tensor::empty(h_final_.shape(), h_final_.dtype(), h_final_.device());
-  // Under tensor parallelism this rank's dlogits columns feed its LM-head rows: dh is a partial
-  // sum over the vocabulary ranges (all-reduced; reduce-scattered to this rank's tokens under
+  DT_ASSERT(dh_.defined(), "backward() without a forward(with_grad=true)");
+  // dh: all-reduced over the vocabulary ranges (reduce-scattered to this rank's tokens under
   // sequence parallelism).
-  ops::linear_backward(&dh, &lm_head_->grad, dlogits_, h_final_, lm_head_->value);
+  Tensor dh = dh_;
   if (tp_) dh = tpm_.enter_backward(dh);
-  dlogits_ = Tensor();
+  dh_ = Tensor();
   auto final_from = [this](size_t first) {
     if (on_grads_final) on_grads_final(first);
   };
@@ -138,19 +158,12 @@ void Transformer::backward(double loss_scale) {
   final_from(0);
 }
 
-Tensor Transformer::lm_logits(const Tensor& h) {
-  // Under sequence parallelism the final norm ran on this rank's tokens: the vocabulary-parallel
-  // LM head takes every token (Megatron's output layer: gathered, as a column-parallel linear).
-  h_final_ = tp_ ? tpm_.enter(h) : h;
-  Tensor logits = Tensor::empty({h_final_.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
-  ops::linear_forward(logits, h_final_, lm_head_->value);
-  return logits;
-}
-
 Tensor Transformer::logits(const Tensor& tokens, const BatchShape& bs) {
   RegularizerSpec none;
   Tensor h = trunk_forward(tokens, bs, none, nullptr);
-  Tensor logits = lm_logits(h);
+  h_final_ = tp_ ? tpm_.enter(h) : h;
+  Tensor logits = Tensor::empty({h_final_.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
+  ops::linear_forward(logits, h_final_, lm_head_->value);
   // Whole logits for inference and evaluation: the vocabulary columns gathered.
   return tp_ ? tp_gather_columns(*tp_, logits) : logits;
 }

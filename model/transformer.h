@@ -58,8 +58,10 @@ class Transformer {
   const std::vector<int>& deco_layer_ids() const { return deco_ids_; }
 
   // tokens, targets: i32 [B*S] on the model's device. The objective is
-  // loss_scale * (mean CE + reg terms); when `with_grad` the LM head's gradient is prepared
-  // in place (the logits' memory) for backward().
+  // loss_scale * (mean CE + reg terms). The LM head and the cross-entropy run a chunk of tokens
+  // at a time (set_loss_chunk_tokens); when `with_grad` each chunk's logits become their
+  // gradient in place and the LM head's weight gradient and dh are computed right away, so
+  // backward() starts from dh.
   ForwardResult forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
                         const RegularizerSpec& reg, double loss_scale, bool with_grad);
   // Accumulates every parameter's gradient of the objective of the last forward. Under sequence
@@ -71,6 +73,9 @@ class Transformer {
   // LM head, the final norm, each block and the embedding. Data parallelism starts reducing
   // gradient buckets from it during the last micro-batch (parallel/grad_sync.h).
   std::function<void(size_t first_param)> on_grads_final;
+  // Tokens per chunk of the LM head + cross-entropy (0: the whole micro-batch at once): the
+  // logits buffer is [chunk, V] instead of [T, V] (train.loss_chunk_tokens).
+  void set_loss_chunk_tokens(int64_t n) { loss_chunk_tokens_ = n; }
   // Logits [T, V] of every position (inference and tests).
   Tensor logits(const Tensor& tokens, const BatchShape& bs);
 
@@ -81,10 +86,6 @@ class Transformer {
  private:
   Tensor trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg, ForwardResult* res);
 
-  // Logits of the LM head on the final norm's output h: [T, V]; under tensor parallelism this
-  // rank's vocabulary columns [T, V/TP] (of every token: under sequence parallelism h is
-  // gathered first, and the LM head's input is kept in h_final_ for backward).
-  Tensor lm_logits(const Tensor& h);
   // Fails unless the micro-batch's tokens split over the tensor-parallel ranks (sequence parallel).
   void check_token_split(const BatchShape& bs) const;
 
@@ -103,7 +104,8 @@ class Transformer {
   std::vector<size_t> block_first_param_;
   size_t final_norm_first_param_ = 0, lm_head_param_ = 0;
   // cached for backward: h_final_ is the LM head's input (every token)
-  Tensor tokens_, h_final_, dlogits_;
+  Tensor tokens_, h_final_, dh_;
+  int64_t loss_chunk_tokens_ = 0;
   BatchShape bs_;
 };
 
