@@ -12,6 +12,7 @@
 
 #include "checkpoint/manager.h"
 #include "core/rng.h"
+#include "model/expert_dispatch.h"
 #include "model/transformer.h"
 #include "mpi_test_util.h"
 #include "parallel/grad_sync.h"
@@ -124,6 +125,74 @@ TEST(EpWorker, LayoutsEqualOneRankInFp64) {
   }
 }
 
+// Ranks that send nothing and ranks that receive nothing still join every collective, and
+// every pair's result comes back to its token: 4 expert-parallel ranks, 8 experts (2 each);
+// only ranks 0 and 2 have active pairs, all of them for experts 0-3 (ranks 0 and 1), so ranks
+// 2 and 3 receive nothing and ranks 1 and 3 send nothing. The "experts" here multiply each
+// pair's row by its score plus its expert index, so the combined output is known in closed form.
+TEST(EpWorker, EmptyRanksJoinEveryExchange) {
+  if (!std::getenv("DECOTRON_EP_WORKER")) GTEST_SKIP() << "runs under mpirun (ExpertParallel.GradientsEqualOneRankInFp64)";
+  ParallelConfig pc;
+  pc.expert = 4;
+  auto ctx = make_parallel_context(pc, Device::cpu);
+  const int rank = ctx->ep->rank();
+  const int64_t T = 5, E = 8, h = 3;
+  ExpertDispatcher disp(ctx->ep.get(), 0, E);
+  Tensor x = Tensor::empty({T, h}, DType::f64), r = Tensor::empty({T, E}, DType::f64), s = Tensor::empty({T, E}, DType::f64);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < h; ++j) x.data<double>()[t * h + j] = 100 * rank + 10 * t + j;
+    for (int64_t e = 0; e < E; ++e) {
+      const bool active = rank % 2 == 0 && e < 4 && (t + e + rank) % 3 != 0;
+      r.data<double>()[t * E + e] = active ? 1.0 : -1.0;
+      s.data<double>()[t * E + e] = active ? 0.5 + 0.1 * e : 0.0;
+    }
+  }
+  ExpertDispatcher::Received got = disp.dispatch(x, r, s, false);
+  ASSERT_EQ(got.offsets.size(), 3u);
+  EXPECT_EQ(disp.pairs_received() == 0, rank >= 2) << "rank " << rank;
+  // The experts: out_p = (s_p + global expert index) * x_p.
+  Tensor outp = Tensor::empty({got.x.dim(0), h}, DType::f64);
+  for (int64_t e = 0; e < 2; ++e)
+    for (int64_t p = got.offsets[e]; p < got.offsets[e + 1]; ++p)
+      for (int64_t j = 0; j < h; ++j)
+        outp.data<double>()[p * h + j] = (got.s.data<double>()[p] + 2 * rank + e) * got.x.data<double>()[p * h + j];
+  Tensor out = disp.combine(outp);
+  for (int64_t t = 0; t < T; ++t) {
+    double coef = 0;
+    for (int64_t e = 0; e < E; ++e)
+      if (r.data<double>()[t * E + e] > 0) coef += s.data<double>()[t * E + e] + e;
+    for (int64_t j = 0; j < h; ++j)
+      EXPECT_DOUBLE_EQ(out.data<double>()[t * h + j], coef * x.data<double>()[t * h + j]) << "rank " << rank << " t " << t;
+  }
+  // Backward: the output gradient reaches each pair; dx and ds come back to the tokens.
+  Tensor dout = Tensor::empty({T, h}, DType::f64);
+  for (int64_t i = 0; i < T * h; ++i) dout.data<double>()[i] = 1.0 + i;
+  Tensor doutp = disp.dispatch_grad(dout);
+  Tensor dxp = Tensor::empty(doutp.shape(), DType::f64), dsp = Tensor::empty({doutp.dim(0)}, DType::f64);
+  for (int64_t e = 0; e < 2; ++e)
+    for (int64_t p = got.offsets[e]; p < got.offsets[e + 1]; ++p) {
+      double dot = 0;
+      for (int64_t j = 0; j < h; ++j) {
+        dxp.data<double>()[p * h + j] = (got.s.data<double>()[p] + 2 * rank + e) * doutp.data<double>()[p * h + j];
+        dot += got.x.data<double>()[p * h + j] * doutp.data<double>()[p * h + j];
+      }
+      dsp.data<double>()[p] = dot;
+    }
+  Tensor dx = Tensor::empty({T, h}, DType::f64), ds = Tensor::empty({T, E}, DType::f64);
+  disp.combine_grad(dx, ds, dxp, dsp);
+  for (int64_t t = 0; t < T; ++t) {
+    double coef = 0, dot = 0;
+    for (int64_t j = 0; j < h; ++j) dot += x.data<double>()[t * h + j] * dout.data<double>()[t * h + j];
+    for (int64_t e = 0; e < E; ++e) {
+      const bool active = r.data<double>()[t * E + e] > 0;
+      if (active) coef += s.data<double>()[t * E + e] + e;
+      EXPECT_DOUBLE_EQ(ds.data<double>()[t * E + e], active ? dot : 0.0) << "rank " << rank;
+    }
+    for (int64_t j = 0; j < h; ++j)
+      EXPECT_DOUBLE_EQ(dx.data<double>()[t * h + j], coef * dout.data<double>()[t * h + j]) << "rank " << rank;
+  }
+}
+
 TEST(ExpertParallel, GradientsEqualOneRankInFp64) {
   if (std::getenv("DECOTRON_EP_WORKER")) GTEST_SKIP() << "inside the worker";
   const std::string dir = fresh_dir("ep_worker");
@@ -135,7 +204,7 @@ TEST(ExpertParallel, GradientsEqualOneRankInFp64) {
   const std::string log = read_file(dir + "/log");
   EXPECT_EQ(rc, 0) << log;
   size_t passed = 0;
-  for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
+  for (size_t p = log.find("[  PASSED  ] 2 tests"); p != std::string::npos; p = log.find("[  PASSED  ] 2 tests", p + 1))
     ++passed;
   EXPECT_EQ(passed, 4u) << log;
   EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
