@@ -93,6 +93,7 @@ struct TrainConfig {
   double skip_grad_norm_factor = 0.0;
   int64_t max_skipped_steps = 10;
   int64_t loss_chunk_tokens = 8192;
+  bool recompute = false;
   int64_t inactive_alarm_iters = 200;
   int64_t eval_interval = 0;
   int64_t eval_iters = 10;
@@ -132,6 +133,10 @@ struct TrainConfig {
     v("loss_chunk_tokens", loss_chunk_tokens,
       "Tokens per chunk of the LM head + cross-entropy: the logits exist as [chunk, vocab] (becoming their own "
       "gradient in place) instead of [micro_batch x seq_len, vocab]; 0: the whole micro-batch at once");
+    v("recompute", recompute,
+      "Activation recomputation (Megatron's full granularity, every layer): forward keeps only each transformer "
+      "block's input and backward runs the block's forward again; about one extra forward pass for most of the "
+      "activation memory");
     v("inactive_alarm_iters", inactive_alarm_iters,
       "Warn when a layer or an expert has had no active token for this many steps; 0 disables");
     v("eval_interval", eval_interval, "Evaluate validation loss every N steps (and at the end); 0 disables");

@@ -130,6 +130,11 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   return Received{gather_rows(received_rows_, pair_row_), sp.view({recv_pairs_}), offsets};
 }
 
+void ExpertDispatcher::release() {
+  routed_ = ops::RoutedPairs{};
+  send_tokens_ = received_rows_ = pair_row_ = pair_from_major_ = Tensor();
+}
+
 Tensor ExpertDispatcher::gather_inputs(const Tensor& x) const {
   return exchanges() ? gather_rows(received_rows_, pair_row_) : gather_rows(x, routed_.tokens);
 }

@@ -47,6 +47,9 @@ class ExpertDispatcher {
   // from the pairs' score gradients dsp [P], zero outside this rank's routed pairs.
   void combine_grad(Tensor& dx, Tensor& ds, const Tensor& dxp, const Tensor& dsp);
 
+  // Drops the last dispatch's routing and received rows (activation recomputation).
+  void release();
+
   int64_t local_experts() const { return local_experts_; }
   int64_t pairs_received() const { return recv_pairs_; }  // of the last dispatch
   int64_t rows_sent() const { return send_tokens_.numel(); }

@@ -85,6 +85,14 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
   }
 }
 
+void DecoFFNLayer::release() {
+  x_ = r_ = s_ = u_ = gate_pre_ = gate_act_ = z_ = nstats_ = y_ = w_bar_ = Tensor();
+  received_ = ExpertDispatcher::Received{};
+  grouped_ = ops::GroupedExperts{};
+  if (dispatcher_) dispatcher_->release();
+  if (shared_) shared_->release();
+}
+
 const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->value : unit_scale_; }
 const Tensor& DecoFFNLayer::pre_weight() const { return gated_ ? w_gate_->value : w_up_.value; }
 

@@ -39,6 +39,7 @@ class RMSNormLayer {
   RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hidden, double eps, bool sequence_parallel = false);
   Tensor forward(const Tensor& x);
   Tensor backward(const Tensor& dy);
+  void release() { x_ = rstd_ = Tensor(); }  // drops what backward needs (recomputation)
 
  private:
   Parameter& w_;
@@ -51,6 +52,7 @@ class AttentionLayer {
   AttentionLayer(ParameterSet& ps, const std::string& name, const ModelConfig& cfg, Communicator* tp = nullptr);
   Tensor forward(const Tensor& x, const BatchShape& bs);
   Tensor backward(const Tensor& dy);
+  void release() { x_ = q_ = k_ = v_ = o_ = lse_ = Tensor(); }
 
  private:
   Parameter &wq_, &wk_, &wv_, &wo_;
@@ -70,6 +72,7 @@ class SwiGLULayer {
   Tensor forward(const Tensor& x);
   // Returns dx; with accumulate_into, adds dx into it instead (and returns it).
   Tensor backward(const Tensor& dy, Tensor* accumulate_into = nullptr);
+  void release() { x_ = gate_ = up_ = h_ = Tensor(); }
 
  private:
   Parameter &w_gate_, &w_up_, &w_down_;
@@ -108,6 +111,7 @@ class DecoFFNLayer {
   Tensor forward(const Tensor& x, const RegularizerSpec& reg, RoutingStats& stats, double& reg_loss);
   // loss_scale multiplies the regularizer's gradient (1 / micro-batches).
   Tensor backward(const Tensor& dy, double loss_scale);
+  void release();  // drops what backward needs (recomputation)
 
  private:
   const Tensor& scaling() const;

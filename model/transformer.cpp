@@ -20,6 +20,18 @@ TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfi
 
 Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
                                  RoutingStats* stats, double& reg_loss) {
+  Tensor y = forward_layers(x, bs, reg, stats, reg_loss);
+  if (recompute_) {
+    x_in_ = x, bs_ = bs, reg_ = reg;
+    norm1_.release(), norm2_.release(), attn_.release();
+    if (deco_) deco_->release();
+    if (dense_) dense_->release();
+  }
+  return y;
+}
+
+Tensor TransformerBlock::forward_layers(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
+                                        RoutingStats* stats, double& reg_loss) {
   // x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1)). enter/exit are the identity on one
   // rank, the tensor-parallel reductions otherwise (parallel/tensor_parallel.h).
   Tensor x1 = tp_.exit(attn_.forward(tp_.enter(norm1_.forward(x)), bs));
@@ -31,6 +43,15 @@ Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const Re
 }
 
 Tensor TransformerBlock::backward(const Tensor& dy, double loss_scale) {
+  if (recompute_) {
+    // The same forward again (deterministic; under tensor and expert parallelism every rank
+    // recomputes, so the collectives stay in the same order on all of them).
+    DT_ASSERT(x_in_.defined(), "TransformerBlock::backward without a forward");
+    RoutingStats stats;
+    double reg_loss = 0;
+    forward_layers(x_in_, bs_, reg_, &stats, reg_loss);
+    x_in_ = Tensor();
+  }
   Tensor dffn = tp_.exit_backward(dy);
   Tensor dh2 = tp_.enter_backward(deco_ ? deco_->backward(dffn, loss_scale) : dense_->backward(dffn));
   Tensor dx1 = norm2_.backward(dh2);

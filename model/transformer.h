@@ -24,8 +24,18 @@ class TransformerBlock {
                  double& reg_loss);
   Tensor backward(const Tensor& dy, double loss_scale);
   bool is_deco() const { return deco_ != nullptr; }
+  // Activation recomputation (Megatron's full granularity): forward keeps only the block's
+  // input; backward runs the forward again, then the backward. One extra forward per block for
+  // the memory of its activations (train.recompute).
+  void set_recompute(bool on) { recompute_ = on; }
 
  private:
+  Tensor forward_layers(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
+                        double& reg_loss);
+  bool recompute_ = false;
+  Tensor x_in_;  // recomputation: the block's input
+  BatchShape bs_;
+  RegularizerSpec reg_;
   TensorParallelMappings tp_;
   RMSNormLayer norm1_, norm2_;
   AttentionLayer attn_;
@@ -76,6 +86,10 @@ class Transformer {
   // Tokens per chunk of the LM head + cross-entropy (0: the whole micro-batch at once): the
   // logits buffer is [chunk, V] instead of [T, V] (train.loss_chunk_tokens).
   void set_loss_chunk_tokens(int64_t n) { loss_chunk_tokens_ = n; }
+  // Recompute every block's activations in backward instead of keeping them (train.recompute).
+  void set_recompute(bool on) {
+    for (auto& b : blocks_) b->set_recompute(on);
+  }
   // Logits [T, V] of every position (inference and tests).
   Tensor logits(const Tensor& tokens, const BatchShape& bs);
 

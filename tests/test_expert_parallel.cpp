@@ -287,7 +287,8 @@ void expect_same_checkpoints(const std::string& got_dir, const std::string& ref_
 
 }  // namespace
 
-// 20 fp32 steps of a tiny DECO at EP2, EP4, TP2 x EP2, TP2 x EP2 with sequence parallelism and
+// 20 fp32 steps of a tiny DECO at EP2, EP4, TP2 x EP2, TP2 x EP2 with sequence parallelism (and
+// activation recomputation) and
 // EP2 x DP4 with the distributed optimizer follow the one-rank run (the sparse path: only
 // active pairs sent), and EP2 and TP2 x EP2 with the dense-masked reference (every pair sent).
 TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
@@ -301,7 +302,7 @@ TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
       const char* extra;
     };
     for (Layout l : {Layout{"ep2", 2, 1, 2, ""}, Layout{"ep4", 4, 1, 4, ""}, Layout{"tp2ep2", 4, 2, 2, ""},
-                     Layout{"tp2ep2-sp", 4, 2, 2, " --set parallel.sequence=true"},
+                     Layout{"tp2ep2-sp", 4, 2, 2, " --set parallel.sequence=true --set train.recompute=true"},
                      Layout{"ep2dp4-distopt", 4, 1, 2, " --set parallel.distributed_optimizer=true"}}) {
       // The sparse runs cover the combinations; the dense-masked reference runs EP2 and TP2 x EP2.
       if (compute == "dense" && (std::string(l.name) != "ep2" && std::string(l.name) != "tp2ep2")) continue;

@@ -84,6 +84,7 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
     std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
                  "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());
   model_->set_loss_chunk_tokens(cfg.train.loss_chunk_tokens);
+  model_->set_recompute(cfg.train.recompute);
   model_->params().initialize(cfg.train.seed);  // the same weights on every rank (keyed by seed and name)
   // The sync moves the gradients (and, distributed, the parameters) into its buffers before the
   // optimizer takes views of them.
