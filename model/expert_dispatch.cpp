@@ -41,11 +41,14 @@ std::vector<int64_t> times(std::vector<int64_t> v, int64_t c) {
 
 }  // namespace
 
-ExpertDispatcher::ExpertDispatcher(Communicator* ep, int64_t slice_begin, int64_t slice_count)
-    : ep_(ep && ep->size() > 1 ? ep : nullptr), slice_begin_(slice_begin), slice_count_(slice_count) {
+ExpertDispatcher::ExpertDispatcher(Communicator* ep, std::vector<int64_t> bounds)
+    : ep_(ep && ep->size() > 1 ? ep : nullptr), bounds_(std::move(bounds)) {
   const int K = ep_ ? ep_->size() : 1;
-  DT_ASSERT(slice_count % K == 0, slice_count, " experts do not split over ", K, " expert-parallel ranks");
-  local_experts_ = slice_count / K;
+  DT_ASSERT(static_cast<int>(bounds_.size()) == K + 1, "expert dispatch: ", bounds_.size() - 1, " expert blocks for ",
+            K, " expert-parallel ranks");
+  for (int k = 0; k < K; ++k) DT_ASSERT(bounds_[k] < bounds_[k + 1], "expert dispatch: a rank without experts");
+  const int me = ep_ ? ep_->rank() : 0;
+  local_experts_ = bounds_[me + 1] - bounds_[me];
 }
 
 Tensor ExpertDispatcher::exchange(const Tensor& rows, const std::vector<int64_t>& send,
@@ -59,7 +62,7 @@ Tensor ExpertDispatcher::exchange(const Tensor& rows, const std::vector<int64_t>
 ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Tensor& r, const Tensor& s,
                                                       bool all_pairs) {
   tokens_ = r.dim(0), experts_ = r.dim(1);
-  ops::route_pairs(routed_, r, slice_begin_, slice_begin_ + slice_count_, all_pairs);
+  ops::route_pairs(routed_, r, bounds_.front(), bounds_.back(), all_pairs);
   const int64_t P = routed_.tokens.numel();
   Tensor ss = gather_rows(s.view({tokens_ * experts_, 1}), routed_.slots);
   if (!exchanges()) {
@@ -68,16 +71,20 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   }
   const int K = ep_->size();
   const int64_t El = local_experts_;
+  // Peer k's experts, relative to the slice: routed_.offsets[first[k] .. first[k + 1]].
+  std::vector<int64_t> first(K + 1);
+  for (int k = 0; k <= K; ++k) first[k] = bounds_[k] - bounds_[0];
   // Send side: per peer, the distinct tokens of its pairs (ascending) are the rows sent; each
   // pair names its token's row within that peer's block.
   const Tensor host_tokens = routed_.tokens.device() == Device::cpu ? routed_.tokens : routed_.tokens.to(Device::cpu);
   const int32_t* tok = host_tokens.data<int32_t>();
   std::vector<int32_t> rows_tokens;
   std::vector<int64_t> pair_rows(P);
-  std::vector<int64_t> header(K * (El + 1));  // per peer: rows, then pairs of each of its experts
+  std::vector<int64_t> header;  // per peer: rows, then the pairs of each of its experts
+  std::vector<int64_t> header_send(K), header_recv(K, El + 1);
   send_rows_.assign(K, 0), send_pairs_.assign(K, 0);
   for (int k = 0; k < K; ++k) {
-    const int64_t p0 = routed_.offsets[k * El], p1 = routed_.offsets[(k + 1) * El];
+    const int64_t p0 = routed_.offsets[first[k]], p1 = routed_.offsets[first[k + 1]];
     std::vector<int32_t> mine(tok + p0, tok + p1);
     std::sort(mine.begin(), mine.end());
     mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
@@ -86,15 +93,14 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
     rows_tokens.insert(rows_tokens.end(), mine.begin(), mine.end());
     send_rows_[k] = static_cast<int64_t>(mine.size());
     send_pairs_[k] = p1 - p0;
-    header[k * (El + 1)] = send_rows_[k];
-    for (int64_t e = 0; e < El; ++e)
-      header[k * (El + 1) + 1 + e] = routed_.offsets[k * El + e + 1] - routed_.offsets[k * El + e];
+    header.push_back(send_rows_[k]);
+    for (int64_t e = first[k]; e < first[k + 1]; ++e) header.push_back(routed_.offsets[e + 1] - routed_.offsets[e]);
+    header_send[k] = 1 + first[k + 1] - first[k];
   }
   send_tokens_ = i32_tensor(rows_tokens, x.device());
   // The counts first, then the pairs' rows and scores, then the rows themselves.
   std::vector<int64_t> recv_header(K * (El + 1));
-  const std::vector<int64_t> per_peer(K, El + 1);
-  ep_->all_to_all(header.data(), per_peer, recv_header.data(), per_peer, CommType::i64);
+  ep_->all_to_all(header.data(), header_send, recv_header.data(), header_recv, CommType::i64);
   recv_rows_.assign(K, 0), recv_pairs_per_peer_.assign(K, 0);
   for (int k = 0; k < K; ++k) {
     recv_rows_[k] = recv_header[k * (El + 1)];

@@ -2,9 +2,10 @@
 // results back: Megatron-Core's token dispatcher for ReLU routing, without a capacity factor
 // (no pair is ever dropped) and without padding (all-to-all with counts).
 //
-// The experts this rank routes are the slice [slice_begin, slice_begin + slice_count) (all E
-// without tensor parallelism; the tensor-parallel rank's whole experts with it); the expert-
-// parallel group splits the slice into equal contiguous blocks, one per rank. Forward:
+// The experts this rank routes are a contiguous slice (all E without tensor parallelism; the
+// tensor-parallel rank's whole experts with it), split into one contiguous block per rank of the
+// expert-parallel group (`bounds`: peer k holds experts [bounds[k], bounds[k+1]); the blocks may
+// differ by one expert when the experts do not divide). Forward:
 //   route_pairs (pairs ordered by expert, i.e. by destination rank) -> per destination, the
 //   tokens with at least one active expert there, each sent ONCE (h floats), with per pair its
 //   row, its expert (by the counts) and its score -> all-to-all -> the receiver expands the rows
@@ -25,7 +26,8 @@ namespace decotron {
 
 class ExpertDispatcher {
  public:
-  ExpertDispatcher(Communicator* ep, int64_t slice_begin, int64_t slice_count);
+  // bounds: size (expert-parallel size + 1), global expert indices, ascending.
+  ExpertDispatcher(Communicator* ep, std::vector<int64_t> bounds);
 
   // What this rank's experts receive: the pairs' inputs xp [P, h] and scores sp [P], grouped by
   // local expert (offsets, size local experts + 1), in a fixed order (source rank, then token).
@@ -61,7 +63,8 @@ class ExpertDispatcher {
                   int64_t recv_total) const;
 
   Communicator* ep_;  // null when the expert-parallel group has one rank
-  int64_t slice_begin_, slice_count_, local_experts_;
+  std::vector<int64_t> bounds_;  // peer k's experts: [bounds_[k], bounds_[k+1])
+  int64_t local_experts_;
   int64_t tokens_ = 0, experts_ = 0;  // T and E of the last dispatch
   ops::RoutedPairs routed_;            // this rank's tokens' pairs, by expert = by destination
   int64_t recv_pairs_ = 0;

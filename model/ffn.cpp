@@ -80,8 +80,15 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
   // slice over the expert-parallel ranks. Both run the pair path (the dense-masked math when
   // expert_compute is dense: every pair of the slice is sent).
   if (sparse_ || tp_ || ep_) {
-    const int tp_size = tp_ ? tp_->size() : 1, tp_rank = tp_ ? tp_->rank() : 0;
-    dispatcher_ = std::make_unique<ExpertDispatcher>(ep_, tp_rank * (experts_ / tp_size), experts_ / tp_size);
+    // The TP x EP grid splits the experts with balanced_block, as ParameterSet splits W_up and
+    // W_down: grid rank tp_rank * EP + ep_rank holds one contiguous block.
+    const int tp_size = tp_ ? tp_->size() : 1, tp_rank = tp_ ? tp_->rank() : 0, ep_size = ep_ ? ep_->size() : 1;
+    std::vector<int64_t> bounds;
+    for (int k = 0; k <= ep_size; ++k) {
+      const int g = tp_rank * ep_size + k;
+      bounds.push_back(g < tp_size * ep_size ? balanced_block(experts_, g, tp_size * ep_size).start : experts_);
+    }
+    dispatcher_ = std::make_unique<ExpertDispatcher>(ep_, std::move(bounds));
   }
 }
 

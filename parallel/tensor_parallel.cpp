@@ -1,6 +1,8 @@
 #include "parallel/tensor_parallel.h"
 
+#include <algorithm>
 #include <cstring>
+#include <numeric>
 
 #include "core/error.h"
 
@@ -26,6 +28,11 @@ bool is_tensor_parallel_split(Partition p) {
          p == Partition::expert_cols;
 }
 
+Block balanced_block(int64_t n, int rank, int size) {
+  const int64_t base = n / size, rem = n % size;
+  return Block{rank * base + std::min<int64_t>(rank, rem), base + (rank < rem ? 1 : 0)};
+}
+
 Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_t expert_block, int rank, int size) {
   Shard s;
   if (size == 1 || !is_tensor_parallel_split(p)) return s;
@@ -33,11 +40,20 @@ Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_
   DT_ASSERT(static_cast<int>(global.size()) > s.dim, name, ": partition ", partition_name(p), " on a ",
             global.size(), "-d tensor");
   const int64_t n = global[s.dim];
-  const int64_t unit = (p == Partition::expert_rows || p == Partition::expert_cols) ? expert_block : 1;
-  if (unit <= 0 || n % unit != 0 || (n / unit) % size != 0)
-    fail(name, ": ", n / std::max<int64_t>(unit, 1), unit > 1 ? " experts" : " rows/columns",
-         " do not split over parallel.tensor = ", size, " ranks; pick a tensor-parallel size that divides the heads, "
-         "widths, experts and vocabulary");
+  if (p == Partition::expert_rows || p == Partition::expert_cols) {
+    DT_ASSERT(expert_block > 0 && n % expert_block == 0, name, ": ", n, " not whole experts of ", expert_block);
+    const int64_t experts = n / expert_block;
+    if (experts < size)
+      fail(name, ": ", experts, " experts do not split over ", size,
+           " tensor x expert-parallel ranks; every rank needs at least one expert (lower parallel.tensor or "
+           "parallel.expert)");
+    const Block b = balanced_block(experts, rank, size);
+    s.start = b.start * expert_block, s.count = b.count * expert_block;
+    return s;
+  }
+  if (n % size != 0)
+    fail(name, ": ", n, " rows/columns do not split over parallel.tensor = ", size,
+         " ranks; pick a tensor-parallel size that divides the heads, widths and vocabulary");
   s.count = n / size;
   s.start = rank * s.count;
   return s;
@@ -81,12 +97,44 @@ Tensor tp_slice_columns(const Tensor& full, int rank, int size) {
 
 Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
   if (dim < 0) return local.clone();
-  if (dim == 1) return tp_gather_columns(tp, local);
   tp_require_host(local, "tensor-parallel gather");
+  // The shards' sizes along dim first: equal (the usual case) is one all-gather; uneven
+  // (experts that do not divide) sends each shard to every rank with an all-to-all.
+  const int n = tp.size();
+  std::vector<int64_t> sizes(n);
+  const int64_t mine = local.dim(dim);
+  tp.all_gather(&mine, sizes.data(), 1, CommType::i64);
+  if (std::all_of(sizes.begin(), sizes.end(), [&](int64_t v) { return v == mine; }))
+    return dim == 1 ? tp_gather_columns(tp, local) : [&] {
+      Shape shape = local.shape();
+      shape[0] *= n;
+      Tensor full = Tensor::empty(shape, local.dtype());
+      tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));
+      return full;
+    }();
+  const int64_t other = local.numel() / std::max<int64_t>(mine, 1);  // elements per unit of dim
+  const int64_t rows = dim == 0 ? 0 : local.dim(0), es = dtype_size(local.dtype());
+  std::vector<int64_t> send(n, local.numel()), recv(n);
+  int64_t total = 0;
+  for (int r = 0; r < n; ++r) recv[r] = sizes[r] * (dim == 0 ? other : rows), total += sizes[r];
+  Tensor stacked = Tensor::empty({std::accumulate(recv.begin(), recv.end(), int64_t{0})}, local.dtype());
+  // Rank r's shard to every rank: the sender repeats its block once per peer.
+  Tensor repeated = Tensor::empty({n * local.numel()}, local.dtype());
+  for (int r = 0; r < n; ++r)
+    std::memcpy(static_cast<char*>(repeated.raw()) + r * local.numel() * es, local.raw(), local.numel() * es);
+  tp.all_to_all(repeated.raw(), send, stacked.raw(), recv, comm_type_of(local));
   Shape shape = local.shape();
-  shape[0] *= tp.size();
+  shape[dim] = total;
+  if (dim == 0) return stacked.view(shape);
+  // Columns: rank r's [rows, c_r] block goes to columns [off_r, off_r + c_r) of every row.
   Tensor full = Tensor::empty(shape, local.dtype());
-  tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));
+  int64_t src = 0, off = 0;
+  for (int r = 0; r < n; ++r) {
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(static_cast<char*>(full.raw()) + (i * total + off) * es,
+                  static_cast<const char*>(stacked.raw()) + (src + i * sizes[r]) * es, sizes[r] * es);
+    src += rows * sizes[r], off += sizes[r];
+  }
   return full;
 }
 

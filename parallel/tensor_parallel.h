@@ -21,7 +21,15 @@ struct Shard {
   int64_t start = 0, count = 0;
 };
 bool is_tensor_parallel_split(Partition p);
-// Throws decotron::Error (naming the parameter) when the dimension does not divide.
+// The balanced split of n items over `size` ranks: rank r holds [start, start + count), the
+// first n % size ranks one more than the others (experts that do not divide evenly).
+struct Block {
+  int64_t start = 0, count = 0;
+};
+Block balanced_block(int64_t n, int rank, int size);
+// Throws decotron::Error (naming the parameter) when the dimension does not divide; experts
+// (expert_rows/expert_cols) split by whole experts with balanced_block and need only as many
+// experts as ranks.
 Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_t expert_block, int rank, int size);
 // The shard of a whole host tensor (a copy).
 Tensor slice_shard(const Tensor& global, const Shard& s);
@@ -37,7 +45,8 @@ void tp_all_reduce(Communicator& tp, Tensor& t);
 Tensor tp_gather_columns(Communicator& tp, const Tensor& local);
 // This rank's columns [rank*c, (rank+1)*c) of [T, c * size].
 Tensor tp_slice_columns(const Tensor& full, int rank, int size);
-// Whole parameter from the shards (rows or columns per `dim`), on every rank.
+// Whole parameter from the shards (rows or columns per `dim`, in rank order; the shards may
+// differ in size, as experts split unevenly do), on every rank.
 Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim);
 
 // ---- sequence parallelism: [T, c] split along tokens into `size` contiguous row blocks --------

@@ -600,8 +600,8 @@ def cmd_model(a):
         if m["heads"] % tp:
             notes.append(f"{m['heads']} heads do not split over TP{tp}")
         if m["experts"] % (tp * ep):
-            notes.append(f"{m['experts']} experts do not split evenly over {tp * ep} ranks: decotron refuses the "
-                         f"layout (estimated here with up to {math.ceil(m['experts'] / (tp * ep))} per rank)")
+            notes.append(f"{m['experts']} experts split unevenly over {tp * ep} ranks: up to "
+                         f"{math.ceil(m['experts'] / (tp * ep))} per rank (the busiest rank sets the pace)")
         results.append((gpus, lay, analyse(m, t, lay, a), notes))
     print("| GPUs | layout | micro-batch x steps | memory/GPU GB | compute s | optimizer s | DP GB/GPU | TP GB/GPU "
           "| EP GB/GPU | DP exposed s | TP s | EP s | step s | tokens/s/GPU | efficiency |")

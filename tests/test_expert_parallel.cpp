@@ -49,10 +49,13 @@ TEST(EpWorker, LayoutsEqualOneRankInFp64) {
   struct Case {
     int tensor, expert;
     const char* compute;
+    int64_t experts = 8;
   };
+  // 6 experts split unevenly: 2, 2, 1, 1 over EP4 and over TP2 x EP2, 3 + 3 over TP2.
   for (Case c : {Case{1, 4, "sparse"}, Case{1, 4, "dense"}, Case{1, 2, "sparse"}, Case{2, 2, "sparse"},
-                 Case{2, 2, "dense"}, Case{2, 1, "sparse"}, Case{1, 1, "sparse"}}) {
-    SCOPED_TRACE(cat("tensor ", c.tensor, " expert ", c.expert, " ", c.compute));
+                 Case{2, 2, "dense"}, Case{2, 1, "sparse"}, Case{1, 1, "sparse"}, Case{1, 4, "sparse", 6},
+                 Case{2, 2, "sparse", 6}, Case{2, 2, "dense", 6}}) {
+    SCOPED_TRACE(cat("tensor ", c.tensor, " expert ", c.expert, " ", c.compute, " experts ", c.experts));
     ParallelConfig pc;
     pc.tensor = c.tensor, pc.expert = c.expert;
     auto ctx = make_parallel_context(pc, Device::cpu);
@@ -62,6 +65,7 @@ TEST(EpWorker, LayoutsEqualOneRankInFp64) {
     m.expert_width = 8, m.shared_expert_width = 16, m.dense_layers = 1, m.parameter_parity = false;
     m.init_std = 0.2;  // large enough that routers activate a mix of experts
     m.expert_compute = c.compute;
+    m.experts = c.experts;
     Transformer one(m, DType::f64, Device::cpu), par(m, DType::f64, Device::cpu, ctx->tp.get(), ctx->ep.get());
     one.params().initialize(11);
     par.params().initialize(11);
@@ -137,7 +141,7 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
   auto ctx = make_parallel_context(pc, Device::cpu);
   const int rank = ctx->ep->rank();
   const int64_t T = 5, E = 8, h = 3;
-  ExpertDispatcher disp(ctx->ep.get(), 0, E);
+  ExpertDispatcher disp(ctx->ep.get(), {0, 2, 4, 6, 8});
   Tensor x = Tensor::empty({T, h}, DType::f64), r = Tensor::empty({T, E}, DType::f64), s = Tensor::empty({T, E}, DType::f64);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < h; ++j) x.data<double>()[t * h + j] = 100 * rank + 10 * t + j;
@@ -328,11 +332,16 @@ TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
   }
 }
 
-TEST(ExpertParallel, ExpertsThatDoNotSplitAreAClearError) {
-  const std::string dir = fresh_dir("ep_errors");
-  const std::string cfg = ep_config(dir, "sparse");
-  // 8 experts over 3 expert-parallel ranks.
-  std::string err = train(cfg, dir + "/ep3", 3, 1, 3);
+// Experts that do not divide split unevenly (8 over EP3: 3, 3, 2) and train as one rank does;
+// fewer experts than ranks is a clear error.
+TEST(ExpertParallel, UnevenExpertSplits) {
+  const std::string dir = fresh_dir("ep_uneven");
+  const std::string cfg = ep_config(dir, "sparse"), batch = " --set train.global_batch=12";
+  ASSERT_EQ(train(cfg, dir + "/one", 1, 1, 1, batch), "");
+  ASSERT_EQ(train(cfg, dir + "/ep3", 3, 1, 3, batch), "");
+  expect_same_records(dir + "/ep3", dir + "/one", "EP3 (8 experts)");
+  expect_same_checkpoints(dir + "/ep3", dir + "/one", 1e-3, "EP3 (8 experts)");
+  std::string err = train(cfg, dir + "/too-few", 4, 1, 4, " --set model.experts=2");
   EXPECT_NE(err.find("parallel.expert"), std::string::npos) << err;
-  EXPECT_NE(err.find("divides the experts"), std::string::npos) << err;
+  EXPECT_NE(err.find("a whole expert"), std::string::npos) << err;
 }

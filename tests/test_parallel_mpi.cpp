@@ -166,7 +166,26 @@ TEST(TensorParallelShard, SplitsByPartition) {
   EXPECT_EQ(shard_of("g", Partition::expert_entries, {8}, 1, 1, 2).dim, -1);  // replicated with the router
   EXPECT_EQ(shard_of("norm", Partition::replicated, {8}, 0, 1, 2).dim, -1);
   EXPECT_EQ(shard_of("wq", Partition::column, {8, 8}, 0, 0, 1).dim, -1);      // one rank: whole
-  EXPECT_THROW(shard_of("w_up", Partition::expert_rows, {12, 6}, 4, 0, 2), Error);  // 3 experts over 2 ranks
+  // 3 experts over 2 ranks: balanced, 2 + 1; 1 expert over 2 ranks: an error.
+  s = shard_of("w_up", Partition::expert_rows, {12, 6}, 4, 0, 2);
+  EXPECT_EQ(s.start, 0);
+  EXPECT_EQ(s.count, 8);
+  s = shard_of("w_up", Partition::expert_rows, {12, 6}, 4, 1, 2);
+  EXPECT_EQ(s.start, 8);
+  EXPECT_EQ(s.count, 4);
+  EXPECT_THROW(shard_of("w_up", Partition::expert_rows, {4, 6}, 4, 0, 2), Error);
+  EXPECT_THROW(shard_of("wo", Partition::row, {6, 9}, 0, 0, 2), Error);  // 9 columns over 2 ranks
+  for (int size : {1, 2, 3, 4, 7})  // balanced blocks cover 0..n-1 once, sizes differ by at most one
+    for (int64_t n : {7, 8, 102}) {
+      int64_t next = 0;
+      for (int r = 0; r < size; ++r) {
+        Block b = balanced_block(n, r, size);
+        EXPECT_EQ(b.start, next);
+        EXPECT_TRUE(b.count == n / size || b.count == n / size + 1);
+        next += b.count;
+      }
+      EXPECT_EQ(next, n);
+    }
   // slice_shard cuts columns of a row-major matrix.
   Tensor t = Tensor::empty({2, 4}, DType::f32);
   for (int i = 0; i < 8; ++i) t.data<float>()[i] = static_cast<float>(i);

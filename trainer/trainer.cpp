@@ -62,10 +62,10 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
          "); set train.device: cpu");
   // The model computes in the master dtype here; bf16 compute is the GPU path's business.
   const ParallelLayout& lay = par_->layout;
-  if (lay.ep_size > 1 && cfg.model.arch == "deco" && cfg.model.experts % (lay.tp_size * lay.ep_size) != 0)
+  if (cfg.model.arch == "deco" && cfg.model.experts < lay.tp_size * lay.ep_size)
     fail(cfg.where("parallel.expert"), " = ", lay.ep_size, ": model.experts = ", cfg.model.experts,
-         " does not split over parallel.tensor x parallel.expert = ", lay.tp_size * lay.ep_size,
-         " ranks by whole experts; pick sizes whose product divides the experts");
+         " cannot give every one of parallel.tensor x parallel.expert = ", lay.tp_size * lay.ep_size,
+         " ranks a whole expert; lower parallel.expert or parallel.tensor");
   if (lay.ep_size > 1 && cfg.train.device != "cpu")
     fail(cfg.where("parallel.expert"), ": expert parallelism runs on the CPU so far (docs/parallelism.md)");
   if (lay.tp_size > 1 && cfg.train.device != "cpu")
@@ -281,14 +281,25 @@ double Trainer::evaluate() {
   const int64_t B = cfg_.train.micro_batch, S = cfg_.model.seq_len;
   double sum = 0;
   int64_t n = 0;
-  // Data parallel: the ranks share the eval_iters micro-batches and sum their results.
+  // Data parallel: the ranks share the eval_iters micro-batches and sum their results. Under
+  // expert parallelism every forward is collective over the expert-parallel group, so every
+  // rank runs the same number of rounds: a rank without a micro-batch in the last round (or
+  // past the end of the validation data) runs a stand-in one and does not count it.
   const ParallelLayout& lay = par_->layout;
-  for (int64_t k = lay.dp_rank; k < cfg_.train.eval_iters; k += lay.dp_size) {
-    std::vector<int32_t> batch = data_->valid_batch(k, B);
-    if (batch.empty()) break;
+  const int64_t rounds = (cfg_.train.eval_iters + lay.dp_size - 1) / lay.dp_size;
+  bool data_left = true;
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t k = round * lay.dp_size + lay.dp_rank;
+    std::vector<int32_t> batch;
+    if (data_left && k < cfg_.train.eval_iters) batch = data_->valid_batch(k, B);
+    data_left = data_left && !(k < cfg_.train.eval_iters && batch.empty());
+    const bool counted = !batch.empty();
+    if (!counted && lay.ep_size == 1) continue;
+    if (!counted) batch.assign(static_cast<size_t>(B * (S + 1)), 0);  // stand-in: token 0 everywhere
     Tensor tok, tgt;
     split_batch(batch, B, S, model_->params().device(), tok, tgt);
     ForwardResult f = model_->forward(tok, tgt, {B, S}, {}, 1.0, false);
+    if (!counted) continue;
     sum += f.lm_loss_sum;
     n += f.tokens;
   }
