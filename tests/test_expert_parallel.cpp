@@ -330,6 +330,15 @@ TEST(ExpertParallel, TrainingLayoutsMatchSingleRank) {
     expect_same_records(run_dir, ep4, cat("EP4 -> EP", expert));
     expect_same_checkpoints(run_dir, ep4, 1e-5, cat("EP4 -> EP", expert));
   }
+  // The same with the distributed optimizer's sharded moments: saved at EP2 x DP4, resumed on
+  // one rank without it.
+  const std::string distopt = dir + "/ep2dp4-distopt-sparse", to_one = dir + "/from-distopt-to-one";
+  fs::copy(distopt, to_one, fs::copy_options::recursive);
+  ASSERT_EQ(train(cfg, distopt, 4, 1, 2, more + " --set parallel.distributed_optimizer=true"), "");
+  ASSERT_EQ(train(cfg, to_one, 1, 1, 1, more), "");
+  EXPECT_NE(read_file(to_one + ".log").find("resumed from"), std::string::npos);
+  expect_same_records(to_one, distopt, "EP2 x DP4 distributed optimizer -> one rank");
+  expect_same_checkpoints(to_one, distopt, 1e-5, "EP2 x DP4 distributed optimizer -> one rank");
 }
 
 // Experts that do not divide split unevenly (8 over EP3: 3, 3, 2) and train as one rank does;
