@@ -100,6 +100,16 @@ void DecoFFNLayer::release() {
   if (shared_) shared_->release();
 }
 
+void DecoFFNLayer::drop_input() {
+  x_ = Tensor();
+  if (shared_) shared_->drop_input();
+}
+
+void DecoFFNLayer::restore_input(const Tensor& x) {
+  x_ = x;
+  if (shared_) shared_->restore_input(x);
+}
+
 const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->value : unit_scale_; }
 const Tensor& DecoFFNLayer::pre_weight() const { return gated_ ? w_gate_->value : w_up_.value; }
 

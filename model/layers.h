@@ -53,6 +53,10 @@ class AttentionLayer {
   Tensor forward(const Tensor& x, const BatchShape& bs);
   Tensor backward(const Tensor& dy);
   void release() { x_ = q_ = k_ = v_ = o_ = lse_ = Tensor(); }
+  // Sequence parallelism: the block drops the gathered input after forward and gathers it again
+  // before backward (Megatron keeps only the token slice).
+  void drop_input() { x_ = Tensor(); }
+  void restore_input(const Tensor& x) { x_ = x; }
 
  private:
   Parameter &wq_, &wk_, &wv_, &wo_;
@@ -73,6 +77,8 @@ class SwiGLULayer {
   // Returns dx; with accumulate_into, adds dx into it instead (and returns it).
   Tensor backward(const Tensor& dy, Tensor* accumulate_into = nullptr);
   void release() { x_ = gate_ = up_ = h_ = Tensor(); }
+  void drop_input() { x_ = Tensor(); }
+  void restore_input(const Tensor& x) { x_ = x; }
 
  private:
   Parameter &w_gate_, &w_up_, &w_down_;
@@ -112,6 +118,9 @@ class DecoFFNLayer {
   // loss_scale multiplies the regularizer's gradient (1 / micro-batches).
   Tensor backward(const Tensor& dy, double loss_scale);
   void release();  // drops what backward needs (recomputation)
+  // Sequence parallelism: as AttentionLayer's (the shared expert's input is the same tensor).
+  void drop_input();
+  void restore_input(const Tensor& x);
 
  private:
   const Tensor& scaling() const;

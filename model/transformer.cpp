@@ -20,7 +20,7 @@ TransformerBlock::TransformerBlock(ParameterSet& ps, int index, const ModelConfi
 
 Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
                                  RoutingStats* stats, double& reg_loss) {
-  Tensor y = forward_layers(x, bs, reg, stats, reg_loss);
+  Tensor y = forward_layers(x, bs, reg, stats, reg_loss, /*drop_gathered=*/!recompute_);
   if (recompute_) {
     x_in_ = x, bs_ = bs, reg_ = reg;
     norm1_.release(), norm2_.release(), attn_.release();
@@ -31,14 +31,23 @@ Tensor TransformerBlock::forward(const Tensor& x, const BatchShape& bs, const Re
 }
 
 Tensor TransformerBlock::forward_layers(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg,
-                                        RoutingStats* stats, double& reg_loss) {
+                                        RoutingStats* stats, double& reg_loss, bool drop_gathered) {
   // x1 = x + Attn(RMSNorm(x)); x2 = x1 + FFN(RMSNorm(x1)). enter/exit are the identity on one
   // rank, the tensor-parallel reductions otherwise (parallel/tensor_parallel.h).
-  Tensor x1 = tp_.exit(attn_.forward(tp_.enter(norm1_.forward(x)), bs));
+  Tensor n1 = norm1_.forward(x);
+  Tensor x1 = tp_.exit(attn_.forward(tp_.enter(n1), bs));
   ops::add_(x1, x);
-  Tensor h2 = tp_.enter(norm2_.forward(x1));
+  Tensor n2 = norm2_.forward(x1);
+  Tensor h2 = tp_.enter(n2);
   Tensor x2 = tp_.exit(deco_ ? deco_->forward(h2, reg, *stats, reg_loss) : dense_->forward(h2));
   ops::add_(x2, x1);
+  if (tp_.sequence_parallel && drop_gathered) {
+    // Keep this rank's tokens only; backward gathers them again (one all-gather per region).
+    n1_ = n1, n2_ = n2;
+    attn_.drop_input();
+    if (deco_) deco_->drop_input();
+    else dense_->drop_input();
+  }
   return x2;
 }
 
@@ -49,14 +58,25 @@ Tensor TransformerBlock::backward(const Tensor& dy, double loss_scale) {
     DT_ASSERT(x_in_.defined(), "TransformerBlock::backward without a forward");
     RoutingStats stats;
     double reg_loss = 0;
-    forward_layers(x_in_, bs_, reg_, &stats, reg_loss);
+    forward_layers(x_in_, bs_, reg_, &stats, reg_loss, /*drop_gathered=*/false);
     x_in_ = Tensor();
   }
   Tensor dffn = tp_.exit_backward(dy);
+  if (n2_.defined()) {
+    const Tensor h2 = tp_.enter(n2_);
+    if (deco_) deco_->restore_input(h2);
+    else dense_->restore_input(h2);
+    n2_ = Tensor();
+  }
   Tensor dh2 = tp_.enter_backward(deco_ ? deco_->backward(dffn, loss_scale) : dense_->backward(dffn));
   Tensor dx1 = norm2_.backward(dh2);
   ops::add_(dx1, dy);
-  Tensor dx = norm1_.backward(tp_.enter_backward(attn_.backward(tp_.exit_backward(dx1))));
+  Tensor dattn = tp_.exit_backward(dx1);
+  if (n1_.defined()) {
+    attn_.restore_input(tp_.enter(n1_));
+    n1_ = Tensor();
+  }
+  Tensor dx = norm1_.backward(tp_.enter_backward(attn_.backward(dattn)));
   ops::add_(dx, dx1);
   return dx;
 }

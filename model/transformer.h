@@ -30,10 +30,14 @@ class TransformerBlock {
   void set_recompute(bool on) { recompute_ = on; }
 
  private:
+  // drop_gathered: under sequence parallelism keep only this rank's tokens for backward.
   Tensor forward_layers(const Tensor& x, const BatchShape& bs, const RegularizerSpec& reg, RoutingStats* stats,
-                        double& reg_loss);
+                        double& reg_loss, bool drop_gathered);
   bool recompute_ = false;
   Tensor x_in_;  // recomputation: the block's input
+  // Sequence parallelism: the norms' outputs (this rank's tokens), gathered again in backward
+  // instead of keeping the regions' gathered [T, h] inputs.
+  Tensor n1_, n2_;
   BatchShape bs_;
   RegularizerSpec reg_;
   TensorParallelMappings tp_;

@@ -250,6 +250,10 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
             out.append(Coll("tp", "all_reduce", micro * D * (2 * h + d + T * E) * act_bytes, micro * D * 4,
                             "DECO w_bar, gx [h], d gamma [d], ds [T,E]"))
         if sp:
+            # Backward gathers each region's input again from this rank's tokens (Megatron's: the
+            # regions keep only the token slice): 2 all-gathers per layer.
+            out.append(Coll("tp", "all_gather", micro * 2 * L * (T // tp) * h * act_bytes, micro * 2 * L,
+                            "SP: the regions' inputs gathered again in backward"))
             # The RMSNorm weights' gradients (each rank's tokens only), summed once per step.
             out.append(Coll("tp", "all_reduce", (2 * L + 1) * h * grad_bytes, 1, "SP norm weight gradients"))
         out.append(Coll("tp", "all_reduce", 8, 1, "gradient norm of split parameters (fp64)"))
