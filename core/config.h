@@ -194,6 +194,7 @@ struct ParallelConfig {
   bool overlap_grad_reduce = true;
   double grad_bucket_mb = 25.0;
   double timeout_s = 300.0;
+  std::string backend = "auto";
 
   template <class V> void fields(V& v) {
     v("tensor", tensor, "Tensor-parallel size");
@@ -215,6 +216,10 @@ struct ParallelConfig {
       "larger ones use the links better");
     v("timeout_s", timeout_s,
       "Watchdog: a collective not completed within this many seconds aborts the job with a diagnostic");
+    v("backend", backend,
+      "Communication backend: auto (NCCL for train.device cuda where built, else MPI), nccl, or mpi (host "
+      "buffers; GPU data staged through host memory: several ranks may share one GPU, which NCCL refuses)",
+      {"auto", "nccl", "mpi"});
   }
 };
 

@@ -71,7 +71,15 @@ std::shared_ptr<ParallelContext> make_parallel_context(const ParallelConfig& cfg
     CUDA_CHECK(cudaSetDevice(ctx->local_rank % n));
   }
 #endif
-  if (device == Device::cpu || !cuda_available()) {  // no GPU: the trainer says train.device = cuda cannot run
+  if (cfg.backend == "nccl" && device != Device::cuda)
+    fail("parallel.backend = nccl needs train.device: cuda (NCCL moves GPU buffers); set parallel.backend: auto");
+#ifndef DECOTRON_WITH_NCCL
+  if (cfg.backend == "nccl")
+    fail("parallel.backend = nccl, but this decotron was built without NCCL (`decotron version` says which backends "
+         "it has); set parallel.backend: mpi or auto");
+#endif
+  // parallel.backend = mpi on a GPU: host buffers, device data staged (several ranks per GPU).
+  if (device == Device::cpu || !cuda_available() || cfg.backend == "mpi") {  // no GPU: the trainer says train.device = cuda cannot run
     ctx->world = world, ctx->tp = tp, ctx->dp = dp, ctx->ep = ep, ctx->edp = edp;
   } else {
 #ifdef DECOTRON_WITH_NCCL

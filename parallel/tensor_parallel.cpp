@@ -101,9 +101,10 @@ Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
   // The shards' sizes along dim first: equal (the usual case) is one all-gather; uneven
   // (experts that do not divide) sends each shard to every rank with an all-to-all.
   const int n = tp.size();
-  std::vector<int64_t> sizes(n);
+  std::vector<int64_t> sizes(n, 0);
   const int64_t mine = local.dim(dim);
-  tp.all_gather(&mine, sizes.data(), 1, CommType::i64);
+  sizes[tp.rank()] = mine;
+  tp.sum_in_place(sizes);  // host vector: staged on device communicators
   if (std::all_of(sizes.begin(), sizes.end(), [&](int64_t v) { return v == mine; }))
     return dim == 1 ? tp_gather_columns(tp, local) : [&] {
       Shape shape = local.shape();

@@ -306,7 +306,8 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
         out.append(Coll("dp", "all_reduce", 3 * 8, 1, "loss sums (fp64)"))
         out.append(Coll("dp", "all_reduce", (2 + D + D * E) * 8, 1, "routing counts (i64)"))
     if D and tp * dp > 1:
-        out.append(Coll("world", "all_gather", 8, 1, "pairs each rank's experts computed (load metric, i64)"))
+        out.append(Coll("world", "all_reduce", 8 * tp * dp, 1,
+                        "pairs each rank's experts computed (load metric: one-hot i64 vectors summed)"))
     return out
 
 

@@ -98,7 +98,8 @@ GroupOpBytes expected_step_bytes(const Config& c, int tp, int dp) {
     }
     out["dp"]["all_reduce"] = local * es + 3 * 8 + (2 + D + D * E) * 8;
   }
-  if (D > 0 && tp * dp > 1) out["world"]["all_gather"] = 8;  // pairs computed per rank (load metric)
+  // Pairs computed per rank (the load metric): a sum of one-hot i64 vectors over the world.
+  if (D > 0 && tp * dp > 1) out["world"]["all_reduce"] = 8 * tp * dp;
   return out;
 }
 
@@ -746,4 +747,16 @@ TEST(ParallelMpi, WatchdogAbortsWhenARankHangs) {
   EXPECT_NE(log.find("did not complete within"), std::string::npos) << log;
   EXPECT_NE(log.find("last collectives issued by rank 0"), std::string::npos) << log;
   EXPECT_NE(log.find("<- not completed"), std::string::npos) << log;
+}
+
+// parallel.backend: nccl moves GPU buffers only; asking for it on the CPU is a clear error.
+TEST(ParallelBackend, NcclNeedsTheGpu) {
+  const std::string dir = fresh_dir("backend");
+  const std::string cfg = tiny_config(dir, 8, 4, 60);
+  ASSERT_NE(run(train_cmd(cfg, dir + "/run") + " --set parallel.backend=nccl", dir + "/log"), 0);
+  const std::string log = read_file(dir + "/log");
+  EXPECT_NE(log.find("parallel.backend"), std::string::npos) << log;
+  // mpi is accepted everywhere (the CPU's backend anyway).
+  EXPECT_EQ(run(train_cmd(cfg, dir + "/run2") + " --set parallel.backend=mpi", dir + "/log2"), 0)
+      << read_file(dir + "/log2");
 }

@@ -210,8 +210,10 @@ StepResult Trainer::train_step() {
             std::max(res.expert_load_max_over_mean, *std::max_element(pe.begin(), pe.end()) / mean);
     }
     // Every rank's experts' pairs (tensor- and expert-parallel ranks hold different experts).
-    std::vector<int64_t> per_rank(par_->world->size());
-    par_->world->all_gather(&pairs_computed, per_rank.data(), 1, CommType::i64);
+    // (A sum of one-hot vectors: the host helpers stage through device memory on NCCL.)
+    std::vector<int64_t> per_rank(par_->world->size(), 0);
+    per_rank[par_->world->rank()] = pairs_computed;
+    par_->world->sum_in_place(per_rank);
     const double mean = std::accumulate(per_rank.begin(), per_rank.end(), 0.0) / per_rank.size();
     if (mean > 0) res.rank_load_max_over_mean = *std::max_element(per_rank.begin(), per_rank.end()) / mean;
   }
