@@ -161,7 +161,8 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
   // Under tensor parallelism out is the routed and the shared experts' partial sum: the block
   // reduces it.
   routing_stats(stats, reg, reg_loss);
-  stats.pairs_computed = dispatcher_ ? dispatcher_->pairs_received() : stats.active_pairs;
+  // The dense-masked path computes every pair.
+  stats.pairs_computed = dispatcher_ ? dispatcher_->pairs_received() : r_.dim(0) * experts_;
   return out;
 }
 

@@ -19,7 +19,7 @@ const char* partition_name(Partition p) {
 }
 
 bool is_expert_partition(Partition p) {
-  return p == Partition::expert_rows || p == Partition::expert_cols || p == Partition::expert_entries;
+  return p == Partition::expert_rows || p == Partition::expert_cols;
 }
 
 Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partition partition, Init init,
@@ -29,7 +29,7 @@ Parameter& ParameterSet::add(const std::string& name, const Shape& shape, Partit
   p->name = name;
   p->global_shape = shape;
   Shape local = shape;
-  const bool expert_split = partition == Partition::expert_rows || partition == Partition::expert_cols;
+  const bool expert_split = is_expert_partition(partition);
   const int rank = expert_split ? tp_rank_ * ep_size_ + ep_rank_ : tp_rank_;
   const int size = expert_split ? tp_size_ * ep_size_ : tp_size_;
   if (size > 1) {

@@ -81,7 +81,9 @@ class ParameterSet {
   int tp_rank_ = 0, tp_size_ = 1, ep_rank_ = 0, ep_size_ = 1;
 };
 
-// Whether a parameter holds per-expert blocks (split under expert parallelism).
+// Whether a partition is split by whole experts (W_up / W_gate rows, W_down columns): over the
+// tensor x expert-parallel grid, and its gradient summed over the expert-data-parallel group.
+// (The per-expert scaling g, expert_entries, is whole on every rank.)
 bool is_expert_partition(Partition p);
 
 }  // namespace decotron

@@ -6,10 +6,6 @@
 
 namespace decotron {
 
-bool is_expert_parameter(const Parameter& p) {
-  return p.partition == Partition::expert_rows || p.partition == Partition::expert_cols;
-}
-
 GradientSync::GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx, Options opt) {
   // Group the trainable parameters by (communicator, dtype), in backward order: the reverse of
   // creation. The buffers come out in the same order on every rank (which group a parameter
@@ -24,7 +20,7 @@ GradientSync::GradientSync(const std::vector<Parameter*>& params, const Parallel
   for (size_t i = params.size(); i-- > 0;) {
     Parameter* p = params[i];
     if (!p->trainable) continue;
-    std::shared_ptr<Communicator> group = is_expert_parameter(*p) ? ctx.edp : ctx.dp;
+    std::shared_ptr<Communicator> group = is_expert_partition(p->partition) ? ctx.edp : ctx.dp;
     // A group of one still scales when the data-parallel size is not one (expert parameters at
     // expert-parallel size = data-parallel size).
     if (group->size() == 1 && ctx.layout.dp_size == 1) continue;

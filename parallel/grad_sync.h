@@ -64,8 +64,4 @@ class GradientSync {
   std::vector<std::vector<size_t>> ready_at_;
 };
 
-// Whether a parameter's gradient is summed over the expert-data-parallel group (its values
-// differ between expert-parallel ranks) rather than the data-parallel group.
-bool is_expert_parameter(const Parameter& p);
-
 }  // namespace decotron

@@ -106,13 +106,7 @@ Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
   sizes[tp.rank()] = mine;
   tp.sum_in_place(sizes);  // host vector: staged on device communicators
   if (std::all_of(sizes.begin(), sizes.end(), [&](int64_t v) { return v == mine; }))
-    return dim == 1 ? tp_gather_columns(tp, local) : [&] {
-      Shape shape = local.shape();
-      shape[0] *= n;
-      Tensor full = Tensor::empty(shape, local.dtype());
-      tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));
-      return full;
-    }();
+    return dim == 1 ? tp_gather_columns(tp, local) : tp_gather_rows(tp, local);
   const int64_t other = local.numel() / std::max<int64_t>(mine, 1);  // elements per unit of dim
   const int64_t rows = dim == 0 ? 0 : local.dim(0), es = dtype_size(local.dtype());
   std::vector<int64_t> send(n, local.numel()), recv(n);

@@ -237,7 +237,7 @@ std::string train(const std::string& cfg, const std::string& run_dir, int np, in
   std::string cmd = std::string(DECOTRON_BINARY) + " train --config " + cfg + " --synthetic-data --run-dir " + run_dir +
                     " --set parallel.tensor=" + std::to_string(tensor) + " --set parallel.expert=" +
                     std::to_string(expert) + extra;
-  if (np > 1) cmd = std::string(kMpirun) + " -np " + std::to_string(np) + " " + cmd;
+  if (np > 1) cmd = mpirun(np) + cmd;
   const std::string log = run_dir + ".log";
   int rc = run(cmd, log);
   return rc == 0 ? std::string() : cat("exit ", rc, ": ", read_file(log));
