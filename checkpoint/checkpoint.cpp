@@ -247,6 +247,7 @@ void restore_checkpoint(Trainer& trainer, const CheckpointData& d, const std::st
     opt.set_moments(i, local_part(d.exp_avg[k], p), local_part(d.exp_avg_sq[k], p));
   });
   opt.set_step(d.optimizer_step);
+  trainer.model().params().mark_master_changed();
   trainer.state() = d.state;
   trainer.controller().set_lambda(d.sparsity_lambda);
 }

@@ -308,8 +308,6 @@ void validate_config(const Config& c) {
   if (!(t.target_ratio > 0 && t.target_ratio < 1)) fail(c.where("train.target_ratio"), " must be in (0, 1)");
   if (!(t.reg_multiplier >= 1)) fail(c.where("train.reg_multiplier"), " must be >= 1");
   if (!(t.reg_lambda0 >= 0)) fail(c.where("train.reg_lambda0"), " must be >= 0");
-  if (t.device == "cpu" && t.dtype != "fp32")
-    fail(c.where("train.dtype"), " = ", t.dtype, ": the CPU trains in fp32; set train.dtype: fp32");
   if (t.clip_grad < 0) fail(c.where("train.clip_grad"), " must be >= 0");
   if (t.max_skipped_steps < 1) fail(c.where("train.max_skipped_steps"), " must be >= 1");
   if (t.loss_chunk_tokens < 0) fail(c.where("train.loss_chunk_tokens"), " = ", t.loss_chunk_tokens, " must be >= 0 (0: the whole micro-batch at once)");

@@ -106,7 +106,7 @@ struct TrainConfig {
       "(the quotient is the number of gradient-accumulation micro-steps)");
     v("seed", seed, "Seed of parameter init and of the data order");
     v("device", device, "Where training runs", {"cpu", "cuda"});
-    v("dtype", dtype, "Compute dtype (master weights are always fp32); the CPU computes in fp32", {"fp32", "bf16"});
+    v("dtype", dtype, "Compute dtype. bf16: mixed precision (bf16 weight copies and activations; fp32 master weights, gradients, optimizer state and router); on the CPU bf16 is emulated, for checking only", {"fp32", "bf16"});
     v("lr", lr, "Peak learning rate");
     v("min_lr", min_lr, "Learning rate at the end of the decay");
     v("warmup_iters", warmup_iters, "Linear warmup from 0 to lr over this many steps");

@@ -1,6 +1,8 @@
 // The op set of training and inference. Each function dispatches on its tensors' device and
 // dtype: CPU kernels (kernels/cpu/, fp32 and fp64 — fp64 exists for the gradient checks) and
 // CUDA kernels (kernels/cuda/). Layouts are row-major; T = tokens (batch x sequence) rows.
+// bf16 on the CPU is emulated by the dispatch (kernels/cpu/bf16_emulation.h): bf16 tensors are
+// widened to fp32, the fp32 kernel runs, and the outputs are rounded back to bf16.
 // Buffer contract: "=" overwrites the output, "+=" accumulates into it (gradients of
 // parameters accumulate across micro-batches; activation gradients are overwritten).
 #pragma once
@@ -23,6 +25,9 @@ void add_(Tensor& y, const Tensor& x);                       // y += x
 void scale_(Tensor& y, double alpha);                        // y *= alpha
 void mul_forward(Tensor& y, const Tensor& a, const Tensor& b);  // y = a * b
 void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, const Tensor& b);  // =
+// y = x in y's dtype (fp32 <-> bf16 <-> fp64; bf16 rounds to nearest even): the compute copies
+// of the master weights, the fp32 router input, gradients entering fp32 parameters.
+void convert(Tensor& y, const Tensor& x);
 
 // ---- embedding --------------------------------------------------------------------------------
 // y[T,h] = table[tokens[t]]; tokens are i32 [T]

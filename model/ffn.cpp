@@ -15,23 +15,23 @@ Tensor SwiGLULayer::forward(const Tensor& x) {
   gate_ = Tensor::empty({T, F}, x.dtype(), x.device());
   up_ = Tensor::empty({T, F}, x.dtype(), x.device());
   h_ = Tensor::empty({T, F}, x.dtype(), x.device());
-  ops::linear_forward(gate_, x, w_gate_.value);
-  ops::linear_forward(up_, x, w_up_.value);
+  ops::linear_forward(gate_, x, w_gate_.w());
+  ops::linear_forward(up_, x, w_up_.w());
   ops::swiglu_forward(h_, gate_, up_);
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
-  ops::linear_forward(y, h_, w_down_.value);  // under tp: partial sums over the width slices
+  ops::linear_forward(y, h_, w_down_.w());  // under tp: partial sums over the width slices
   return y;
 }
 
 Tensor SwiGLULayer::backward(const Tensor& dy, Tensor* accumulate_into) {
   Tensor dh = Tensor::empty(h_.shape(), dy.dtype(), dy.device());
-  ops::linear_backward(&dh, &w_down_.grad, dy, h_, w_down_.value);
+  ops::linear_backward(&dh, &w_down_.grad, dy, h_, w_down_.w());
   Tensor dgate = Tensor::empty(h_.shape(), dy.dtype(), dy.device());
   Tensor dup = Tensor::empty(h_.shape(), dy.dtype(), dy.device());
   ops::swiglu_backward(dgate, dup, dh, gate_, up_);
   Tensor dx = accumulate_into ? *accumulate_into : Tensor::empty(x_.shape(), dy.dtype(), dy.device());
-  ops::linear_backward(&dx, &w_gate_.grad, dgate, x_, w_gate_.value, accumulate_into != nullptr);
-  ops::linear_backward(&dx, &w_up_.grad, dup, x_, w_up_.value, true);  // under tp: partial sums
+  ops::linear_backward(&dx, &w_gate_.grad, dgate, x_, w_gate_.w(), accumulate_into != nullptr);
+  ops::linear_backward(&dx, &w_up_.grad, dup, x_, w_up_.w(), true);  // under tp: partial sums
   return dx;
 }
 
@@ -71,6 +71,8 @@ DecoFFNLayer::DecoFFNLayer(ParameterSet& ps, const std::string& name, const Mode
     one.data<double>()[0] = 1.0;
     unit_scale_ = cast_cpu(one, ps.dtype()).to(ps.device());
   }
+  w_router_.full_precision = true;
+  if (g_) g_->full_precision = true;
   if (gated_)
     w_gate_ = &ps.add(name + ".w_gate", {cfg.experts * cfg.expert_width, cfg.hidden}, Partition::expert_rows,
                       Init::normal, cfg.init_std, true, cfg.expert_width);
@@ -110,8 +112,17 @@ void DecoFFNLayer::restore_input(const Tensor& x) {
   if (shared_) shared_->restore_input(x);
 }
 
-const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->value : unit_scale_; }
-const Tensor& DecoFFNLayer::pre_weight() const { return gated_ ? w_gate_->value : w_up_.value; }
+const Tensor& DecoFFNLayer::scaling() const { return g_ ? g_->w() : unit_scale_; }
+const Tensor& DecoFFNLayer::pre_weight() const { return gated_ ? w_gate_->w() : w_up_.w(); }
+
+// The router computes in its weight's dtype (the master's, fp32): under bf16 compute its input
+// is widened first (T x h, cheap next to the expert GEMMs).
+Tensor DecoFFNLayer::router_input(const Tensor& x) const {
+  if (x.dtype() == w_router_.w().dtype()) return x;
+  Tensor wide = Tensor::empty(x.shape(), w_router_.w().dtype(), x.device());
+  ops::convert(wide, x);
+  return wide;
+}
 
 // A sum over every rank that holds experts of this layer: the expert-parallel group, then the
 // tensor-parallel one (each holds a different block of experts).
@@ -127,9 +138,10 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
   auto make = [&](int64_t cols) { return Tensor::empty({T, cols}, x.dtype(), x.device()); };
   // 1-3. Router in fp32 (the master dtype), ReLU routing, expert-wise scaling. Replicated under
   // tensor parallelism: every rank computes the whole r and s of its tokens.
-  r_ = make(experts_);
-  ops::linear_forward(r_, x, w_router_.value);
-  s_ = make(experts_);
+  const DType rdt = w_router_.w().dtype();
+  r_ = Tensor::empty({T, experts_}, rdt, x.device());
+  ops::linear_forward(r_, router_input(x), w_router_.w());
+  s_ = Tensor::empty({T, experts_}, rdt, x.device());
   ops::router_scale_forward(s_, r_, scaling());
   Tensor out;
   if (dispatcher_) {
@@ -139,22 +151,22 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
     // the gated ablation), ...
     out = make(x.dim(-1));
     u_ = make(n);
-    ops::linear_forward(u_, x, w_up_.value);
-    nstats_ = make(1 + experts_);
+    ops::linear_forward(u_, x, w_up_.w());
+    nstats_ = Tensor::empty({T, 1 + experts_}, stats_dtype(x.dtype()), x.device());
     z_ = make(n);
     if (gated_) {
       gate_pre_ = make(n);
       gate_act_ = make(n);
-      ops::linear_forward(gate_pre_, x, w_gate_->value);
-      ops::normsilu_forward(gate_act_, nstats_, gate_pre_, gamma_.value, experts_, mode_, eps_);
+      ops::linear_forward(gate_pre_, x, w_gate_->w());
+      ops::normsilu_forward(gate_act_, nstats_, gate_pre_, gamma_.w(), experts_, mode_, eps_);
       ops::mul_forward(z_, gate_act_, u_);
     } else {
-      ops::normsilu_forward(z_, nstats_, u_, gamma_.value, experts_, mode_, eps_);
+      ops::normsilu_forward(z_, nstats_, u_, gamma_.w(), experts_, mode_, eps_);
     }
     // 6. ... then each expert's block scaled by s_e (zero for inactive experts) and projected down.
     y_ = make(n);
     ops::expert_scale_forward(y_, z_, s_, experts_);
-    ops::linear_forward(out, y_, w_down_.value);
+    ops::linear_forward(out, y_, w_down_.w());
   }
   // 7. The shared expert, always on.
   if (shared_) ops::add_(out, shared_->forward(x));
@@ -171,17 +183,25 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
 Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
   const int64_t h = x.dim(-1);
   // NormSiLU's mean over all E*d entries is x . w_bar, w_bar the mean row of the whole pre
-  // matrix: each rank sums its experts' rows, the ranks holding experts add theirs.
-  w_bar_ = Tensor::zeros({h}, x.dtype(), x.device());
+  // matrix: each rank sums its experts' rows, the ranks holding experts add theirs. Summed from
+  // the master weights, rounded once to the compute dtype.
+  const Tensor& pre_master = gated_ ? w_gate_->value : w_up_.value;
+  Tensor w_bar = Tensor::zeros({h}, pre_master.dtype(), x.device());
   if (mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms) {
-    ops::sum_rows(w_bar_, pre_weight());
-    sum_over_expert_ranks(w_bar_);
-    ops::scale_(w_bar_, 1.0 / static_cast<double>(experts_ * width_));
+    ops::sum_rows(w_bar, pre_master);
+    sum_over_expert_ranks(w_bar);
+    ops::scale_(w_bar, 1.0 / static_cast<double>(experts_ * width_));
+  }
+  if (w_bar.dtype() == x.dtype()) {
+    w_bar_ = w_bar;
+  } else {
+    w_bar_ = Tensor::empty({h}, x.dtype(), x.device());
+    ops::convert(w_bar_, w_bar);
   }
   received_ = dispatcher_->dispatch(x, r_, s_, /*all_pairs=*/!sparse_);
   Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
   ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre_weight(),
-                               gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+                               gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
   received_.x = Tensor();  // gathered again in backward (from x_, or the rows received)
   return dispatcher_->combine(outp);
 }
@@ -191,13 +211,14 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   const int64_t h = dy.dim(-1), P = received_.x.dim(0);
   Tensor doutp = dispatcher_->dispatch_grad(dy);
   Tensor dxp = Tensor::empty({P, h}, dy.dtype(), dy.device());
-  Tensor dsp = Tensor::empty({P}, dy.dtype(), dy.device());
-  Tensor gx = Tensor::zeros({h}, dy.dtype(), dy.device());
-  Tensor dgamma = Tensor::zeros(gamma_.grad.shape(), dy.dtype(), dy.device());
+  // The scores' gradient in the router's dtype; gx and dgamma in the gradients' (the masters').
+  Tensor dsp = Tensor::empty({P}, s_.dtype(), dy.device());
+  Tensor gx = Tensor::zeros({h}, w_up_.grad.dtype(), dy.device());
+  Tensor dgamma = Tensor::zeros(gamma_.grad.shape(), gamma_.grad.dtype(), dy.device());
   Parameter& pre = gated_ ? *w_gate_ : w_up_;
   ops::grouped_experts_backward(dxp, dsp, gx, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad, doutp,
-                                grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre.value,
-                                gated_ ? &w_up_.value : nullptr, gamma_.value, w_down_.value, mode_, eps_);
+                                grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre.w(),
+                                gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
   // The mean's rank-one term reaches every row of W_pre, on every rank: gx summed over the
   // tokens of every rank whose pairs these experts saw.
   if (mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms) {
@@ -240,29 +261,40 @@ void DecoFFNLayer::router_backward(Tensor& dx, const Tensor& ds, double loss_sca
   if (reg_.kind == RegularizerSpec::Kind::l1) ops::l1_reg_backward(da, r_, reg_.target, loss_scale * reg_.coef);
   Tensor dr = Tensor::empty(r_.shape(), r_.dtype(), r_.device());
   ops::router_scale_backward(dr, (g_ && g_->trainable) ? &g_->grad : nullptr, ds, r_, scaling(), &da);
-  ops::linear_backward(add_input_grad ? &dx : nullptr, &w_router_.grad, dr, x_, w_router_.value, true);
+  if (x_.dtype() == r_.dtype()) {
+    ops::linear_backward(add_input_grad ? &dx : nullptr, &w_router_.grad, dr, x_, w_router_.w(), true);
+    return;
+  }
+  // Mixed precision: the router's input gradient in fp32, rounded once into dx's dtype.
+  Tensor dx_wide = add_input_grad ? Tensor::empty(x_.shape(), r_.dtype(), x_.device()) : Tensor();
+  ops::linear_backward(add_input_grad ? &dx_wide : nullptr, &w_router_.grad, dr, router_input(x_), w_router_.w());
+  if (add_input_grad) {
+    Tensor d = Tensor::empty(dx.shape(), dx.dtype(), dx.device());
+    ops::convert(d, dx_wide);
+    ops::add_(dx, d);
+  }
 }
 
 Tensor DecoFFNLayer::backward(const Tensor& dy, double loss_scale) {
   auto like = [&](const Tensor& t) { return Tensor::empty(t.shape(), dy.dtype(), dy.device()); };
-  Tensor dx = like(x_), ds = like(s_);
+  Tensor dx = like(x_), ds = Tensor::empty(s_.shape(), s_.dtype(), dy.device());
   if (dispatcher_) {
     experts_backward_pairs(dy, dx, ds);
   } else {
     Tensor dY = like(y_);
-    ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.value);
+    ops::linear_backward(&dY, &w_down_.grad, dy, y_, w_down_.w());
     Tensor dz = like(z_);
     ops::expert_scale_backward(dz, ds, dY, z_, s_, experts_);
     Tensor du = like(u_);
     if (gated_) {
       Tensor dact = like(gate_act_), dpre = like(gate_pre_);
       ops::mul_backward(dact, du, dz, gate_act_, u_);
-      ops::normsilu_backward(dpre, gamma_.grad, dact, gate_pre_, gamma_.value, nstats_, experts_, mode_, eps_);
-      ops::linear_backward(&dx, &w_gate_->grad, dpre, x_, w_gate_->value, false);
-      ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, true);
+      ops::normsilu_backward(dpre, gamma_.grad, dact, gate_pre_, gamma_.w(), nstats_, experts_, mode_, eps_);
+      ops::linear_backward(&dx, &w_gate_->grad, dpre, x_, w_gate_->w(), false);
+      ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.w(), true);
     } else {
-      ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.value, nstats_, experts_, mode_, eps_);
-      ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.value, false);
+      ops::normsilu_backward(du, gamma_.grad, dz, u_, gamma_.w(), nstats_, experts_, mode_, eps_);
+      ops::linear_backward(&dx, &w_up_.grad, du, x_, w_up_.w(), false);
     }
   }
   if (shared_) shared_->backward(dy, &dx);

@@ -26,6 +26,10 @@
 
 namespace decotron {
 
+// The dtype of per-row statistics (RMSNorm's 1/rms, NormSiLU's mean and 1/rms, attention's
+// log-sum-exp) for activations in `act`: fp32 under bf16 compute, else the activations' own.
+inline DType stats_dtype(DType act) { return act == DType::bf16 ? DType::f32 : act; }
+
 // Shape of the tokens a forward pass sees.
 struct BatchShape {
   int64_t batch = 0, seq = 0;
@@ -125,6 +129,7 @@ class DecoFFNLayer {
  private:
   const Tensor& scaling() const;
   const Tensor& pre_weight() const;  // the matrix NormSiLU applies to: W_up, or W_gate when gated
+  Tensor router_input(const Tensor& x) const;  // x in the router's dtype
   void sum_over_expert_ranks(Tensor& t);
   void routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss);
   Tensor experts_forward_pairs(const Tensor& x);

@@ -12,14 +12,14 @@ RMSNormLayer::RMSNormLayer(ParameterSet& ps, const std::string& name, int64_t hi
 Tensor RMSNormLayer::forward(const Tensor& x) {
   x_ = x;
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
-  rstd_ = Tensor::empty({x.numel() / x.dim(-1)}, x.dtype(), x.device());
-  ops::rmsnorm_forward(y, rstd_, x, w_.value, eps_);
+  rstd_ = Tensor::empty({x.numel() / x.dim(-1)}, stats_dtype(x.dtype()), x.device());
+  ops::rmsnorm_forward(y, rstd_, x, w_.w(), eps_);
   return y;
 }
 
 Tensor RMSNormLayer::backward(const Tensor& dy) {
   Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
-  ops::rmsnorm_backward(dx, w_.grad, dy, x_, w_.value, rstd_);
+  ops::rmsnorm_backward(dx, w_.grad, dy, x_, w_.w(), rstd_);
   return dx;
 }
 
@@ -53,22 +53,22 @@ Tensor AttentionLayer::forward(const Tensor& x, const BatchShape& bs) {
   q_ = make(heads_ * head_dim_);
   k_ = make(kv_heads_ * head_dim_);
   v_ = make(kv_heads_ * head_dim_);
-  ops::linear_forward(q_, x, wq_.value);
-  ops::linear_forward(k_, x, wk_.value);
-  ops::linear_forward(v_, x, wv_.value);
+  ops::linear_forward(q_, x, wq_.w());
+  ops::linear_forward(k_, x, wk_.w());
+  ops::linear_forward(v_, x, wv_.w());
   ops::rope_forward(q_, q_, bs.batch, bs.seq, heads_, head_dim_, rope_base_);
   ops::rope_forward(k_, k_, bs.batch, bs.seq, kv_heads_, head_dim_, rope_base_);
   o_ = make(heads_ * head_dim_);
-  lse_ = Tensor::empty({bs.batch, heads_, bs.seq}, x.dtype(), x.device());
+  lse_ = Tensor::empty({bs.batch, heads_, bs.seq}, stats_dtype(x.dtype()), x.device());
   ops::attention_forward(o_, lse_, q_, k_, v_, {bs.batch, bs.seq, heads_, kv_heads_, head_dim_});
   Tensor y = make(wo_.value.dim(0));
-  ops::linear_forward(y, o_, wo_.value);  // under tp: this rank's heads' partial sum (the block reduces)
+  ops::linear_forward(y, o_, wo_.w());  // under tp: this rank's heads' partial sum (the block reduces)
   return y;
 }
 
 Tensor AttentionLayer::backward(const Tensor& dy) {
   Tensor dO = Tensor::empty(o_.shape(), dy.dtype(), dy.device());
-  ops::linear_backward(&dO, &wo_.grad, dy, o_, wo_.value);
+  ops::linear_backward(&dO, &wo_.grad, dy, o_, wo_.w());
   Tensor dq = Tensor::empty(q_.shape(), dy.dtype(), dy.device());
   Tensor dk = Tensor::empty(k_.shape(), dy.dtype(), dy.device());
   Tensor dv = Tensor::empty(v_.shape(), dy.dtype(), dy.device());
@@ -76,9 +76,9 @@ Tensor AttentionLayer::backward(const Tensor& dy) {
   ops::rope_backward(dq, dq, bs_.batch, bs_.seq, heads_, head_dim_, rope_base_);
   ops::rope_backward(dk, dk, bs_.batch, bs_.seq, kv_heads_, head_dim_, rope_base_);
   Tensor dx = Tensor::empty(x_.shape(), dy.dtype(), dy.device());
-  ops::linear_backward(&dx, &wq_.grad, dq, x_, wq_.value, false);
-  ops::linear_backward(&dx, &wk_.grad, dk, x_, wk_.value, true);
-  ops::linear_backward(&dx, &wv_.grad, dv, x_, wv_.value, true);  // under tp: partial (x fed every rank's heads)
+  ops::linear_backward(&dx, &wq_.grad, dq, x_, wq_.w(), false);
+  ops::linear_backward(&dx, &wk_.grad, dk, x_, wk_.w(), true);
+  ops::linear_backward(&dx, &wv_.grad, dv, x_, wv_.w(), true);  // under tp: partial (x fed every rank's heads)
   return dx;
 }
 

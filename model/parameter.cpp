@@ -1,6 +1,7 @@
 #include "model/parameter.h"
 
 #include "core/rng.h"
+#include "kernels/ops.h"
 #include "parallel/tensor_parallel.h"
 
 namespace decotron {
@@ -62,6 +63,25 @@ void ParameterSet::initialize(uint64_t seed) {
       host = slice_shard(host, Shard{e.p->shard_dim, e.p->shard_start, e.p->value.dim(e.p->shard_dim)});
     e.p->value.copy_from(cast_cpu(host, dtype_).to(device_));
   }
+  compute_stale_ = true;
+}
+
+void ParameterSet::set_compute_dtype(DType dtype) {
+  DT_ASSERT(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::f64, "compute dtype ", dtype_name(dtype));
+  compute_dtype_ = dtype;
+  for (auto& e : entries_) {
+    Parameter& p = *e.p;
+    const bool copy = dtype != dtype_ && !p.full_precision;
+    p.compute = copy ? Tensor::empty(p.value.shape(), dtype, device_) : Tensor();
+  }
+  compute_stale_ = true;
+}
+
+void ParameterSet::sync_compute() {
+  if (!compute_stale_) return;
+  for (auto& e : entries_)
+    if (e.p->compute.defined()) ops::convert(e.p->compute, e.p->value);
+  compute_stale_ = false;
 }
 
 void ParameterSet::zero_grad() {

@@ -29,6 +29,15 @@ struct Parameter {
   std::string name;   // global name, e.g. "layers.3.ffn.w_up"; the checkpoint key
   Tensor value;       // master weights (fp32; fp64 in gradient checks)
   Tensor grad;        // same shape and dtype; accumulates over micro-batches
+  // Mixed precision (train.dtype: bf16): the copy of `value` in the compute dtype that forward
+  // and backward read, refreshed from the master before the first forward after a change
+  // (ParameterSet::sync_compute). Undefined when the model computes in the master dtype.
+  Tensor compute;
+  // The weight the layers compute with: the compute copy, or the master itself.
+  const Tensor& w() const { return compute.defined() ? compute : value; }
+  // Computes in the master dtype whatever the compute dtype (the router and its scaling g: the
+  // routing decision r > 0 is taken in fp32, as Megatron's router and the paper's).
+  bool full_precision = false;
   Partition partition = Partition::replicated;
   int64_t expert_block = 0;  // rows/cols per expert for expert_* partitions
   bool weight_decay = true;  // matrices decay; norms, g and gamma do not
@@ -60,6 +69,16 @@ class ParameterSet {
   // device and in any parallel layout.
   void initialize(uint64_t seed);
   void zero_grad();
+  // Mixed precision: parameters (but the full_precision ones) get a compute copy in `dtype`
+  // (bf16) beside their master weights; the master dtype itself means none. Call after the
+  // parameters are added.
+  void set_compute_dtype(DType dtype);
+  DType compute_dtype() const { return compute_dtype_; }
+  // The master weights changed (an optimizer step, a checkpoint loaded, initialize()): the
+  // compute copies are refreshed by the next sync_compute().
+  void mark_master_changed() { compute_stale_ = true; }
+  // Refreshes the compute copies from the masters if they changed (one convert per parameter).
+  void sync_compute();
   std::vector<Parameter*> all() const;
   Parameter& find(const std::string& name) const;
   int64_t count() const;  // scalars in trainable parameters (whole tensors)
@@ -77,6 +96,8 @@ class ParameterSet {
   };
   std::vector<Entry> entries_;
   DType dtype_;
+  DType compute_dtype_ = dtype_;
+  bool compute_stale_ = true;
   Device device_;
   int tp_rank_ = 0, tp_size_ = 1, ep_rank_ = 0, ep_size_ = 1;
 };

@@ -120,15 +120,17 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
                                   ForwardResult* res) {
   tokens_ = tokens;
   bs_ = bs;
-  Tensor x = Tensor::empty({bs.tokens(), cfg_.hidden}, params_.dtype(), params_.device());
+  params_.sync_compute();  // mixed precision: the compute copies of weights changed since last time
+  // Activations in the compute dtype (the embedding's compute copy's).
+  Tensor x = Tensor::empty({bs.tokens(), cfg_.hidden}, embedding_.w().dtype(), params_.device());
   if (tp_) {
     check_token_split(bs);
     // Vocabulary-parallel embedding: each rank looks up the ids in its range, the sum is the
     // lookup (all-reduced; reduce-scattered to this rank's tokens under sequence parallelism).
-    vocab_embedding_forward(x, tokens, embedding_.value, embedding_.shard_start);
+    vocab_embedding_forward(x, tokens, embedding_.w(), embedding_.shard_start);
     x = tpm_.exit(x);
   } else {
-    ops::embedding_forward(x, tokens, embedding_.value);
+    ops::embedding_forward(x, tokens, embedding_.w());
   }
   for (auto& b : blocks_) {
     double reg_loss = 0;
@@ -164,14 +166,14 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
     const int64_t n = std::min(chunk, T - c0);
     const Tensor hc = h_final_.rows(c0, n), tc = targets.rows(c0, n);
     Tensor lc = n == chunk ? logits : logits.rows(0, n);
-    ops::linear_forward(lc, hc, lm_head_->value);
+    ops::linear_forward(lc, hc, lm_head_->w());
     res.lm_loss_sum += tp_ ? vocab_parallel_cross_entropy(*tp_, lc, tc, lm_head_->shard_start, grad_scale)
                            : ops::cross_entropy(lc, tc, grad_scale);
     if (with_grad) {
       // Under tensor parallelism this rank's dlogits columns feed its LM-head rows: dh is a
       // partial sum over the vocabulary ranges, reduced in backward().
       Tensor dhc = dh_.rows(c0, n);
-      ops::linear_backward(&dhc, &lm_head_->grad, lc, hc, lm_head_->value);
+      ops::linear_backward(&dhc, &lm_head_->grad, lc, hc, lm_head_->w());
     }
   }
   return res;
@@ -194,7 +196,13 @@ void Transformer::backward(double loss_scale) {
     dx = blocks_[i]->backward(dx, loss_scale);
     final_from(block_first_param_[i]);
   }
-  if (tp_) vocab_embedding_backward(embedding_.grad, tokens_, tpm_.exit_backward(dx), embedding_.shard_start);
+  if (tp_) dx = tpm_.exit_backward(dx);
+  if (dx.dtype() != embedding_.grad.dtype()) {  // mixed precision: the gradient enters the fp32 master's
+    Tensor wide = Tensor::empty(dx.shape(), embedding_.grad.dtype(), dx.device());
+    ops::convert(wide, dx);
+    dx = wide;
+  }
+  if (tp_) vocab_embedding_backward(embedding_.grad, tokens_, dx, embedding_.shard_start);
   else ops::embedding_backward(embedding_.grad, tokens_, dx);
   final_from(0);
 }
@@ -204,7 +212,7 @@ Tensor Transformer::logits(const Tensor& tokens, const BatchShape& bs) {
   Tensor h = trunk_forward(tokens, bs, none, nullptr);
   h_final_ = tp_ ? tpm_.enter(h) : h;
   Tensor logits = Tensor::empty({h_final_.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
-  ops::linear_forward(logits, h_final_, lm_head_->value);
+  ops::linear_forward(logits, h_final_, lm_head_->w());
   // Whole logits for inference and evaluation: the vocabulary columns gathered.
   return tp_ ? tp_gather_columns(*tp_, logits) : logits;
 }

@@ -369,6 +369,55 @@ TEST(CudaOps, Attention) {
   }
 }
 
+// bf16 storage, fp32 arithmetic: against the fp32 reference on the bf16-rounded inputs, with
+// the outputs rounded once to bf16 (dout and out too: the backward reads them in bf16).
+TEST(CudaOps, AttentionBf16) {
+  SKIP_WITHOUT_GPU();
+  const DType bf = DType::bf16;
+  for (ops::AttnShape s : {ops::AttnShape{2, 19, 4, 2, 16}, ops::AttnShape{1, 70, 2, 1, 32}}) {
+    const std::string tag = "S" + std::to_string(s.seq) + " H" + std::to_string(s.heads);
+    const Shape qs{s.batch, s.seq, s.heads, s.head_dim}, ks{s.batch, s.seq, s.kv_heads, s.head_dim};
+    const Shape ls{s.batch, s.heads, s.seq};
+    Tensor q = as(randn(qs), bf), k = as(randn(ks), bf), v = as(randn(ks), bf), dout = as(randn(qs), bf);
+    Tensor out = Tensor::empty(qs, DType::f32), lse = Tensor::empty(ls, DType::f32);
+    ops::attention_forward(out, lse, q, k, v, s);
+    Tensor outg = Tensor::empty(qs, bf, Device::cuda), lseg = Tensor::empty(ls, DType::f32, Device::cuda);
+    ops::attention_forward(outg, lseg, gpu(q, bf), gpu(k, bf), gpu(v, bf), s);
+    expect_close(outg, out, bf, "attention_forward out " + tag);
+    expect_close(lseg, lse, Tol{1e-5, 1e-5}, "attention_forward lse (fp32 math) " + tag);
+
+    Tensor out_b = as(out, bf);  // the backward's out is the bf16 forward output
+    Tensor dq = Tensor::empty(qs, DType::f32), dk = Tensor::empty(ks, DType::f32), dv = Tensor::empty(ks, DType::f32);
+    ops::attention_backward(dq, dk, dv, dout, q, k, v, out_b, lse, s);
+    Tensor dqg = Tensor::empty(qs, bf, Device::cuda), dkg = Tensor::empty(ks, bf, Device::cuda),
+           dvg = Tensor::empty(ks, bf, Device::cuda);
+    ops::attention_backward(dqg, dkg, dvg, gpu(dout, bf), gpu(q, bf), gpu(k, bf), gpu(v, bf), gpu(out_b, bf), gpu(lse),
+                            s);
+    expect_close(dqg, dq, bf, "attention_backward dq " + tag);
+    expect_close(dkg, dk, bf, "attention_backward dk " + tag);
+    expect_close(dvg, dv, bf, "attention_backward dv " + tag);
+  }
+}
+
+// ---- convert -----------------------------------------------------------------------------------
+
+TEST(CudaOps, Convert) {
+  SKIP_WITHOUT_GPU();
+  Tensor x = randn({1000}, 3.0);
+  // fp32 -> bf16 rounds to nearest even exactly as the CPU (bit for bit); bf16 -> fp32 is exact.
+  Tensor want = Tensor::empty({1000}, DType::bf16);
+  ops::convert(want, x);
+  Tensor got = Tensor::empty({1000}, DType::bf16, Device::cuda);
+  ops::convert(got, gpu(x));
+  EXPECT_TRUE(bitwise_equal(got, want)) << "fp32 -> bf16";
+  Tensor back = Tensor::empty({1000}, DType::f32, Device::cuda);
+  ops::convert(back, got);
+  EXPECT_TRUE(bitwise_equal(back, cast_cpu(want, DType::f32))) << "bf16 -> fp32";
+  Tensor same = Tensor::empty({1000}, DType::f32, Device::cuda);
+  ops::convert(same, gpu(x));
+  EXPECT_TRUE(bitwise_equal(same, x)) << "fp32 -> fp32";
+}
+
 // ---- SwiGLU ----------------------------------------------------------------------------------
 
 TEST(CudaOps, SwiGlu) {

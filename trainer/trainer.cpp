@@ -60,7 +60,6 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
          "this decotron was built without CUDA"
 #endif
          "); set train.device: cpu");
-  // The model computes in the master dtype here; bf16 compute is the GPU path's business.
   const ParallelLayout& lay = par_->layout;
   if (cfg.model.arch == "deco" && cfg.model.experts < lay.tp_size * lay.ep_size)
     fail(cfg.where("parallel.expert"), " = ", lay.ep_size, ": model.experts = ", cfg.model.experts,
@@ -80,9 +79,18 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
     std::fprintf(stderr, "warning: %s = sparse on cuda: the CUDA grouped expert kernels have passed their tests only "
                  "in the host emulator (tools/cuda_emu), not yet on a GPU; model.expert_compute: dense is the "
                  "GPU-tested reference\n", cfg.where("model.expert_compute").c_str());
-  if (cfg.train.dtype != "fp32" && par_->is_main())
-    std::fprintf(stderr, "warning: %s = %s: the bf16 compute path is not built yet (issue 5); this run computes in "
-                 "fp32 (fp32 master weights either way)\n", cfg.where("train.dtype").c_str(), cfg.train.dtype.c_str());
+  // Mixed precision (train.dtype: bf16): fp32 master weights, gradients and optimizer state;
+  // bf16 weight copies and activations; the router in fp32 (docs/training.md).
+  if (cfg.train.dtype == "bf16") {
+    if (lay.tp_size > 1 || lay.ep_size > 1)
+      fail(cfg.where("train.dtype"), " = bf16 with parallel.tensor or parallel.expert > 1: the tensor- and "
+           "expert-parallel exchanges move fp32 so far; set train.dtype: fp32 for those layouts");
+    model_->params().set_compute_dtype(DType::bf16);
+    if (cfg.train.device == "cpu" && par_->is_main())
+      std::fprintf(stderr, "note: %s = bf16 on the CPU: bf16 is emulated there (fp32 kernels, results rounded to "
+                   "bf16), slower than fp32; it is for checking the GPU's mixed-precision path\n",
+                   cfg.where("train.dtype").c_str());
+  }
   model_->set_loss_chunk_tokens(cfg.train.loss_chunk_tokens);
   model_->set_recompute(cfg.train.recompute);
   model_->params().initialize(cfg.train.seed);  // the same weights on every rank (keyed by seed and name)
@@ -249,6 +257,7 @@ StepResult Trainer::train_step() {
       state_.recent_grad_norms.erase(state_.recent_grad_norms.begin());
     double clip = (t.clip_grad > 0 && res.grad_norm > t.clip_grad) ? t.clip_grad / res.grad_norm : 1.0;
     optimizer_->update(res.lr, clip);
+    model_->params().mark_master_changed();  // the bf16 compute copies follow at the next forward
     if (D > 0 && t.sparsity_reg != "none") controller_.step(res.act_ratio);
   }
   ++state_.iteration;

@@ -1,5 +1,5 @@
-// Causal grouped-query attention on the GPU: a plain reference kernel (fp32), correct and
-// deterministic, not fast (flash attention through cuDNN is the fast path still to come; see
+// Causal grouped-query attention on the GPU: a plain reference kernel (fp32 or bf16 storage,
+// fp32 arithmetic), correct and deterministic, not fast (flash attention through cuDNN is the fast path still to come; see
 // docs/cuda-backend.md). Same layout and contract as the CPU reference: q, out [B, S, H, D];
 // k, v [B, S, G, D]; lse [B, H, S] (fp32), the backward recomputes probabilities from it.
 //
@@ -23,20 +23,21 @@ namespace {
 
 constexpr int kAttnThreads = 128;
 
-__device__ __forceinline__ float dot_(const float* a, const float* b, int D) {
+template <class A, class B> __device__ __forceinline__ float dot_(const A* a, const B* b, int D) {
   float s = 0.0f;
-  for (int d = 0; d < D; ++d) s += a[d] * b[d];
+  for (int d = 0; d < D; ++d) s += to_float(a[d]) * to_float(b[d]);
   return s;
 }
 
-__global__ void attn_forward_kernel(float* out, float* lse, const float* q, const float* k, const float* v, int S, int H,
+template <class T>
+__global__ void attn_forward_kernel(T* out, float* lse, const T* q, const T* k, const T* v, int S, int H,
                                     int G, int D, float scale) {
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G), tid = threadIdx.x;
   extern __shared__ float sm[];
   float* qs = sm;     // [D]
   float* p = sm + D;  // [S]
   const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D;
-  for (int d = tid; d < D; d += blockDim.x) qs[d] = q[qo + d];
+  for (int d = tid; d < D; d += blockDim.x) qs[d] = to_float(q[qo + d]);
   __syncthreads();
   float m = -INFINITY;
   for (int j = tid; j <= i; j += blockDim.x) {
@@ -55,13 +56,14 @@ __global__ void attn_forward_kernel(float* out, float* lse, const float* q, cons
   if (tid == 0) lse[(static_cast<int64_t>(b) * H + h) * S + i] = m + logf(sum);
   for (int d = tid; d < D; d += blockDim.x) {
     float acc = 0.0f;
-    for (int j = 0; j <= i; ++j) acc += p[j] * v[((static_cast<int64_t>(b) * S + j) * G + g) * D + d];
-    out[qo + d] = acc / sum;
+    for (int j = 0; j <= i; ++j) acc += p[j] * to_float(v[((static_cast<int64_t>(b) * S + j) * G + g) * D + d]);
+    out[qo + d] = from_float<T>(acc / sum);
   }
 }
 
 // delta[(b * H + h) * S + i] = dout_i . out_i
-__global__ void attn_delta_kernel(float* delta, const float* dout, const float* out, int S, int H, int D, int64_t rows) {
+template <class T>
+__global__ void attn_delta_kernel(float* delta, const T* dout, const T* out, int S, int H, int D, int64_t rows) {
   DT_GRID_STRIDE(r, rows) {
     const int64_t i = r % S, bh = r / S, h = bh % H, b = bh / H;
     const int64_t o = ((b * S + i) * H + h) * D;
@@ -69,7 +71,8 @@ __global__ void attn_delta_kernel(float* delta, const float* dout, const float* 
   }
 }
 
-__global__ void attn_dq_kernel(float* dq, const float* dout, const float* q, const float* k, const float* v,
+template <class T>
+__global__ void attn_dq_kernel(T* dq, const T* dout, const T* q, const T* k, const T* v,
                                const float* lse, const float* delta, int S, int H, int G, int D, float scale) {
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G), tid = threadIdx.x;
   extern __shared__ float sm[];
@@ -78,8 +81,8 @@ __global__ void attn_dq_kernel(float* dq, const float* dout, const float* q, con
   float* ds = sm + 2 * D;  // [S]
   const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D;
   for (int d = tid; d < D; d += blockDim.x) {
-    qs[d] = q[qo + d];
-    dos[d] = dout[qo + d];
+    qs[d] = to_float(q[qo + d]);
+    dos[d] = to_float(dout[qo + d]);
   }
   __syncthreads();
   const int64_t row = (static_cast<int64_t>(b) * H + h) * S + i;
@@ -92,12 +95,13 @@ __global__ void attn_dq_kernel(float* dq, const float* dout, const float* q, con
   __syncthreads();
   for (int d = tid; d < D; d += blockDim.x) {
     float acc = 0.0f;
-    for (int j = 0; j <= i; ++j) acc += ds[j] * k[((static_cast<int64_t>(b) * S + j) * G + g) * D + d];
-    dq[qo + d] = acc;
+    for (int j = 0; j <= i; ++j) acc += ds[j] * to_float(k[((static_cast<int64_t>(b) * S + j) * G + g) * D + d]);
+    dq[qo + d] = from_float<T>(acc);
   }
 }
 
-__global__ void attn_dkv_kernel(float* dk, float* dv, const float* dout, const float* q, const float* k, const float* v,
+template <class T>
+__global__ void attn_dkv_kernel(T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v,
                                 const float* lse, const float* delta, int S, int H, int G, int D, float scale) {
   const int j = blockIdx.x, g = blockIdx.y, b = blockIdx.z, group = H / G, tid = threadIdx.x;
   extern __shared__ float sm[];
@@ -109,8 +113,8 @@ __global__ void attn_dkv_kernel(float* dk, float* dv, const float* dout, const f
   float* dss = ps + S;         // [S]
   const int64_t ko = ((static_cast<int64_t>(b) * S + j) * G + g) * D;
   for (int d = tid; d < D; d += blockDim.x) {
-    ks[d] = k[ko + d];
-    vs[d] = v[ko + d];
+    ks[d] = to_float(k[ko + d]);
+    vs[d] = to_float(v[ko + d]);
     dk_acc[d] = 0.0f;
     dv_acc[d] = 0.0f;
   }
@@ -129,8 +133,8 @@ __global__ void attn_dkv_kernel(float* dk, float* dv, const float* dout, const f
       float a_k = 0.0f, a_v = 0.0f;
       for (int i = j; i < S; ++i) {
         const int64_t qo = ((static_cast<int64_t>(b) * S + i) * H + h) * D + d;
-        a_v += ps[i] * dout[qo];
-        a_k += dss[i] * q[qo];
+        a_v += ps[i] * to_float(dout[qo]);
+        a_k += dss[i] * to_float(q[qo]);
       }
       dk_acc[d] += a_k;
       dv_acc[d] += a_v;
@@ -138,8 +142,8 @@ __global__ void attn_dkv_kernel(float* dk, float* dv, const float* dout, const f
     __syncthreads();  // ps/dss are rewritten for the next head
   }
   for (int d = tid; d < D; d += blockDim.x) {
-    dk[ko + d] = dk_acc[d];
-    dv[ko + d] = dv_acc[d];
+    dk[ko + d] = from_float<T>(dk_acc[d]);
+    dv[ko + d] = from_float<T>(dv_acc[d]);
   }
 }
 
@@ -163,11 +167,11 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
             D = static_cast<int>(s.head_dim);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  DT_CUDA_F32(q.dtype(), "attention_forward", T, {
+  DT_CUDA_F32_BF16(q.dtype(), "attention_forward", T, {
     const size_t smem = (static_cast<size_t>(D) + S) * sizeof(float);
-    allow_shared(attn_forward_kernel, smem, "attention_forward");
+    allow_shared(attn_forward_kernel<T>, smem, "attention_forward");
     dim3 grid(S, H, static_cast<unsigned>(s.batch));
-    attn_forward_kernel<<<grid, kAttnThreads, smem, context().stream>>>(ptr<T>(out), ptr<float>(lse), ptr<T>(q),
+    attn_forward_kernel<T><<<grid, kAttnThreads, smem, context().stream>>>(ptr<T>(out), ptr<float>(lse), ptr<T>(q),
                                                                        ptr<T>(k), ptr<T>(v), S, H, G, D, scale);
     CUDA_CHECK_LAUNCH();
   });
@@ -188,21 +192,21 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
             D = static_cast<int>(s.head_dim);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   cudaStream_t st = context().stream;
-  DT_CUDA_F32(q.dtype(), "attention_backward", T, {
+  DT_CUDA_F32_BF16(q.dtype(), "attention_backward", T, {
     const int64_t rows = s.batch * s.heads * s.seq;
     Tensor delta = scratch(rows, DType::f32);
-    attn_delta_kernel<<<grid_for(rows), kThreads, 0, st>>>(ptr<float>(delta), ptr<T>(dout), ptr<T>(out), S, H, D, rows);
+    attn_delta_kernel<T><<<grid_for(rows), kThreads, 0, st>>>(ptr<float>(delta), ptr<T>(dout), ptr<T>(out), S, H, D, rows);
     CUDA_CHECK_LAUNCH();
 
     const size_t smem_q = (2 * static_cast<size_t>(D) + S) * sizeof(float);
-    allow_shared(attn_dq_kernel, smem_q, "attention_backward");
-    attn_dq_kernel<<<dim3(S, H, static_cast<unsigned>(s.batch)), kAttnThreads, smem_q, st>>>(
+    allow_shared(attn_dq_kernel<T>, smem_q, "attention_backward");
+    attn_dq_kernel<T><<<dim3(S, H, static_cast<unsigned>(s.batch)), kAttnThreads, smem_q, st>>>(
         ptr<T>(dq), ptr<T>(dout), ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<float>(lse), ptr<float>(delta), S, H, G, D, scale);
     CUDA_CHECK_LAUNCH();
 
     const size_t smem_kv = (4 * static_cast<size_t>(D) + 2 * static_cast<size_t>(S)) * sizeof(float);
-    allow_shared(attn_dkv_kernel, smem_kv, "attention_backward");
-    attn_dkv_kernel<<<dim3(S, G, static_cast<unsigned>(s.batch)), kAttnThreads, smem_kv, st>>>(
+    allow_shared(attn_dkv_kernel<T>, smem_kv, "attention_backward");
+    attn_dkv_kernel<T><<<dim3(S, G, static_cast<unsigned>(s.batch)), kAttnThreads, smem_kv, st>>>(
         ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<float>(lse), ptr<float>(delta), S, H, G,
         D, scale);
     CUDA_CHECK_LAUNCH();

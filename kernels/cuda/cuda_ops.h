@@ -18,6 +18,7 @@ void add_(Tensor& y, const Tensor& x);
 void scale_(Tensor& y, double alpha);
 void mul_forward(Tensor& y, const Tensor& a, const Tensor& b);
 void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, const Tensor& b);
+void convert(Tensor& y, const Tensor& x);
 void embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table);
 void embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy);
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps);

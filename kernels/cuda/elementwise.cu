@@ -27,6 +27,10 @@ template <class T> __global__ void mul_backward_kernel(T* da, T* db, const T* dy
   }
 }
 
+template <class To, class From> __global__ void convert_kernel(To* y, const From* x, int64_t n) {
+  DT_GRID_STRIDE(i, n) y[i] = from_float<To>(to_float(x[i]));
+}
+
 void expect_same(const Tensor& a, const Tensor& b, const char* op) {
   DT_ASSERT(a.numel() == b.numel() && a.dtype() == b.dtype(), op, ": ", shape_str(a.shape()), " ",
             dtype_name(a.dtype()), " vs ", shape_str(b.shape()), " ", dtype_name(b.dtype()));
@@ -41,6 +45,22 @@ void add_(Tensor& y, const Tensor& x) {
   DT_CUDA_F32_BF16(y.dtype(), "add_", T, {
     add_kernel<T><<<grid_for(n), kThreads, 0, context().stream>>>(ptr<T>(y), ptr<T>(x), n);
     CUDA_CHECK_LAUNCH();
+  });
+}
+
+void convert(Tensor& y, const Tensor& x) {
+  DT_ASSERT(y.numel() == x.numel(), "convert: ", shape_str(y.shape()), " from ", shape_str(x.shape()));
+  const int64_t n = y.numel();
+  if (n == 0) return;
+  if (x.dtype() == y.dtype()) {
+    CUDA_CHECK(cudaMemcpyAsync(y.raw(), x.raw(), x.nbytes(), cudaMemcpyDeviceToDevice, context().stream));
+    return;
+  }
+  DT_CUDA_F32_BF16(y.dtype(), "convert", To, {
+    DT_CUDA_F32_BF16(x.dtype(), "convert", From, {
+      convert_kernel<To, From><<<grid_for(n), kThreads, 0, context().stream>>>(ptr<To>(y), ptr<From>(x), n);
+      CUDA_CHECK_LAUNCH();
+    });
   });
 }
 

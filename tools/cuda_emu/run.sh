@@ -1,5 +1,5 @@
 #!/bin/bash
-# Runs tests/test_cuda_ops.cpp against the CUDA kernels executed on the host (see README.md).
+# Runs tests/test_cuda_ops.cpp and tests/test_cuda_model.cpp against the CUDA kernels executed on the host (see README.md).
 # Usage: tools/cuda_emu/run.sh [gtest flags...]     (builds into build-emu/)
 set -e
 R=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,7 +11,8 @@ for f in $R/kernels/cuda/*.cu; do python3 $T/transform.py $f $E/tree/kernels/cud
 python3 $T/transform.py $R/kernels/cuda/common.cuh $E/tree/kernels/cuda/common.cuh
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 CU="-std=c++20 -O1 -include $T/emu.h -I$E/tree -I$R -I$T -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
-CX="-std=c++20 -O1 -I$R -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
+MPI_INC=$(mpicxx --showme:compile 2>/dev/null)
+CX="-std=c++20 -O1 -I$R -I$CUDA_INC $MPI_INC -DDECOTRON_WITH_CUDA=1 -w"
 build() {  # flags source object: recompiles when the source or a tool file is newer
   if [[ ! -f $3 || $2 -nt $3 || $T/emu.h -nt $3 ]]; then g++ $1 -c $2 -o $3; fi
 }
@@ -20,10 +21,12 @@ for f in $E/tree/core/cuda_backend.cpp $E/tree/kernels/cuda/*.cpp $T/fake_cuda.c
   build "$CU" $f $E/obj/emu_$(basename $f .cpp).o &
   if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
 done
-for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/cpu/*.cpp $R/tests/test_cuda_ops.cpp; do
+# The model and the parallel layer too, for tests/test_cuda_model.cpp (the model on the device).
+for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/cpu/*.cpp $R/model/*.cpp $R/parallel/*.cpp \
+         $R/trainer/synthetic_data.cpp $R/tests/test_cuda_ops.cpp $R/tests/test_cuda_model.cpp; do
   build "$CX" $f $E/obj/cpu_$(basename $f .cpp).o &
   if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
 done
 wait
-g++ -o $E/emu_tests $E/obj/*.o -lgtest -lgtest_main -lopenblas -lyaml-cpp -lpthread
+g++ -o $E/emu_tests $E/obj/*.o -lgtest -lgtest_main -lopenblas -lyaml-cpp -lpthread $(mpicxx --showme:link 2>/dev/null)
 exec $E/emu_tests "$@"
