@@ -103,8 +103,8 @@ void run_bench_train(const BenchArgs& a) {
   }
   const Device dev = base.train.device == "cuda" ? Device::cuda : Device::cpu;
   const double peak = measure_gemm_tflops(dev);
-  std::printf("bench train: %s, %s, micro_batch %lld x seq %lld, global batch %lld, %lld timed steps after %lld warmup\n",
-              a.config.c_str(), device_name(dev), static_cast<long long>(base.train.micro_batch),
+  std::printf("bench train: %s, %s, %s, micro_batch %lld x seq %lld, global batch %lld, %lld timed steps after %lld warmup\n",
+              a.config.c_str(), device_name(dev), base.train.dtype.c_str(), static_cast<long long>(base.train.micro_batch),
               static_cast<long long>(base.model.seq_len), static_cast<long long>(base.train.global_batch),
               static_cast<long long>(a.steps), static_cast<long long>(a.warmup));
   std::printf("measured dense GEMM peak on this device: %.3f TFLOP/s (%s)\n\n", peak,

@@ -4,8 +4,8 @@
 # report of each step to $OUT (default gpu-checks/) and keeps going after a failing step:
 #   1. build for sm_90 with all cores (CUDA, cuBLAS, NCCL when present);
 #   2. the CUDA kernel tests against their CPU references (tests/test_cuda_ops.cpp);
-#   3. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts) and on the CPU: the loss
-#      curves side by side (the GPU run must track the CPU run);
+#   3. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts, fp32 and bf16) and on the
+#      CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
 #   4. two ranks sharing the GPU through the MPI backend (parallel.backend: mpi) against one rank;
 #   5. `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse, dense-masked,
 #      dense twin) and, when the peer script was carried in (.peer/torch_deco.py, copied from
@@ -49,8 +49,13 @@ rm -rf "$OUT"/runs
 step tiny-cpu "$B" train $TINY --run-dir "$OUT/runs/cpu"
 step tiny-gpu-sparse "$B" train $TINY --set train.device=cuda --run-dir "$OUT/runs/gpu-sparse"
 step tiny-gpu-dense "$B" train $TINY --set train.device=cuda --set model.expert_compute=dense --run-dir "$OUT/runs/gpu-dense"
+step tiny-gpu-bf16 "$B" train $TINY --set train.device=cuda --set train.dtype=bf16 --run-dir "$OUT/runs/gpu-bf16"
+step tiny-gpu-bf16-dense "$B" train $TINY --set train.device=cuda --set train.dtype=bf16 --set model.expert_compute=dense \
+  --run-dir "$OUT/runs/gpu-bf16-dense"
 step tiny-compare-sparse compare "$OUT/runs/gpu-sparse/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
 step tiny-compare-dense compare "$OUT/runs/gpu-dense/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
+step tiny-compare-bf16 compare "$OUT/runs/gpu-bf16/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
+step tiny-compare-bf16-dense compare "$OUT/runs/gpu-bf16-dense/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
 step tiny-gpu-dp2-mpi mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2 "$B" train $TINY \
   --set train.device=cuda --set parallel.backend=mpi --run-dir "$OUT/runs/gpu-dp2"
 step tiny-compare-dp2 compare "$OUT/runs/gpu-dp2/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
