@@ -22,11 +22,7 @@ Tensor scatter_add_rows(int64_t rows, const Tensor& index, const Tensor& src) {
   return out;
 }
 
-CommType comm_type_of(const Tensor& t) {
-  DT_ASSERT(t.dtype() == DType::f32 || t.dtype() == DType::f64, "expert dispatch moves fp32 or fp64, not ",
-            dtype_name(t.dtype()));
-  return t.dtype() == DType::f32 ? CommType::f32 : CommType::f64;
-}
+CommType comm_type_of(const Tensor& t) { return comm_type_of(t.dtype()); }
 
 Tensor i32_tensor(const std::vector<int32_t>& v, Device device) {
   Tensor t = Tensor::empty({static_cast<int64_t>(v.size())}, DType::i32);

@@ -8,13 +8,23 @@
 
 namespace decotron {
 
-size_t comm_type_size(CommType t) { return t == CommType::f32 ? 4 : 8; }
+size_t comm_type_size(CommType t) { return t == CommType::f32 ? 4 : t == CommType::bf16 ? 2 : 8; }
+
+CommType comm_type_of(DType t) {
+  switch (t) {
+    case DType::f32: return CommType::f32;
+    case DType::f64: return CommType::f64;
+    case DType::bf16: return CommType::bf16;
+    default: fail("collectives move fp32, fp64 or bf16 tensors, not ", dtype_name(t));
+  }
+}
 
 const char* comm_type_name(CommType t) {
   switch (t) {
     case CommType::f32: return "fp32";
     case CommType::f64: return "fp64";
     case CommType::i64: return "i64";
+    case CommType::bf16: return "bf16";
   }
   return "?";
 }

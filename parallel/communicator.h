@@ -26,12 +26,17 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/dtype.h"
 
 namespace decotron {
 
 // Element types the collectives move.
-enum class CommType : uint8_t { f32, f64, i64 };
+// bf16: activations under mixed precision (tensor-parallel partial sums, sequence-parallel
+// slices, expert-parallel rows); summed in fp32 and rounded, as NCCL does.
+enum class CommType : uint8_t { f32, f64, i64, bf16 };
 size_t comm_type_size(CommType t);
+// The wire type of a floating tensor dtype (fp32, fp64, bf16); other dtypes fail clearly.
+CommType comm_type_of(DType t);
 const char* comm_type_name(CommType t);
 
 // Communication volume: what this rank sent or contributed, per group and collective, counted

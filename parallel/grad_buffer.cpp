@@ -10,8 +10,6 @@ namespace decotron {
 
 namespace {
 
-CommType comm_type_of(DType t) { return t == DType::f64 ? CommType::f64 : CommType::f32; }
-
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // `t` itself when the communicator reads its device; else a copy on the communicator's device.

@@ -20,8 +20,26 @@ MPI_Datatype mpi_type(CommType t) {
     case CommType::f32: return MPI_FLOAT;
     case CommType::f64: return MPI_DOUBLE;
     case CommType::i64: return MPI_INT64_T;
+    case CommType::bf16: return MPI_UINT16_T;  // moved as 16-bit words; summed by bf16_sum
   }
   return MPI_DATATYPE_NULL;
+}
+
+// MPI has no bf16: the sum of two bf16 vectors in fp32, rounded to nearest even.
+void bf16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
+  const bf16* a = static_cast<const bf16*>(in);
+  bf16* b = static_cast<bf16*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = bf16(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+}
+
+MPI_Op mpi_sum(CommType t) {
+  if (t != CommType::bf16) return MPI_SUM;
+  static MPI_Op op = [] {
+    MPI_Op o;
+    MPI_CHECK(MPI_Op_create(&bf16_sum, /*commute=*/1, &o));
+    return o;
+  }();
+  return op;
 }
 
 int mpi_count(int64_t n, const char* what) {
@@ -188,7 +206,7 @@ void MpiCommunicator::all_gather(const void* send, void* recv, int64_t send_coun
 std::unique_ptr<CommRequest> MpiCommunicator::all_reduce_async(void* buf, int64_t count, CommType type) {
   uint64_t seq = log_->begin(name_, size_, "all_reduce", count * comm_type_size(type), count * comm_type_size(type));
   MPI_Request req;
-  MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, mpi_count(count, "all_reduce"), mpi_type(type), MPI_SUM, comm_, &req));
+  MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, mpi_count(count, "all_reduce"), mpi_type(type), mpi_sum(type), comm_, &req));
   return std::make_unique<MpiRequest>(*this, req, seq, "all_reduce");
 }
 
@@ -197,8 +215,8 @@ std::unique_ptr<CommRequest> MpiCommunicator::reduce_scatter_async(const void* s
   uint64_t seq = log_->begin(name_, size_, "reduce_scatter", recv_count * size_ * comm_type_size(type),
                              recv_count * size_ * comm_type_size(type));
   MPI_Request req;
-  MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, mpi_count(recv_count, "reduce_scatter"), mpi_type(type), MPI_SUM,
-                                      comm_, &req));
+  MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, mpi_count(recv_count, "reduce_scatter"), mpi_type(type),
+                                      mpi_sum(type), comm_, &req));
   return std::make_unique<MpiRequest>(*this, req, seq, "reduce_scatter");
 }
 

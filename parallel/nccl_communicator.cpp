@@ -33,6 +33,7 @@ ncclDataType_t nccl_type(CommType t) {
     case CommType::f32: return ncclFloat32;
     case CommType::f64: return ncclFloat64;
     case CommType::i64: return ncclInt64;
+    case CommType::bf16: return ncclBfloat16;
   }
   return ncclFloat32;
 }

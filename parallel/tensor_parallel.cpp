@@ -1,5 +1,7 @@
 #include "parallel/tensor_parallel.h"
 
+#include <type_traits>
+
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -15,11 +17,7 @@ void tp_require_host(const Tensor& t, const char* what) {
 
 namespace {
 
-CommType comm_type_of(const Tensor& t) {
-  DT_ASSERT(t.dtype() == DType::f32 || t.dtype() == DType::f64, "tensor-parallel mappings take fp32 or fp64, not ",
-            dtype_name(t.dtype()));
-  return t.dtype() == DType::f32 ? CommType::f32 : CommType::f64;
-}
+CommType comm_type_of(const Tensor& t) { return comm_type_of(t.dtype()); }
 
 }  // namespace
 
@@ -211,8 +209,9 @@ void embed(T* y, const int32_t* tok, const T* table, int64_t T_, int64_t h, int6
     const bool mine = row >= 0 && row < rows;
     if (!back) {
       for (int64_t j = 0; j < h; ++j) y[t * h + j] = mine ? table[row * h + j] : T(0);
-    } else if (mine) {
-      for (int64_t j = 0; j < h; ++j) dtable[row * h + j] += dy[t * h + j];
+    } else if constexpr (!std::is_same_v<T, bf16>) {  // gradients are fp32 (or fp64)
+      if (mine)
+        for (int64_t j = 0; j < h; ++j) dtable[row * h + j] += dy[t * h + j];
     }
   }
 }
@@ -224,6 +223,9 @@ void vocab_embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& tabl
   if (table.dtype() == DType::f32)
     embed<float>(y.data<float>(), tokens.data<int32_t>(), table.data<float>(), T_, h, start, rows, false, nullptr,
                  nullptr);
+  else if (table.dtype() == DType::bf16)  // mixed precision: the table's compute copy (a row copy, exact)
+    embed<bf16>(y.data<bf16>(), tokens.data<int32_t>(), table.data<bf16>(), T_, h, start, rows, false, nullptr,
+                nullptr);
   else
     embed<double>(y.data<double>(), tokens.data<int32_t>(), table.data<double>(), T_, h, start, rows, false, nullptr,
                   nullptr);

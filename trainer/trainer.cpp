@@ -82,9 +82,6 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
   // Mixed precision (train.dtype: bf16): fp32 master weights, gradients and optimizer state;
   // bf16 weight copies and activations; the router in fp32 (docs/training.md).
   if (cfg.train.dtype == "bf16") {
-    if (lay.tp_size > 1 || lay.ep_size > 1)
-      fail(cfg.where("train.dtype"), " = bf16 with parallel.tensor or parallel.expert > 1: the tensor- and "
-           "expert-parallel exchanges move fp32 so far; set train.dtype: fp32 for those layouts");
     model_->params().set_compute_dtype(DType::bf16);
     if (cfg.train.device == "cpu" && par_->is_main())
       std::fprintf(stderr, "note: %s = bf16 on the CPU: bf16 is emulated there (fp32 kernels, results rounded to "
