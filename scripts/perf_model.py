@@ -246,8 +246,9 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
         out.append(Coll("tp", "all_gather", micro * 2 * T * 8, micro, "vocab-parallel cross-entropy [2,T] fp64"))
         if D:
             # NormSiLU's mean is x . w_bar: w_bar and the mean's rank-one gradient gx (h each) and
-            # gamma's gradient (d) are all-reduced, and ds [T, E] for the replicated router.
-            out.append(Coll("tp", "all_reduce", micro * D * (2 * h + d + T * E) * act_bytes, micro * D * 4,
+            # gamma's gradient (d) are all-reduced, and ds [T, E] for the replicated router: fp32
+            # under bf16 compute too (summed from the masters, gradients, the router's dtype).
+            out.append(Coll("tp", "all_reduce", micro * D * (2 * h + d + T * E) * 4, micro * D * 4,
                             "DECO w_bar, gx [h], d gamma [d], ds [T,E]"))
         if sp:
             # Backward gathers each region's input again from this rank's tokens (Megatron's: the
@@ -273,8 +274,9 @@ def step_collectives(m, t, lay, act_bytes=4, grad_bytes=4, dp_scheme="allreduce"
         pairs = ep_pairs_per_token(rho, E, tp, ep)
         header = D * micro * (ep - 1) * (E // (tp * ep) + 1) * 8 + D * tokens * pairs * (8 + 4 + 4)
         out.append(Coll("ep", "all_to_all", header, 4 * D * micro, "counts, pair rows (i64), scores, score grads"))
-        # w_bar and gx (h each) summed over the expert ranks too; the gradient norm of expert shards.
-        out.append(Coll("ep", "all_reduce", micro * D * 2 * h * act_bytes, micro * D * 2, "DECO w_bar, gx [h]"))
+        # w_bar and gx (h each, fp32 in every dtype) summed over the expert ranks too; the gradient
+        # norm of expert shards.
+        out.append(Coll("ep", "all_reduce", micro * D * 2 * h * 4, micro * D * 2, "DECO w_bar, gx [h]"))
         out.append(Coll("ep", "all_reduce", 8, 1, "gradient norm of expert shards (fp64)"))
     if dp > 1:
         ne, ex = param_counts(m, tp, ep)
