@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "parallel/tensor_parallel.h"
 
 namespace decotron {
 
@@ -49,10 +50,12 @@ ExpertDispatcher::ExpertDispatcher(Communicator* ep, std::vector<int64_t> bounds
 
 Tensor ExpertDispatcher::exchange(const Tensor& rows, const std::vector<int64_t>& send,
                                   const std::vector<int64_t>& recv, int64_t recv_total) const {
+  // Staged through the communicator's device when the rows live elsewhere (MPI with GPU data).
   const int64_t c = rows.dim(1);
-  Tensor out = Tensor::empty({recv_total, c}, rows.dtype(), rows.device());
-  ep_->all_to_all(rows.raw(), times(send, c), out.raw(), times(recv, c), comm_type_of(rows));
-  return out;
+  const Tensor src = on_comm_device(rows, *ep_);
+  Tensor out = Tensor::empty({recv_total, c}, rows.dtype(), ep_->device());
+  ep_->all_to_all(src.raw(), times(send, c), out.raw(), times(recv, c), comm_type_of(rows));
+  return out.device() == rows.device() ? out : out.to(rows.device());
 }
 
 ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Tensor& r, const Tensor& s,
@@ -96,7 +99,7 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   send_tokens_ = i32_tensor(rows_tokens, x.device());
   // The counts first, then the pairs' rows and scores, then the rows themselves.
   std::vector<int64_t> recv_header(K * (El + 1));
-  ep_->all_to_all(header.data(), header_send, recv_header.data(), header_recv, CommType::i64);
+  ep_->all_to_all_host(header, header_send, recv_header, header_recv);
   recv_rows_.assign(K, 0), recv_pairs_per_peer_.assign(K, 0);
   for (int k = 0; k < K; ++k) {
     recv_rows_[k] = recv_header[k * (El + 1)];
@@ -105,7 +108,7 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   recv_rows_total_ = 0, recv_pairs_ = 0;
   for (int k = 0; k < K; ++k) recv_rows_total_ += recv_rows_[k], recv_pairs_ += recv_pairs_per_peer_[k];
   std::vector<int64_t> recv_pair_rows(recv_pairs_);
-  ep_->all_to_all(pair_rows.data(), send_pairs_, recv_pair_rows.data(), recv_pairs_per_peer_, CommType::i64);
+  ep_->all_to_all_host(pair_rows, send_pairs_, recv_pair_rows, recv_pairs_per_peer_);
   Tensor s_received = exchange(ss, send_pairs_, recv_pairs_per_peer_, recv_pairs_);
   received_rows_ = exchange(gather_rows(x, send_tokens_), send_rows_, recv_rows_, recv_rows_total_);
   // Received pairs come source-major (source, expert, token); the experts want expert-major.

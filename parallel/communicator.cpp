@@ -1,5 +1,6 @@
 #include "parallel/communicator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <thread>
@@ -171,6 +172,23 @@ void Communicator::sum_in_place(std::vector<double>& v) {
 
 void Communicator::sum_in_place(std::vector<int64_t>& v) {
   if (!v.empty()) all_reduce_host(v.data(), static_cast<int64_t>(v.size()), CommType::i64);
+}
+
+void Communicator::all_to_all_host(const std::vector<int64_t>& send, const std::vector<int64_t>& send_counts,
+                                   std::vector<int64_t>& recv, const std::vector<int64_t>& recv_counts) {
+  if (device() == Device::cpu) {
+    all_to_all(send.data(), send_counts, recv.data(), recv_counts, CommType::i64);
+    return;
+  }
+  const size_t sb = std::max<size_t>(send.size(), 1) * 8, rb = std::max<size_t>(recv.size(), 1) * 8;
+  DeviceAllocator& a = allocator_for(device());
+  void* ds = a.allocate(sb);
+  void* dr = a.allocate(rb);
+  if (!send.empty()) a.copy(ds, device(), send.data(), Device::cpu, send.size() * 8);
+  all_to_all(ds, send_counts, dr, recv_counts, CommType::i64);
+  if (!recv.empty()) a.copy(recv.data(), Device::cpu, dr, device(), recv.size() * 8);
+  a.release(ds, sb);
+  a.release(dr, rb);
 }
 
 }  // namespace decotron

@@ -146,6 +146,9 @@ class Communicator {
   // Element-wise sum of a host vector, in place.
   void sum_in_place(std::vector<double>& v);
   void sum_in_place(std::vector<int64_t>& v);
+  // all_to_all of host i64 vectors (counts and indices), staged on device backends.
+  void all_to_all_host(const std::vector<int64_t>& send, const std::vector<int64_t>& send_counts,
+                       std::vector<int64_t>& recv, const std::vector<int64_t>& recv_counts);
 
  protected:
   // Host <-> backend buffer staging for the convenience calls.

@@ -1,23 +1,35 @@
 #include "parallel/tensor_parallel.h"
 
-#include <type_traits>
-
 #include <algorithm>
 #include <cstring>
 #include <numeric>
 
 #include "core/error.h"
+#include "kernels/ops.h"
 
 namespace decotron {
 
-void tp_require_host(const Tensor& t, const char* what) {
-  if (t.device() != Device::cpu)
-    fail(what, ": tensor parallelism runs on the CPU so far (docs/parallelism.md); set train.device: cpu");
+Tensor on_comm_device(const Tensor& t, const Communicator& c) {
+  return t.device() == c.device() ? t : t.to(c.device());
 }
 
 namespace {
 
 CommType comm_type_of(const Tensor& t) { return comm_type_of(t.dtype()); }
+
+// `t` on `device`: itself, or a copy.
+Tensor on_device(const Tensor& t, Device device) { return t.device() == device ? t : t.to(device); }
+
+// Copies rows of `c` elements between two host tensors of the same dtype: `count` rows from
+// src (element offset s0, row pitch sp) to dst (d0, dp). The column re-layouts below run on the
+// host: they serve checkpoints and whole-vocabulary logits, not the training step.
+void copy_rows_host(Tensor& dst, int64_t d0, int64_t dp, const Tensor& src, int64_t s0, int64_t sp, int64_t count,
+                    int64_t c) {
+  const int64_t es = dtype_size(src.dtype());
+  for (int64_t i = 0; i < count; ++i)
+    std::memcpy(static_cast<char*>(dst.raw()) + (d0 + i * dp) * es,
+                static_cast<const char*>(src.raw()) + (s0 + i * sp) * es, c * es);
+}
 
 }  // namespace
 
@@ -58,7 +70,7 @@ Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_
 }
 
 Tensor slice_shard(const Tensor& global, const Shard& s) {
-  tp_require_host(global, "slice_shard");
+  DT_ASSERT(global.device() == Device::cpu, "slice_shard takes a host tensor");
   if (s.dim < 0) return global.clone();
   if (s.dim == 0) return global.rows(s.start, s.count).clone();
   const int64_t rows = global.dim(0), cols = global.dim(1), es = dtype_size(global.dtype());
@@ -70,22 +82,21 @@ Tensor slice_shard(const Tensor& global, const Shard& s) {
 }
 
 void tp_all_reduce(Communicator& tp, Tensor& t) {
-  tp_require_host(t, "tensor-parallel all-reduce");
-  tp.all_reduce(t.raw(), t.numel(), comm_type_of(t));
+  Tensor s = on_comm_device(t, tp);
+  tp.all_reduce(s.raw(), s.numel(), comm_type_of(s));
+  if (s.raw() != t.raw()) t.copy_from(s);
 }
 
 Tensor tp_gather_columns(Communicator& tp, const Tensor& local) {
-  tp_require_host(local, "tensor-parallel gather");
   const int n = tp.size();
-  const int64_t rows = local.dim(0), c = local.numel() / rows, es = dtype_size(local.dtype());
-  Tensor stacked = Tensor::empty({n * rows * c}, local.dtype());  // [rank][row][c]
-  tp.all_gather(local.raw(), stacked.raw(), rows * c, comm_type_of(local));
+  const int64_t rows = local.dim(0), c = local.numel() / rows;
+  const Tensor send = on_comm_device(local, tp);
+  Tensor stacked = Tensor::empty({n * rows * c}, local.dtype(), tp.device());  // [rank][row][c]
+  tp.all_gather(send.raw(), stacked.raw(), rows * c, comm_type_of(local));
+  const Tensor host = on_device(stacked, Device::cpu);
   Tensor full = Tensor::empty({rows, c * n}, local.dtype());
-  for (int r = 0; r < n; ++r)
-    for (int64_t i = 0; i < rows; ++i)
-      std::memcpy(static_cast<char*>(full.raw()) + (i * c * n + r * c) * es,
-                  static_cast<const char*>(stacked.raw()) + ((r * rows + i) * c) * es, c * es);
-  return full;
+  for (int r = 0; r < n; ++r) copy_rows_host(full, r * c, c * n, host, r * rows * c, c, rows, c);
+  return on_device(full, local.device());
 }
 
 Tensor tp_slice_columns(const Tensor& full, int rank, int size) {
@@ -95,7 +106,6 @@ Tensor tp_slice_columns(const Tensor& full, int rank, int size) {
 
 Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
   if (dim < 0) return local.clone();
-  tp_require_host(local, "tensor-parallel gather");
   // The shards' sizes along dim first: equal (the usual case) is one all-gather; uneven
   // (experts that do not divide) sends each shard to every rank with an all-to-all.
   const int n = tp.size();
@@ -106,49 +116,49 @@ Tensor tp_gather_shards(Communicator& tp, const Tensor& local, int dim) {
   if (std::all_of(sizes.begin(), sizes.end(), [&](int64_t v) { return v == mine; }))
     return dim == 1 ? tp_gather_columns(tp, local) : tp_gather_rows(tp, local);
   const int64_t other = local.numel() / std::max<int64_t>(mine, 1);  // elements per unit of dim
-  const int64_t rows = dim == 0 ? 0 : local.dim(0), es = dtype_size(local.dtype());
+  const int64_t rows = dim == 0 ? 0 : local.dim(0);
   std::vector<int64_t> send(n, local.numel()), recv(n);
   int64_t total = 0;
   for (int r = 0; r < n; ++r) recv[r] = sizes[r] * (dim == 0 ? other : rows), total += sizes[r];
-  Tensor stacked = Tensor::empty({std::accumulate(recv.begin(), recv.end(), int64_t{0})}, local.dtype());
+  Tensor stacked =
+      Tensor::empty({std::accumulate(recv.begin(), recv.end(), int64_t{0})}, local.dtype(), tp.device());
   // Rank r's shard to every rank: the sender repeats its block once per peer.
-  Tensor repeated = Tensor::empty({n * local.numel()}, local.dtype());
-  for (int r = 0; r < n; ++r)
-    std::memcpy(static_cast<char*>(repeated.raw()) + r * local.numel() * es, local.raw(), local.numel() * es);
+  const Tensor flat = local.view({1, local.numel()});
+  Tensor repeated = Tensor::empty({n, local.numel()}, local.dtype(), tp.device());
+  for (int r = 0; r < n; ++r) repeated.rows(r, 1).copy_from(flat);
   tp.all_to_all(repeated.raw(), send, stacked.raw(), recv, comm_type_of(local));
   Shape shape = local.shape();
   shape[dim] = total;
-  if (dim == 0) return stacked.view(shape);
+  if (dim == 0) return on_device(stacked.view(shape), local.device());
   // Columns: rank r's [rows, c_r] block goes to columns [off_r, off_r + c_r) of every row.
+  const Tensor host = on_device(stacked, Device::cpu);
   Tensor full = Tensor::empty(shape, local.dtype());
   int64_t src = 0, off = 0;
   for (int r = 0; r < n; ++r) {
-    for (int64_t i = 0; i < rows; ++i)
-      std::memcpy(static_cast<char*>(full.raw()) + (i * total + off) * es,
-                  static_cast<const char*>(stacked.raw()) + (src + i * sizes[r]) * es, sizes[r] * es);
+    copy_rows_host(full, off, total, host, src, sizes[r], rows, sizes[r]);
     src += rows * sizes[r], off += sizes[r];
   }
-  return full;
+  return on_device(full, local.device());
 }
 
 Tensor tp_gather_rows(Communicator& tp, const Tensor& local) {
-  tp_require_host(local, "sequence-parallel gather");
   Shape shape = local.shape();
   shape[0] *= tp.size();
-  Tensor full = Tensor::empty(shape, local.dtype());
-  tp.all_gather(local.raw(), full.raw(), local.numel(), comm_type_of(local));  // rank order = row order
-  return full;
+  const Tensor send = on_comm_device(local, tp);
+  Tensor full = Tensor::empty(shape, local.dtype(), tp.device());
+  tp.all_gather(send.raw(), full.raw(), local.numel(), comm_type_of(local));  // rank order = row order
+  return on_device(full, local.device());
 }
 
 Tensor tp_reduce_scatter_rows(Communicator& tp, const Tensor& partial) {
-  tp_require_host(partial, "sequence-parallel reduce-scatter");
   Shape shape = partial.shape();
   DT_ASSERT(shape[0] % tp.size() == 0, "sequence-parallel reduce-scatter of ", shape_str(shape), " over ", tp.size(),
             " ranks: the tokens do not split");
   shape[0] /= tp.size();
-  Tensor mine = Tensor::empty(shape, partial.dtype());
-  tp.reduce_scatter(partial.raw(), mine.raw(), mine.numel(), comm_type_of(partial));
-  return mine;
+  const Tensor send = on_comm_device(partial, tp);
+  Tensor mine = Tensor::empty(shape, partial.dtype(), tp.device());
+  tp.reduce_scatter(send.raw(), mine.raw(), mine.numel(), comm_type_of(partial));
+  return on_device(mine, partial.device());
 }
 
 Tensor TensorParallelMappings::enter(const Tensor& x) const {
@@ -183,63 +193,67 @@ void tp_all_reduce_sequence_parallel_grads(Communicator& tp, const std::vector<P
   if (flagged.empty() || tp.size() == 1) return;
   // Megatron-Core's _allreduce_layernorm_grads: packed into one buffer, one collective.
   const DType dt = flagged[0]->grad.dtype();
-  const int64_t es = dtype_size(dt);
-  Tensor buf = Tensor::empty({n}, dt);
+  Tensor buf = Tensor::empty({n}, dt, flagged[0]->grad.device());
   int64_t off = 0;
   for (Parameter* p : flagged) {
     DT_ASSERT(p->grad.dtype() == dt, p->name, ": sequence-parallel gradients of mixed dtypes");
-    tp_require_host(p->grad, "sequence-parallel gradient all-reduce");
-    std::memcpy(static_cast<char*>(buf.raw()) + off * es, p->grad.raw(), p->grad.nbytes());
+    buf.rows(off, p->grad.numel()).copy_from(p->grad.view({p->grad.numel()}));
     off += p->grad.numel();
   }
   tp_all_reduce(tp, buf);
   off = 0;
   for (Parameter* p : flagged) {
-    std::memcpy(p->grad.raw(), static_cast<const char*>(buf.raw()) + off * es, p->grad.nbytes());
+    p->grad.view({p->grad.numel()}).copy_from(buf.rows(off, p->grad.numel()));
     off += p->grad.numel();
   }
 }
 
 namespace {
-template <class T>
-void embed(T* y, const int32_t* tok, const T* table, int64_t T_, int64_t h, int64_t start, int64_t rows, bool back,
-           T* dtable, const T* dy) {
-  for (int64_t t = 0; t < T_; ++t) {
+
+// The tokens of the micro-batch that fall in this rank's rows [start, start + rows): their
+// positions and their local row ids, as i32 tensors on `device` (built on the host: T ids).
+struct VocabRange {
+  Tensor positions, local_ids;
+  int64_t count = 0;
+};
+VocabRange vocab_range(const Tensor& tokens, int64_t start, int64_t rows, Device device) {
+  const Tensor host = on_device(tokens, Device::cpu);
+  const int32_t* tok = host.data<int32_t>();
+  std::vector<int32_t> pos, ids;
+  for (int64_t t = 0; t < host.numel(); ++t) {
     const int64_t row = static_cast<int64_t>(tok[t]) - start;
-    const bool mine = row >= 0 && row < rows;
-    if (!back) {
-      for (int64_t j = 0; j < h; ++j) y[t * h + j] = mine ? table[row * h + j] : T(0);
-    } else if constexpr (!std::is_same_v<T, bf16>) {  // gradients are fp32 (or fp64)
-      if (mine)
-        for (int64_t j = 0; j < h; ++j) dtable[row * h + j] += dy[t * h + j];
-    }
+    if (row >= 0 && row < rows) pos.push_back(static_cast<int32_t>(t)), ids.push_back(static_cast<int32_t>(row));
   }
+  VocabRange r;
+  r.count = static_cast<int64_t>(pos.size());
+  auto to_tensor = [&](const std::vector<int32_t>& v) {
+    Tensor t = Tensor::empty({r.count}, DType::i32);
+    std::copy(v.begin(), v.end(), t.data<int32_t>());
+    return on_device(t, device);
+  };
+  r.positions = to_tensor(pos), r.local_ids = to_tensor(ids);
+  return r;
 }
+
 }  // namespace
 
+// Both directions are a row gather and a row scatter-add (the embedding ops), so they run on
+// any device and dtype the embedding kernels take.
 void vocab_embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table, int64_t start) {
-  tp_require_host(table, "vocabulary-parallel embedding");
-  const int64_t T_ = tokens.numel(), h = table.dim(1), rows = table.dim(0);
-  if (table.dtype() == DType::f32)
-    embed<float>(y.data<float>(), tokens.data<int32_t>(), table.data<float>(), T_, h, start, rows, false, nullptr,
-                 nullptr);
-  else if (table.dtype() == DType::bf16)  // mixed precision: the table's compute copy (a row copy, exact)
-    embed<bf16>(y.data<bf16>(), tokens.data<int32_t>(), table.data<bf16>(), T_, h, start, rows, false, nullptr,
-                nullptr);
-  else
-    embed<double>(y.data<double>(), tokens.data<int32_t>(), table.data<double>(), T_, h, start, rows, false, nullptr,
-                  nullptr);
+  const VocabRange r = vocab_range(tokens, start, table.dim(0), table.device());
+  y.zero_();
+  if (r.count == 0) return;
+  Tensor rows = Tensor::empty({r.count, table.dim(1)}, table.dtype(), table.device());
+  ops::embedding_forward(rows, r.local_ids, table);
+  ops::embedding_backward(y, r.positions, rows);  // into zeros at distinct positions: a placement
 }
 
 void vocab_embedding_backward(Tensor& dtable, const Tensor& tokens, const Tensor& dy, int64_t start) {
-  tp_require_host(dtable, "vocabulary-parallel embedding");
-  const int64_t T_ = tokens.numel(), h = dtable.dim(1), rows = dtable.dim(0);
-  if (dtable.dtype() == DType::f32)
-    embed<float>(nullptr, tokens.data<int32_t>(), nullptr, T_, h, start, rows, true, dtable.data<float>(),
-                 dy.data<float>());
-  else
-    embed<double>(nullptr, tokens.data<int32_t>(), nullptr, T_, h, start, rows, true, dtable.data<double>(),
-                  dy.data<double>());
+  const VocabRange r = vocab_range(tokens, start, dtable.dim(0), dtable.device());
+  if (r.count == 0) return;
+  Tensor rows = Tensor::empty({r.count, dy.dim(1)}, dy.dtype(), dy.device());
+  ops::embedding_forward(rows, r.positions, dy);
+  ops::embedding_backward(dtable, r.local_ids, rows);
 }
 
 }  // namespace decotron

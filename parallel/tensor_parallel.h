@@ -34,9 +34,10 @@ Shard shard_of(const std::string& name, Partition p, const Shape& global, int64_
 // The shard of a whole host tensor (a copy).
 Tensor slice_shard(const Tensor& global, const Shard& s);
 
-// Fails for a tensor off the host: the mappings run on host tensors so far (`what` names the
-// caller in the message).
-void tp_require_host(const Tensor& t, const char* what);
+// The mappings below take tensors on any device: a collective's buffers live where the
+// communicator wants them (NCCL: the GPU; MPI: the host), so a tensor elsewhere is staged there
+// and back (several ranks sharing one GPU through MPI; host checkpoints over NCCL).
+Tensor on_comm_device(const Tensor& t, const Communicator& c);
 
 // ---- mappings on [T, c] activations ----------------------------------------------------------
 // Sum over the group, in place (row-parallel output; column-parallel input gradient).

@@ -39,23 +39,29 @@ double combine_vocab_parallel_stats(const Tensor& gathered, Tensor& lse) {
 
 double vocab_parallel_cross_entropy(Communicator& tp, Tensor& logits, const Tensor& targets, int64_t vocab_start,
                                     double grad_scale) {
-  tp_require_host(logits, "vocabulary-parallel cross-entropy");
   const int64_t T = targets.numel(), V = logits.dim(-1) * tp.size();
   DT_ASSERT(logits.numel() == T * logits.dim(-1), "vocab-parallel cross-entropy: logits ", shape_str(logits.shape()),
             " for ", T, " targets");
   // A target outside the whole vocabulary would fall in no rank's range and silently add 0.
-  const int32_t* tgt = targets.data<int32_t>();
+  const Tensor host_targets = targets.device() == Device::cpu ? targets : targets.to(Device::cpu);
+  const int32_t* tgt = host_targets.data<int32_t>();
   for (int64_t t = 0; t < T; ++t)
     if (tgt[t] < 0 || tgt[t] >= V)
       fail("target token id ", tgt[t], " is outside the vocabulary of ", V, " ids (model.vocab_size); the data was "
            "tokenized with a larger vocabulary: raise model.vocab_size or re-tokenize");
-  Tensor stats = Tensor::empty({2, T}, DType::f64);
+  // The statistics where the logits are; gathered where the communicator wants them; combined
+  // on the host (2 x T doubles per rank).
+  Tensor stats = Tensor::empty({2, T}, DType::f64, logits.device());
   ops::vocab_parallel_ce_forward(stats, logits, targets, vocab_start);
-  Tensor gathered = Tensor::empty({tp.size(), 2, T}, DType::f64);
-  tp.all_gather(stats.raw(), gathered.raw(), 2 * T, CommType::f64);
+  const Tensor send = on_comm_device(stats, tp);
+  Tensor gathered = Tensor::empty({tp.size(), 2, T}, DType::f64, tp.device());
+  tp.all_gather(send.raw(), gathered.raw(), 2 * T, CommType::f64);
+  if (gathered.device() != Device::cpu) gathered = gathered.to(Device::cpu);
   Tensor lse = Tensor::empty({T}, DType::f64);
   const double loss = combine_vocab_parallel_stats(gathered, lse);
-  if (grad_scale != 0) ops::vocab_parallel_ce_backward(logits, targets, lse, vocab_start, grad_scale);
+  if (grad_scale != 0)
+    ops::vocab_parallel_ce_backward(logits, targets, logits.device() == Device::cpu ? lse : lse.to(logits.device()),
+                                    vocab_start, grad_scale);
   return loss;
 }
 

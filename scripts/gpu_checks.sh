@@ -6,7 +6,8 @@
 #   2. the CUDA kernel tests against their CPU references (tests/test_cuda_ops.cpp);
 #   3. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts, fp32 and bf16) and on the
 #      CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
-#   4. two ranks sharing the GPU through the MPI backend (parallel.backend: mpi) against one rank;
+#   4. two ranks sharing the GPU through the MPI backend (parallel.backend: mpi) against one rank:
+#      DP2, TP2, EP2 and TP2 + SP;
 #   5. `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse, dense-masked,
 #      dense twin) and, when the peer script was carried in (.peer/torch_deco.py, copied from
 #      ../shared/peers/), the PyTorch peer on the same card: the table of docs/PERFORMANCE.md.
@@ -59,6 +60,12 @@ step tiny-compare-bf16-dense compare "$OUT/runs/gpu-bf16-dense/metrics.jsonl" "$
 step tiny-gpu-dp2-mpi mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2 "$B" train $TINY \
   --set train.device=cuda --set parallel.backend=mpi --run-dir "$OUT/runs/gpu-dp2"
 step tiny-compare-dp2 compare "$OUT/runs/gpu-dp2/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
+for L in "tp2:--set parallel.tensor=2" "ep2:--set parallel.expert=2" "tp2-sp:--set parallel.tensor=2 --set parallel.sequence=true"; do
+  name=${L%%:*}
+  step tiny-gpu-$name-mpi mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2 "$B" train $TINY \
+    --set train.device=cuda --set parallel.backend=mpi ${L#*:} --run-dir "$OUT/runs/gpu-$name"
+  step tiny-compare-$name compare "$OUT/runs/gpu-$name/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
+done
 
 step bench-0.1b "$B" bench train --config configs/deco-0.1b.yaml --all-variants --steps "$STEPS" --warmup 3
 if [[ -f .peer/torch_deco.py ]]; then

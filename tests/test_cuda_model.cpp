@@ -5,9 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 
 #include "core/cuda_backend.h"
+#include "kernels/ops.h"
 #include "model/transformer.h"
+#include "mpi_test_util.h"
+#include "parallel/process_groups.h"
+#include "parallel/tensor_parallel.h"
 #include "trainer/training_data.h"
 
 using namespace decotron;
@@ -32,9 +37,11 @@ ModelConfig tiny_model(const char* arch, const char* expert_compute, bool gated)
   return m;
 }
 
-void batch(int64_t B, int64_t S, Tensor& tok, Tensor& tgt) {
+// Micro-batch `which` (0, 1, ...) of a fixed synthetic stream.
+void batch(int64_t B, int64_t S, Tensor& tok, Tensor& tgt, int which = 0) {
   auto data = make_synthetic_data(64, S, 3, 0);
-  std::vector<int32_t> s = data->next_train(B);
+  std::vector<int32_t> s;
+  for (int i = 0; i <= which; ++i) s = data->next_train(B);
   tok = Tensor::empty({B * S}, DType::i32), tgt = Tensor::empty({B * S}, DType::i32);
   for (int64_t i = 0; i < B; ++i)
     for (int64_t j = 0; j < S; ++j) {
@@ -99,6 +106,80 @@ TEST(CudaModel, TinyModelLossAndGradientsMatchTheCpu) {
         const double e = relative_l2(q.grad, p->grad);
         EXPECT_LT(e, p->full_precision && compute == DType::bf16 ? 0.1 : grad_tol) << tag << " " << p->name;
       }
+    }
+  }
+}
+
+// Tensor, sequence and expert parallelism on device tensors, through the MPI backend with the
+// data staged through the host (two ranks sharing one GPU: parallel.backend: mpi): every rank's
+// loss and gradients against one CPU rank. Runs this binary under mpirun (CudaParallelWorker).
+TEST(CudaModel, ParallelLayoutsOnTheDeviceMatchOneRank) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device visible";
+  if (std::getenv("DECOTRON_CUDA_PAR_WORKER")) GTEST_SKIP() << "inside the worker";
+  using namespace mpi_test;
+  const std::string dir = fresh_dir("cuda_layouts");
+  const int rc = run(std::string("DECOTRON_CUDA_PAR_WORKER=1 ") + kMpirun + " -x DECOTRON_CUDA_PAR_WORKER -np 2 " +
+                         self_exe() + " --gtest_color=no --gtest_filter=CudaParallelWorker.*",
+                     dir + "/log", 1800);
+  const std::string log = read_file(dir + "/log");
+  EXPECT_EQ(rc, 0) << log;
+  size_t passed = 0;
+  for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
+    ++passed;
+  EXPECT_EQ(passed, 2u) << log;
+  EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
+}
+
+TEST(CudaParallelWorker, LayoutsMatchOneCpuRank) {
+  if (!std::getenv("DECOTRON_CUDA_PAR_WORKER")) GTEST_SKIP() << "runs under mpirun from CudaModel.ParallelLayouts*";
+  ModelConfig m = tiny_model("deco", "sparse", false);
+  // The one-rank reference on the CPU: micro-batches 0 and 1, and their gradients.
+  Transformer ref(m, DType::f32, Device::cpu);
+  ref.params().initialize(11);
+  double ref_loss[2];
+  std::map<std::string, Tensor> ref_grad[2];
+  Tensor tok[2], tgt[2];
+  for (int b = 0; b < 2; ++b) {
+    batch(2, 16, tok[b], tgt[b], b);
+    ref.params().zero_grad();
+    ref_loss[b] = ref.forward(tok[b], tgt[b], {2, 16}, RegularizerSpec{}, 1.0, true).lm_loss_sum;
+    ref.backward(1.0);
+    for (Parameter* p : ref.params().all()) ref_grad[b][p->name] = p->grad.clone();
+  }
+  struct Layout {
+    const char* name;
+    int tensor, expert;
+    bool sequence;
+  };
+  for (Layout l : {Layout{"TP2", 2, 1, false}, Layout{"TP2+SP", 2, 1, true}, Layout{"EP2", 1, 2, false}}) {
+    ParallelConfig pc;
+    pc.tensor = l.tensor, pc.expert = l.expert, pc.sequence = l.sequence, pc.backend = "mpi", pc.timeout_s = 600;
+    auto par = make_parallel_context(pc, Device::cuda);
+    const int d = par->layout.dp_rank;  // TP ranks share a micro-batch; EP ranks (carved from DP) do not
+    Transformer model(m, DType::f32, Device::cuda, par->tp.get(), par->ep.get(), l.sequence);
+    model.params().initialize(11);
+    model.params().zero_grad();
+    const double loss = model.forward(tok[d].to(Device::cuda), tgt[d].to(Device::cuda), {2, 16}, RegularizerSpec{},
+                                      1.0, true).lm_loss_sum;
+    model.backward(1.0);
+    if (l.sequence) tp_all_reduce_sequence_parallel_grads(*par->tp, model.params().all());
+    EXPECT_NEAR(loss, ref_loss[d], 1e-5 * std::abs(ref_loss[d])) << l.name;
+    for (Parameter* p : model.params().all()) {
+      if (!p->trainable) continue;
+      // Expert parallelism: a rank's experts saw both ranks' tokens; gamma (shared by all
+      // experts) holds its experts' part, summed over the expert-parallel group here.
+      const bool both = l.expert > 1 && (is_expert_partition(p->partition) || p->name.ends_with(".gamma"));
+      Tensor want = ref_grad[d][p->name].clone();
+      if (both) ops::add_(want, ref_grad[1 - d][p->name]);
+      if (p->shard_dim >= 0) want = slice_shard(want, Shard{p->shard_dim, p->shard_start, p->value.dim(p->shard_dim)});
+      Tensor got = p->grad.to(Device::cpu);
+      if (l.expert > 1 && p->name.ends_with(".gamma")) {
+        std::vector<double> v(got.numel());
+        for (int64_t i = 0; i < got.numel(); ++i) v[i] = got.item(i);
+        par->ep->sum_in_place(v);
+        for (int64_t i = 0; i < got.numel(); ++i) got.data<float>()[i] = static_cast<float>(v[i]);
+      }
+      EXPECT_LT(relative_l2(got, want), 1e-4) << l.name << " rank " << par->layout.world_rank << " " << p->name;
     }
   }
 }

@@ -65,10 +65,6 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
     fail(cfg.where("parallel.expert"), " = ", lay.ep_size, ": model.experts = ", cfg.model.experts,
          " cannot give every one of parallel.tensor x parallel.expert = ", lay.tp_size * lay.ep_size,
          " ranks a whole expert; lower parallel.expert or parallel.tensor");
-  if (lay.ep_size > 1 && cfg.train.device != "cpu")
-    fail(cfg.where("parallel.expert"), ": expert parallelism runs on the CPU so far (docs/parallelism.md)");
-  if (lay.tp_size > 1 && cfg.train.device != "cpu")
-    fail(cfg.where("parallel.tensor"), ": tensor parallelism runs on the CPU so far (docs/parallelism.md)");
   if (cfg.train.global_batch % (cfg.train.micro_batch * lay.dp_size) != 0)
     fail(cfg.where("train.global_batch"), " = ", cfg.train.global_batch, " is not a multiple of train.micro_batch x "
          "data-parallel size = ", cfg.train.micro_batch, " x ", lay.dp_size);
