@@ -12,21 +12,28 @@ python3 $T/transform.py $R/kernels/cuda/common.cuh $E/tree/kernels/cuda/common.c
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 CU="-std=c++20 -O1 -include $T/emu.h -I$E/tree -I$R -I$T -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
 MPI_INC=$(mpicxx --showme:compile 2>/dev/null)
-CX="-std=c++20 -O1 -I$R -I$CUDA_INC $MPI_INC -DDECOTRON_WITH_CUDA=1 -w"
+CX="-std=c++20 -O1 -I$R -I$CUDA_INC $MPI_INC -DDECOTRON_WITH_CUDA=1 -DDECOTRON_BINARY=\"decotron\" -w"
 build() {  # flags source object: recompiles when the source or a tool file is newer
-  if [[ ! -f $3 || $2 -nt $3 || $T/emu.h -nt $3 ]]; then g++ $1 -c $2 -o $3; fi
+  if [[ ! -f $3 || $2 -nt $3 || $T/emu.h -nt $3 ]]; then
+    rm -f $3
+    g++ $1 -c $2 -o $3 || { echo "cuda_emu: compiling $2 failed" >&2; return 1; }
+  fi
 }
 N=$(nproc)
+jobs_failed=0
+run_limited() {  # runs `build args` in the background, at most N at a time; counts failures
+  build "$@" &
+  while (( $(jobs -rp | wc -l) >= N )); do wait -n || jobs_failed=1; done
+}
 for f in $E/tree/core/cuda_backend.cpp $E/tree/kernels/cuda/*.cpp $T/fake_cuda.cpp; do
-  build "$CU" $f $E/obj/emu_$(basename $f .cpp).o &
-  if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
+  run_limited "$CU" $f $E/obj/emu_$(basename $f .cpp).o
 done
 # The model and the parallel layer too, for tests/test_cuda_model.cpp (the model on the device).
 for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/cpu/*.cpp $R/model/*.cpp $R/parallel/*.cpp \
          $R/trainer/synthetic_data.cpp $R/tests/test_cuda_ops.cpp $R/tests/test_cuda_model.cpp; do
-  build "$CX" $f $E/obj/cpu_$(basename $f .cpp).o &
-  if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
+  run_limited "$CX" $f $E/obj/cpu_$(basename $f .cpp).o
 done
-wait
+while (( $(jobs -rp | wc -l) > 0 )); do wait -n || jobs_failed=1; done
+if (( jobs_failed )); then echo "cuda_emu: a compile failed (see above)" >&2; exit 1; fi
 g++ -o $E/emu_tests $E/obj/*.o -lgtest -lgtest_main -lopenblas -lyaml-cpp -lpthread $(mpicxx --showme:link 2>/dev/null)
 exec $E/emu_tests "$@"
