@@ -12,12 +12,18 @@
 #      dense twin) and, when the peer script was carried in (.peer/torch_deco.py, copied from
 #      ../shared/peers/), the PyTorch peer on the same card: the table of docs/PERFORMANCE.md.
 # Usage (device tool): cp ../shared/peers/torch_deco.py .peer/ (ignored by git, name `.peer` in
-# carry), then run `OUT=$OUT scripts/gpu_checks.sh [STEPS]`.
+# carry), then run `OUT=$OUT scripts/gpu_checks.sh [PHASES] [STEPS]`. PHASES: a comma list of
+# build, tests, tiny, parallel, bench (default all of them). A device call is limited to 10
+# minutes: if all of them do not fit, run `build,tests,tiny` in one call and `parallel,bench` in
+# the next while the machine is warm (the build directory stays there between calls).
+# DECOTRON_ATTENTION=reference in the environment benchmarks the reference attention kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-checks}
-STEPS=${1:-10}
+PHASES=${1:-build,tests,tiny,parallel,bench}
+STEPS=${2:-10}
 mkdir -p "$OUT"
+want() { [[ ",$PHASES," == *",$1,"* ]]; }
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 export OPENBLAS_NUM_THREADS=1
 B=$BUILD_DIR/decotron
@@ -42,10 +48,11 @@ EOF
 }
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-step build env BUILD_DIR="$BUILD_DIR" DECOTRON_CUDA=ON scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
-step cuda-tests "$BUILD_DIR/decotron_tests" --gtest_filter='Cuda*'
+want build && step build env BUILD_DIR="$BUILD_DIR" DECOTRON_CUDA=ON scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
+want tests && step cuda-tests "$BUILD_DIR/decotron_tests" --gtest_filter='Cuda*'
 
 TINY="--config configs/tiny-deco.yaml --synthetic-data --set train.iters=60 --set log.interval=5 --set train.eval_interval=0"
+if want tiny; then
 rm -rf "$OUT"/runs
 step tiny-cpu "$B" train $TINY --run-dir "$OUT/runs/cpu"
 step tiny-gpu-sparse "$B" train $TINY --set train.device=cuda --run-dir "$OUT/runs/gpu-sparse"
@@ -57,6 +64,9 @@ step tiny-compare-sparse compare "$OUT/runs/gpu-sparse/metrics.jsonl" "$OUT/runs
 step tiny-compare-dense compare "$OUT/runs/gpu-dense/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
 step tiny-compare-bf16 compare "$OUT/runs/gpu-bf16/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
 step tiny-compare-bf16-dense compare "$OUT/runs/gpu-bf16-dense/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
+fi
+if want parallel; then
+[[ -d "$OUT/runs/gpu-sparse" ]] || step tiny-gpu-sparse "$B" train $TINY --set train.device=cuda --run-dir "$OUT/runs/gpu-sparse"
 step tiny-gpu-dp2-mpi mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2 "$B" train $TINY \
   --set train.device=cuda --set parallel.backend=mpi --run-dir "$OUT/runs/gpu-dp2"
 step tiny-compare-dp2 compare "$OUT/runs/gpu-dp2/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
@@ -66,9 +76,12 @@ for L in "tp2:--set parallel.tensor=2" "ep2:--set parallel.expert=2" "tp2-sp:--s
     --set train.device=cuda --set parallel.backend=mpi ${L#*:} --run-dir "$OUT/runs/gpu-$name"
   step tiny-compare-$name compare "$OUT/runs/gpu-$name/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
 done
+fi
 
+if want bench; then
 step bench-0.1b "$B" bench train --config configs/deco-0.1b.yaml --all-variants --steps "$STEPS" --warmup 3
 if [[ -f .peer/torch_deco.py ]]; then
   step peer python3 .peer/torch_deco.py --mode train --shape 0.1b --steps "$STEPS"
+fi
 fi
 echo "report: $OUT/summary.txt"

@@ -13,6 +13,7 @@
 #include "mpi_test_util.h"
 #include "parallel/process_groups.h"
 #include "parallel/tensor_parallel.h"
+#include "trainer/trainer.h"
 #include "trainer/training_data.h"
 
 using namespace decotron;
@@ -110,9 +111,11 @@ TEST(CudaModel, TinyModelLossAndGradientsMatchTheCpu) {
   }
 }
 
-// Tensor, sequence and expert parallelism on device tensors, through the MPI backend with the
-// data staged through the host (two ranks sharing one GPU: parallel.backend: mpi): every rank's
-// loss and gradients against one CPU rank. Runs this binary under mpirun (CudaParallelWorker).
+// Tensor, sequence and expert parallelism on device tensors, through the MPI backend (data
+// staged through the host: two ranks sharing one GPU) and the NCCL one: every rank's loss and
+// gradients against one CPU rank; and data-parallel training (overlapped gradient buckets, the
+// distributed optimizer) on the device against the same run on the CPU. Runs this binary under
+// mpirun (CudaParallelWorker); in the emulator NCCL is tools/cuda_emu/fake_nccl.cpp.
 TEST(CudaModel, ParallelLayoutsOnTheDeviceMatchOneRank) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device visible";
   if (std::getenv("DECOTRON_CUDA_PAR_WORKER")) GTEST_SKIP() << "inside the worker";
@@ -124,9 +127,10 @@ TEST(CudaModel, ParallelLayoutsOnTheDeviceMatchOneRank) {
   const std::string log = read_file(dir + "/log");
   EXPECT_EQ(rc, 0) << log;
   size_t passed = 0;
-  for (size_t p = log.find("[  PASSED  ] 1 test"); p != std::string::npos; p = log.find("[  PASSED  ] 1 test", p + 1))
+  for (size_t p = log.find("[  PASSED  ] 2 tests"); p != std::string::npos; p = log.find("[  PASSED  ] 2 tests", p + 1))
     ++passed;
-  EXPECT_EQ(passed, 2u) << log;
+  EXPECT_EQ(passed, 2u) << log;  // the worker suite's 2 tests on each of the 2 ranks
+
   EXPECT_EQ(log.find("SKIPPED"), std::string::npos) << log;
 }
 
@@ -151,9 +155,11 @@ TEST(CudaParallelWorker, LayoutsMatchOneCpuRank) {
     int tensor, expert;
     bool sequence;
   };
+  for (const char* backend : {"mpi", "nccl"})
   for (Layout l : {Layout{"TP2", 2, 1, false}, Layout{"TP2+SP", 2, 1, true}, Layout{"EP2", 1, 2, false}}) {
     ParallelConfig pc;
-    pc.tensor = l.tensor, pc.expert = l.expert, pc.sequence = l.sequence, pc.backend = "mpi", pc.timeout_s = 600;
+    pc.tensor = l.tensor, pc.expert = l.expert, pc.sequence = l.sequence, pc.backend = backend, pc.timeout_s = 600;
+    const std::string tag = std::string(l.name) + " " + backend;
     auto par = make_parallel_context(pc, Device::cuda);
     const int d = par->layout.dp_rank;  // TP ranks share a micro-batch; EP ranks (carved from DP) do not
     Transformer model(m, DType::f32, Device::cuda, par->tp.get(), par->ep.get(), l.sequence);
@@ -163,7 +169,7 @@ TEST(CudaParallelWorker, LayoutsMatchOneCpuRank) {
                                       1.0, true).lm_loss_sum;
     model.backward(1.0);
     if (l.sequence) tp_all_reduce_sequence_parallel_grads(*par->tp, model.params().all());
-    EXPECT_NEAR(loss, ref_loss[d], 1e-5 * std::abs(ref_loss[d])) << l.name;
+    EXPECT_NEAR(loss, ref_loss[d], 1e-5 * std::abs(ref_loss[d])) << tag;
     for (Parameter* p : model.params().all()) {
       if (!p->trainable) continue;
       // Expert parallelism: a rank's experts saw both ranks' tokens; gamma (shared by all
@@ -179,7 +185,35 @@ TEST(CudaParallelWorker, LayoutsMatchOneCpuRank) {
         par->ep->sum_in_place(v);
         for (int64_t i = 0; i < got.numel(); ++i) got.data<float>()[i] = static_cast<float>(v[i]);
       }
-      EXPECT_LT(relative_l2(got, want), 1e-4) << l.name << " rank " << par->layout.world_rank << " " << p->name;
+      EXPECT_LT(relative_l2(got, want), 1e-4) << tag << " rank " << par->layout.world_rank << " " << p->name;
     }
   }
+}
+
+TEST(CudaParallelWorker, DataParallelTrainingMatchesTheCpu) {
+  if (!std::getenv("DECOTRON_CUDA_PAR_WORKER")) GTEST_SKIP() << "runs under mpirun from CudaModel.ParallelLayouts*";
+  Config c;
+  c.model = tiny_model("deco", "sparse", false);
+  c.train.iters = 2, c.train.micro_batch = 2, c.train.global_batch = 4, c.train.lr = 1e-2, c.train.warmup_iters = 1;
+  c.train.lr_schedule = "constant", c.train.reg_lambda0 = 1e-3, c.train.eval_iters = 2;
+  c.parallel.timeout_s = 600;
+  validate_config(c);
+  auto steps = [&](Config cfg) {
+    Trainer t(cfg, make_synthetic_data(64, 16, 5, 0), "");
+    std::vector<StepResult> r;
+    for (int i = 0; i < 2; ++i) r.push_back(t.train_step());
+    return r;
+  };
+  const std::vector<StepResult> want = steps(c);  // DP2 on the CPU (equal to one rank: test_parallel_mpi)
+  for (const char* backend : {"mpi", "nccl"})
+    for (bool distopt : {false, true}) {
+      Config g = c;
+      g.train.device = "cuda", g.parallel.backend = backend, g.parallel.distributed_optimizer = distopt;
+      const std::vector<StepResult> got = steps(g);
+      for (size_t i = 0; i < want.size(); ++i) {
+        const std::string tag = cat(backend, distopt ? " distributed optimizer" : "", " step ", i + 1);
+        EXPECT_NEAR(got[i].lm_loss, want[i].lm_loss, 1e-5 * want[i].lm_loss) << tag;
+        EXPECT_NEAR(got[i].grad_norm, want[i].grad_norm, 1e-4 * want[i].grad_norm) << tag;
+      }
+    }
 }

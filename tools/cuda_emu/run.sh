@@ -12,7 +12,7 @@ python3 $T/transform.py $R/kernels/cuda/common.cuh $E/tree/kernels/cuda/common.c
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 CU="-std=c++20 -O1 -include $T/emu.h -I$E/tree -I$R -I$T -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
 MPI_INC=$(mpicxx --showme:compile 2>/dev/null)
-CX="-std=c++20 -O1 -I$R -I$CUDA_INC $MPI_INC -DDECOTRON_WITH_CUDA=1 -DDECOTRON_BINARY=\"decotron\" -w"
+CX="-std=c++20 -O1 -I$R -I$CUDA_INC $MPI_INC -DDECOTRON_WITH_CUDA=1 -DDECOTRON_WITH_NCCL=1 -DDECOTRON_BINARY=\"decotron\" -w"
 build() {  # flags source object: recompiles when the source or a tool file is newer
   if [[ ! -f $3 || $2 -nt $3 || $T/emu.h -nt $3 ]]; then
     rm -f $3
@@ -28,9 +28,11 @@ run_limited() {  # runs `build args` in the background, at most N at a time; cou
 for f in $E/tree/core/cuda_backend.cpp $E/tree/kernels/cuda/*.cpp $T/fake_cuda.cpp; do
   run_limited "$CU" $f $E/obj/emu_$(basename $f .cpp).o
 done
-# The model and the parallel layer too, for tests/test_cuda_model.cpp (the model on the device).
+# The model, the parallel layer (NCCL through fake_nccl.cpp) and the trainer too, for
+# tests/test_cuda_model.cpp (the model and its parallel layouts on the device).
 for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/cpu/*.cpp $R/model/*.cpp $R/parallel/*.cpp \
-         $R/trainer/synthetic_data.cpp $R/tests/test_cuda_ops.cpp $R/tests/test_cuda_model.cpp; do
+         $R/trainer/synthetic_data.cpp $R/trainer/trainer.cpp $R/trainer/optimizer.cpp $R/trainer/lr_schedule.cpp \
+         $T/fake_nccl.cpp $R/tests/test_cuda_ops.cpp $R/tests/test_cuda_model.cpp; do
   run_limited "$CX" $f $E/obj/cpu_$(basename $f .cpp).o
 done
 while (( $(jobs -rp | wc -l) > 0 )); do wait -n || jobs_failed=1; done
