@@ -15,6 +15,7 @@ void register_generate(CLI::App& app);        // inference/commands.cpp
 void register_eval(CLI::App& app);            // inference/commands.cpp
 void register_bench(CLI::App& app);           // cli/bench.cpp: the `bench` parent
 void register_bench_train(CLI::App& bench);   // cli/bench_train.cpp
+void register_bench_kernels(CLI::App& bench); // cli/bench_kernels.cpp
 void register_bench_decode(CLI::App& bench);  // inference/commands.cpp
 void register_bench_comm(CLI::App& app);      // cli/bench_comm.cpp
 }  // namespace decotron::cli

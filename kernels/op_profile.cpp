@@ -23,6 +23,8 @@ void sync(Device d) {
 bool starts(const std::string& s, const char* p) { return s.rfind(p, 0) == 0; }
 }  // namespace
 
+void synchronize(Device device) { sync(device); }
+
 OpProfile& OpProfile::instance() {
   static OpProfile p;
   return p;

@@ -30,6 +30,9 @@ class OpProfile {
 // deco_experts, router, loss, embedding, optimizer, elementwise.
 const char* op_family(const std::string& op);
 
+// Waits for the device's queued work (a no-op on the CPU): benchmarks time between two of these.
+void synchronize(Device device);
+
 class OpTimer {
  public:
   OpTimer(const char* op, Device device);

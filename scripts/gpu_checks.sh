@@ -8,7 +8,8 @@
 #      CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
 #   4. two ranks sharing the GPU through the MPI backend (parallel.backend: mpi) against one rank:
 #      DP2, TP2, EP2 and TP2 + SP;
-#   5. `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse, dense-masked,
+#   5. `decotron bench kernels` (each kernel against the card's ceilings) and
+#      `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse, dense-masked,
 #      dense twin) and, when the peer script was carried in (.peer/torch_deco.py, copied from
 #      ../shared/peers/), the PyTorch peer on the same card: the table of docs/PERFORMANCE.md.
 # Usage (device tool): cp ../shared/peers/torch_deco.py .peer/ (ignored by git, name `.peer` in
@@ -79,6 +80,7 @@ done
 fi
 
 if want bench; then
+step bench-kernels-0.1b "$B" bench kernels --config configs/deco-0.1b.yaml --iters 20
 step bench-0.1b "$B" bench train --config configs/deco-0.1b.yaml --all-variants --steps "$STEPS" --warmup 3
 if [[ -f .peer/torch_deco.py ]]; then
   step peer python3 .peer/torch_deco.py --mode train --shape 0.1b --steps "$STEPS"

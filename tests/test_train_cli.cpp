@@ -103,3 +103,26 @@ TEST(TrainCli, UserErrorsAreClear) {
   EXPECT_NE(cuda.out.find("train.device"), std::string::npos) << cuda.out;
   EXPECT_EQ(run("train --help").code, 0);
 }
+
+// bench kernels runs every kernel at a config's shapes (here the CPU, fp32 and emulated bf16)
+// and prints one row each; a filter that matches nothing is a clear error.
+TEST(TrainCli, BenchKernelsRunsEveryKernel) {
+  fs::path dir = fs::temp_directory_path() / "decotron_cli_bench_kernels";
+  fs::remove_all(dir);
+  const std::string cfg = tiny_config(dir);
+  for (const char* dtype : {"fp32", "bf16"}) {
+    CliRun r = run("bench kernels --config " + cfg + " --iters 1 --warmup 0 --set train.dtype=" + dtype);
+    ASSERT_EQ(r.code, 0) << r.out;
+    for (const char* k : {"linear qkv fwd", "linear lm head chunk bwd", "attention bwd", "rmsnorm bwd", "rope fwd",
+                          "embedding bwd", "swiglu bwd", "route_pairs", "grouped_experts fwd", "grouped_experts bwd",
+                          "cross_entropy", "adamw_update", "convert fp32->bf16", "sum_squares"})
+      EXPECT_NE(r.out.find(std::string("| ") + k), std::string::npos) << dtype << ": no row for " << k << "\n" << r.out;
+    EXPECT_NE(r.out.find("ceilings measured now"), std::string::npos) << r.out;
+  }
+  CliRun only = run("bench kernels --config " + cfg + " --iters 1 --only attention");
+  EXPECT_EQ(only.code, 0) << only.out;
+  EXPECT_EQ(only.out.find("| rmsnorm"), std::string::npos) << only.out;
+  CliRun none = run("bench kernels --config " + cfg + " --only nosuchkernel");
+  EXPECT_EQ(none.code, 1) << none.out;
+  EXPECT_NE(none.out.find("--only"), std::string::npos) << none.out;
+}
