@@ -192,6 +192,7 @@ struct ParallelConfig {
   bool sequence = false;
   bool distributed_optimizer = false;
   bool overlap_grad_reduce = true;
+  bool overlap_param_gather = true;
   double grad_bucket_mb = 25.0;
   double timeout_s = 300.0;
   std::string backend = "auto";
@@ -211,6 +212,9 @@ struct ParallelConfig {
     v("overlap_grad_reduce", overlap_grad_reduce,
       "Start each gradient bucket's data-parallel reduction during the last micro-batch's backward pass, as soon "
       "as its gradients are complete (bit-identical to reducing after the backward)");
+    v("overlap_param_gather", overlap_param_gather,
+      "With the distributed optimizer: launch the parameter all-gathers after the update and let the next forward "
+      "pass wait for each bucket only when it first needs it (bit-identical to gathering at once)");
     v("grad_bucket_mb", grad_bucket_mb,
       "Size of the data-parallel gradient buckets in MiB: smaller ones start reducing earlier in the backward, "
       "larger ones use the links better");

@@ -1,5 +1,7 @@
 #include "model/parameter.h"
 
+#include <algorithm>
+
 #include "core/rng.h"
 #include "kernels/ops.h"
 #include "parallel/tensor_parallel.h"
@@ -63,7 +65,7 @@ void ParameterSet::initialize(uint64_t seed) {
       host = slice_shard(host, Shard{e.p->shard_dim, e.p->shard_start, e.p->value.dim(e.p->shard_dim)});
     e.p->value.copy_from(cast_cpu(host, dtype_).to(device_));
   }
-  compute_stale_ = true;
+  mark_master_changed();
 }
 
 void ParameterSet::set_compute_dtype(DType dtype) {
@@ -74,14 +76,17 @@ void ParameterSet::set_compute_dtype(DType dtype) {
     const bool copy = dtype != dtype_ && !p.full_precision;
     p.compute = copy ? Tensor::empty(p.value.shape(), dtype, device_) : Tensor();
   }
-  compute_stale_ = true;
+  mark_master_changed();
 }
 
-void ParameterSet::sync_compute() {
-  if (!compute_stale_) return;
-  for (auto& e : entries_)
-    if (e.p->compute.defined()) ops::convert(e.p->compute, e.p->value);
-  compute_stale_ = false;
+void ParameterSet::sync_compute(size_t begin, size_t end) {
+  compute_stale_.resize(entries_.size(), true);
+  for (size_t i = begin; i < std::min(end, entries_.size()); ++i) {
+    if (!compute_stale_[i]) continue;
+    Parameter& p = *entries_[i].p;
+    if (p.compute.defined()) ops::convert(p.compute, p.value);
+    compute_stale_[i] = false;
+  }
 }
 
 void ParameterSet::zero_grad() {

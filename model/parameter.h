@@ -3,6 +3,7 @@
 // parallel layouts and layout-free checkpoints (whole tensors keyed by global name) need no
 // change to the layers' math.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -76,9 +77,10 @@ class ParameterSet {
   DType compute_dtype() const { return compute_dtype_; }
   // The master weights changed (an optimizer step, a checkpoint loaded, initialize()): the
   // compute copies are refreshed by the next sync_compute().
-  void mark_master_changed() { compute_stale_ = true; }
-  // Refreshes the compute copies from the masters if they changed (one convert per parameter).
-  void sync_compute();
+  void mark_master_changed() { compute_stale_.assign(entries_.size(), true); }
+  // Refreshes the compute copies of all() [begin, end) whose masters changed (one convert per
+  // parameter); the forward pass refreshes each block's just before it runs.
+  void sync_compute(size_t begin = 0, size_t end = SIZE_MAX);
   std::vector<Parameter*> all() const;
   Parameter& find(const std::string& name) const;
   int64_t count() const;  // scalars in trainable parameters (whole tensors)
@@ -97,7 +99,7 @@ class ParameterSet {
   std::vector<Entry> entries_;
   DType dtype_;
   DType compute_dtype_ = dtype_;
-  bool compute_stale_ = true;
+  std::vector<bool> compute_stale_;  // per parameter (creation order)
   Device device_;
   int tp_rank_ = 0, tp_size_ = 1, ep_rank_ = 0, ep_size_ = 1;
 };

@@ -120,7 +120,7 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
                                   ForwardResult* res) {
   tokens_ = tokens;
   bs_ = bs;
-  params_.sync_compute();  // mixed precision: the compute copies of weights changed since last time
+  need_params(block_first_param_.empty() ? final_norm_first_param_ : block_first_param_[0]);
   // Activations in the compute dtype (the embedding's compute copy's).
   Tensor x = Tensor::empty({bs.tokens(), cfg_.hidden}, embedding_.w().dtype(), params_.device());
   if (tp_) {
@@ -132,7 +132,9 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
   } else {
     ops::embedding_forward(x, tokens, embedding_.w());
   }
-  for (auto& b : blocks_) {
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    auto& b = blocks_[i];
+    need_params(i + 1 < blocks_.size() ? block_first_param_[i + 1] : final_norm_first_param_);
     double reg_loss = 0;
     RoutingStats stats;
     x = b->forward(x, bs, reg, &stats, reg_loss);
@@ -141,7 +143,13 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
       res->routing.push_back(std::move(stats));
     }
   }
+  need_params(lm_head_param_);
   return final_norm_->forward(x);
+}
+
+void Transformer::need_params(size_t end) {
+  if (on_params_needed) on_params_needed(end);
+  params_.sync_compute(0, end);  // mixed precision: the bf16 copies of masters changed since last time
 }
 
 ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, const BatchShape& bs,
@@ -149,6 +157,7 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
   ForwardResult res;
   res.tokens = bs.tokens();
   Tensor h = trunk_forward(tokens, bs, reg, &res);
+  need_params(params_.all().size());
   // Under sequence parallelism the final norm ran on this rank's tokens: the vocabulary-parallel
   // LM head takes every token (Megatron's output layer: gathered, as a column-parallel linear).
   h_final_ = tp_ ? tpm_.enter(h) : h;
@@ -210,6 +219,7 @@ void Transformer::backward(double loss_scale) {
 Tensor Transformer::logits(const Tensor& tokens, const BatchShape& bs) {
   RegularizerSpec none;
   Tensor h = trunk_forward(tokens, bs, none, nullptr);
+  need_params(params_.all().size());
   h_final_ = tp_ ? tpm_.enter(h) : h;
   Tensor logits = Tensor::empty({h_final_.dim(0), lm_head_->value.dim(0)}, h.dtype(), h.device());
   ops::linear_forward(logits, h_final_, lm_head_->w());

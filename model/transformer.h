@@ -87,6 +87,10 @@ class Transformer {
   // LM head, the final norm, each block and the embedding. Data parallelism starts reducing
   // gradient buckets from it during the last micro-batch (parallel/grad_sync.h).
   std::function<void(size_t first_param)> on_grads_final;
+  // Optional, called by the forward pass before it first reads the parameters [0, end) (creation
+  // order): before the embedding, each block, the final norm and the LM head. The distributed
+  // optimizer's overlapped parameter all-gathers wait there (GradientSync::params_needed).
+  std::function<void(size_t end)> on_params_needed;
   // Tokens per chunk of the LM head + cross-entropy (0: the whole micro-batch at once): the
   // logits buffer is [chunk, V] instead of [T, V] (train.loss_chunk_tokens).
   void set_loss_chunk_tokens(int64_t n) { loss_chunk_tokens_ = n; }
@@ -106,6 +110,8 @@ class Transformer {
 
   // Fails unless the micro-batch's tokens split over the tensor-parallel ranks (sequence parallel).
   void check_token_split(const BatchShape& bs) const;
+  // The parameters [0, end) are about to be read: on_params_needed, then their compute copies.
+  void need_params(size_t end);
 
   ModelConfig cfg_;
   Communicator* tp_;

@@ -121,8 +121,10 @@ GradBuffer::~GradBuffer() {
   // Unwinding from an error (the job is about to abort): waiting for an in-flight bucket could
   // take the whole watchdog timeout if the peers are gone. Leak it instead, with the buffers it
   // uses (its tensors share their storage), so that MPI never writes into freed memory.
-  if (std::uncaught_exceptions() > 0)
+  if (std::uncaught_exceptions() > 0) {
     for (Bucket& b : buckets_) static_cast<void>(b.flight.release());
+    for (auto& f : param_flights_) static_cast<void>(f.release());
+  }
 }
 
 void GradBuffer::start_grad_sync(size_t b) {
@@ -160,28 +162,41 @@ void GradBuffer::finish_grad_sync(size_t b) {
 void GradBuffer::poke() {
   for (Bucket& k : buckets_)
     if (k.flight) k.flight->req->test();
+  for (auto& f : param_flights_)
+    if (f) f->req->test();
 }
 
 void GradBuffer::sync_params() {
+  // Every bucket launched, then all waited for: the collectives overlap each other.
+  start_param_sync();
+  for (size_t b = 0; b < buckets_.size(); ++b) finish_param_sync(b);
+}
+
+void GradBuffer::start_param_sync() {
   DT_ASSERT(distributed_, "sync_params() on a gradient buffer of group '", group_->name(), "' that is not sharded");
   const bool staging = group_->device() != device_;
   const int64_t es = dtype_size(dtype_);
-  std::vector<InFlight> flights(buckets_.size());
-  // Every bucket launched, then all waited for: the collectives overlap each other.
-  for (size_t b = 0; b < buckets_.size(); ++b) {
+  param_flights_.resize(buckets_.size());
+  for (size_t b = buckets_.size(); b-- > 0;) {
+    DT_ASSERT(!param_flights_[b], "start_param_sync() while bucket ", b, "'s gather is in flight");
     const Range r = layout_.buckets[b].range;
     const int64_t s = r.size() / layout_.shards;
     Tensor whole = param_.rows(r.begin, r.size());
-    InFlight& f = flights[b];
-    f.staged = comm_side(whole, *group_);
-    if (staging) f.result = whole;
-    char* base = static_cast<char*>(f.staged.raw());
-    f.req = group_->all_gather_async(base + group_->rank() * s * es, base, s, comm_type_of(dtype_));  // in place
+    auto f = std::make_unique<InFlight>();
+    f->staged = comm_side(whole, *group_);
+    if (staging) f->result = whole;
+    char* base = static_cast<char*>(f->staged.raw());
+    f->req = group_->all_gather_async(base + group_->rank() * s * es, base, s, comm_type_of(dtype_));  // in place
+    param_flights_[b] = std::move(f);
   }
-  for (InFlight& f : flights) {
-    f.req->wait();
-    if (f.result.defined()) f.result.copy_from(f.staged);
-  }
+}
+
+void GradBuffer::finish_param_sync(size_t b) {
+  if (!param_sync_in_flight(b)) return;
+  InFlight& f = *param_flights_[b];
+  f.req->wait();
+  if (f.result.defined()) f.result.copy_from(f.staged);
+  param_flights_[b].reset();
 }
 
 Tensor GradBuffer::gather(const Tensor& local) const {

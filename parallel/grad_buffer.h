@@ -86,7 +86,8 @@ class GradBuffer {
   void start_grad_sync(size_t b);
   void finish_grad_sync(size_t b);
   bool in_flight(size_t b) const { return buckets_[b].flight != nullptr; }
-  // Lets the in-flight collectives progress (MPI moves them on only inside MPI calls).
+  // Lets the in-flight collectives (reductions and parameter gathers) progress (MPI moves them on
+  // only inside MPI calls).
   void poke();
 
   // Distributed: the mean gradient of this rank's shards, laid out as layout().local(); valid
@@ -95,6 +96,14 @@ class GradBuffer {
   // Distributed: all-gathers every bucket of the parameter buffer in place, after the optimizer
   // updated this rank's shards: the parameters are then whole on every rank.
   void sync_params();
+  // The same in two halves, so that the gathers overlap the next forward pass (Megatron's
+  // overlap_param_gather): start launches every bucket's all-gather, the buckets the forward
+  // needs first (the last ones: buckets are in backward order) first; finish_param_sync(b) waits
+  // for bucket b's (nothing if it is not in flight). Parameters of a bucket in flight must not
+  // be read.
+  void start_param_sync();
+  void finish_param_sync(size_t b);
+  bool param_sync_in_flight(size_t b) const { return b < param_flights_.size() && param_flights_[b] != nullptr; }
   // Distributed: the whole flat tensor (layout().numel, on the group's device) from a tensor laid
   // out like grad_shard() on every rank. Collective (checkpoints gather the optimizer's moments).
   Tensor gather(const Tensor& local) const;
@@ -112,6 +121,7 @@ class GradBuffer {
   DType dtype_;
   Device device_;
   std::vector<Bucket> buckets_;
+  std::vector<std::unique_ptr<InFlight>> param_flights_;  // per bucket, while its all-gather runs
   Tensor grad_, param_, grad_shard_;  // param_ and grad_shard_ only when distributed
 };
 

@@ -6,7 +6,8 @@
 
 namespace decotron {
 
-GradientSync::GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx, Options opt) {
+GradientSync::GradientSync(const std::vector<Parameter*>& params, const ParallelContext& ctx, Options opt)
+    : overlap_param_gather_(opt.overlap_param_gather) {
   // Group the trainable parameters by (communicator, dtype), in backward order: the reverse of
   // creation. The buffers come out in the same order on every rank (which group a parameter
   // belongs to does not depend on the rank), and so do their collectives.
@@ -82,7 +83,24 @@ void GradientSync::finish_grad_sync() {
 
 void GradientSync::sync_params() {
   for (const auto& buf : buffers_)
-    if (buf->distributed()) buf->sync_params();
+    if (buf->distributed()) buf->start_param_sync();
+  if (!overlap_param_gather_) finish_param_sync();
+}
+
+void GradientSync::params_needed(size_t end) {
+  for (size_t k = 0; k < buffers_.size(); ++k) {
+    GradBuffer& buf = *buffers_[k];
+    if (!buf.distributed()) continue;
+    // Bucket b holds parameters of creation index ready_at_[k][b] and above (backward order).
+    for (size_t b = 0; b < buf.num_buckets(); ++b)
+      if (ready_at_[k][b] < end) buf.finish_param_sync(b);
+    buf.poke();
+  }
+}
+
+void GradientSync::finish_param_sync() {
+  for (const auto& buf : buffers_)
+    for (size_t b = 0; b < buf->num_buckets(); ++b) buf->finish_param_sync(b);
 }
 
 }  // namespace decotron

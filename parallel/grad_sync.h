@@ -34,6 +34,9 @@ class GradientSync {
   struct Options {
     size_t bucket_bytes = kDefaultBucketBytes;
     bool distributed_optimizer = false;  // shard: reduce-scatter the gradients, all-gather the parameters
+    // Distributed: sync_params() only launches the parameter all-gathers; the forward pass waits
+    // for each bucket when it first needs its parameters (params_needed).
+    bool overlap_param_gather = false;
   };
 
   // `params`: the model's parameters in creation order (ParameterSet::all()). Re-points the
@@ -50,8 +53,15 @@ class GradientSync {
   // Launches the buckets not launched yet, waits for every bucket and scales it: the gradients
   // (distributed: the grad shards) then hold the mean over their group.
   void finish_grad_sync();
-  // Distributed: after the optimizer updated this rank's shards, all-gathers the parameters.
+  // Distributed: after the optimizer updated this rank's shards, all-gathers the parameters
+  // (with overlap_param_gather, launches the all-gathers and returns).
   void sync_params();
+  // The forward pass is about to read params[0, end) (creation order): waits for the buckets
+  // holding any of them, and lets the others progress. Nothing to do without gathers in flight.
+  void params_needed(size_t end);
+  // Waits for every parameter all-gather in flight: the parameters are whole again. Whoever
+  // reads the parameters outside the forward pass (checkpoints, evaluation, export) calls it.
+  void finish_param_sync();
 
   const std::vector<std::unique_ptr<GradBuffer>>& buffers() const { return buffers_; }
   bool distributed() const;  // some buffer is sharded
@@ -59,6 +69,7 @@ class GradientSync {
 
  private:
   std::vector<std::unique_ptr<GradBuffer>> buffers_;
+  bool overlap_param_gather_ = false;
   // Per buffer and bucket, the smallest creation index of its parameters: the bucket is ready
   // once grads_final(first) has reported first <= it.
   std::vector<std::vector<size_t>> ready_at_;

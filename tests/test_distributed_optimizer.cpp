@@ -105,7 +105,7 @@ struct Replica {
   std::unique_ptr<GradientSync> sync;
   std::unique_ptr<AdamW> opt;
 
-  Replica(const ParallelContext& ctx, bool distributed) {
+  Replica(const ParallelContext& ctx, bool distributed, bool overlap_param_gather = false) {
     ps.add("embedding", {5, 3}, Partition::vocab, Init::normal, 0.5, true);
     ps.add("norm", {3}, Partition::replicated, Init::ones, 0, false);
     ps.add("w_up", {7, 3}, Partition::expert_rows, Init::normal, 0.5, true, 7);
@@ -117,6 +117,7 @@ struct Replica {
     GradientSync::Options o;
     o.bucket_bytes = 10 * sizeof(float);
     o.distributed_optimizer = distributed;
+    o.overlap_param_gather = overlap_param_gather;
     sync = std::make_unique<GradientSync>(ps.all(), ctx, o);
     TrainConfig tc;
     tc.lr = 1e-2;
@@ -150,7 +151,7 @@ TEST(DistOptWorker, ShardedAdamWEqualsReplicatedAndOverlapIsBitIdentical) {
   auto ctx = make_parallel_context(ParallelConfig{}, Device::cpu);
   const int n = ctx->dp->size(), rank = ctx->dp->rank();
   ASSERT_GE(n, 2);
-  Replica plain(*ctx, false), overlap(*ctx, false), dist(*ctx, true), dist_overlap(*ctx, true);
+  Replica plain(*ctx, false), overlap(*ctx, false), dist(*ctx, true), dist_overlap(*ctx, true, true);
   EXPECT_FALSE(plain.opt->distributed());
   EXPECT_TRUE(dist.opt->distributed());
   ASSERT_EQ(dist.sync->num_buckets(), 5u);  // [head] [b, g] [w_up] [norm] [embedding]
@@ -181,6 +182,15 @@ TEST(DistOptWorker, ShardedAdamWEqualsReplicatedAndOverlapIsBitIdentical) {
     EXPECT_NEAR(dnorm, norm, 1e-12 * norm) << "the norm over the shards, summed over the ranks";
     EXPECT_EQ(dist_overlap.opt->grad_norm(), dnorm);
     for (Replica* r : {&plain, &overlap, &dist, &dist_overlap}) r->opt->update(1e-2, std::min(1.0, 2.0 / norm));
+    // Overlapped parameter gathers: all launched by the update; the forward's first need (the
+    // embedding, parameter 0, in the last bucket) waits for that bucket only; the rest follow.
+    const GradBuffer& ob = *dist_overlap.sync->buffers()[0];
+    for (size_t b = 0; b < ob.num_buckets(); ++b) EXPECT_TRUE(ob.param_sync_in_flight(b)) << "bucket " << b;
+    dist_overlap.sync->params_needed(1);
+    EXPECT_FALSE(ob.param_sync_in_flight(4)) << "the embedding's bucket was not waited for";
+    EXPECT_TRUE(ob.param_sync_in_flight(0)) << "the head's bucket was waited for too early";
+    dist_overlap.sync->params_needed(num_params);
+    for (size_t b = 0; b < ob.num_buckets(); ++b) EXPECT_FALSE(ob.param_sync_in_flight(b)) << "bucket " << b;
     auto pd = dist.ps.all(), pdo = dist_overlap.ps.all();
     for (size_t i = 0; i < num_params; ++i) {
       // Two ranks add a + b in both collectives: the same bits; three may add in another order.
@@ -232,7 +242,7 @@ namespace {
 // Small buckets (10 KiB: about ten for the tiny DECO), so that several overlap the backward.
 const std::string kSmallBuckets = " --set parallel.grad_bucket_mb=0.01";
 const std::string kDistOpt = " --set parallel.distributed_optimizer=true";
-const std::string kNoOverlap = " --set parallel.overlap_grad_reduce=false";
+const std::string kNoOverlap = " --set parallel.overlap_grad_reduce=false --set parallel.overlap_param_gather=false";
 
 // Runs shared by the tests of this suite (each test process makes its own): one rank, and two
 // data-parallel ranks with and without the distributed optimizer; 20 steps, checkpoints at 10

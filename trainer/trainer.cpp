@@ -92,7 +92,12 @@ Trainer::Trainer(const Config& cfg, std::unique_ptr<TrainingData> data, const st
   GradientSync::Options sync;
   sync.bucket_bytes = static_cast<size_t>(cfg.parallel.grad_bucket_mb * (1 << 20));
   sync.distributed_optimizer = cfg.parallel.distributed_optimizer;
+  sync.overlap_param_gather = cfg.parallel.overlap_param_gather;
   grad_sync_ = std::make_unique<GradientSync>(model_->params().all(), *par_, sync);
+  // The distributed optimizer's overlapped parameter all-gathers: the forward waits for each
+  // bucket as it reaches its parameters.
+  if (grad_sync_->distributed())
+    model_->on_params_needed = [this](size_t end) { grad_sync_->params_needed(end); };
   optimizer_ = std::make_unique<AdamW>(model_->params(), cfg.train, grad_sync_.get());
   optimizer_->set_tensor_parallel(par_->tp.get());
   optimizer_->set_expert_parallel(par_->ep.get());

@@ -67,8 +67,17 @@ class Trainer {
   void request_stop() { stop_requested_ = true; }
   bool stop_requested() const { return stop_requested_; }
 
-  Transformer& model() { return *model_; }
-  AdamW& optimizer() { return *optimizer_; }
+  // The model and the optimizer for readers outside the training step (checkpoints, export,
+  // benchmarks): the distributed optimizer's parameter all-gathers still in flight are waited
+  // for first, so that no one reads a half-gathered parameter.
+  Transformer& model() {
+    grad_sync_->finish_param_sync();
+    return *model_;
+  }
+  AdamW& optimizer() {
+    grad_sync_->finish_param_sync();
+    return *optimizer_;
+  }
   SparsityController& controller() { return controller_; }
   TrainState& state() { return state_; }
   const Config& config() const { return cfg_; }
