@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs tests/test_cuda_ops.cpp and tests/test_cuda_model.cpp against the CUDA kernels executed on the host (see README.md).
-# Usage: tools/cuda_emu/run.sh [gtest flags...]     (builds into build-emu/)
+# Usage: tools/cuda_emu/run.sh [gtest flags...]     (builds into build-emu/; EMU_JOBS=n compiles n at a time, default nproc)
 set -e
 R=$(cd "$(dirname "$0")/../.." && pwd)
 T=$R/tools/cuda_emu
@@ -13,12 +13,17 @@ CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 CU="-std=c++20 -O1 -include $T/emu.h -I$E/tree -I$R -I$T -I$CUDA_INC -DDECOTRON_WITH_CUDA=1 -w"
 MPI_INC=$(mpicxx --showme:compile 2>/dev/null)
 CX="-std=c++20 -O1 -I$R -I$CUDA_INC $MPI_INC -DDECOTRON_WITH_CUDA=1 -w"
-build() {  # flags source object: recompiles when the source or a tool file is newer
-  if [[ ! -f $3 || $2 -nt $3 || $T/emu.h -nt $3 ]]; then g++ $1 -c $2 -o $3; fi
+build() {  # flags source object [dependencies...]: recompiles when the source or a dependency is newer
+  local f
+  for f in "$2" "${@:4}"; do
+    if [[ ! -f $3 || $f -nt $3 ]]; then g++ $1 -c $2 -o $3; return; fi
+  done
 }
-N=$(nproc)
+# The emulated kernels also depend on the tool headers and the kernel headers.
+KDEPS="$T/emu.h $T/wmma_emu.h $E/tree/kernels/cuda/common.cuh $(ls $R/kernels/cuda/*.h)"
+N=${EMU_JOBS:-$(nproc)}
 for f in $E/tree/core/cuda_backend.cpp $E/tree/kernels/cuda/*.cpp $T/fake_cuda.cpp; do
-  build "$CU" $f $E/obj/emu_$(basename $f .cpp).o &
+  build "$CU" $f $E/obj/emu_$(basename $f .cpp).o $KDEPS &
   if (( $(jobs -r | wc -l) >= N )); then wait -n; fi
 done
 # The model and the parallel layer too, for tests/test_cuda_model.cpp (the model on the device).
