@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs tests/test_cuda_ops.cpp and tests/test_cuda_model.cpp against the CUDA kernels executed on the host (see README.md).
-# Usage: tools/cuda_emu/run.sh [gtest flags...]     (builds into build-emu/; EMU_JOBS=n compiles n at a time, default nproc)
+# Usage: tools/cuda_emu/run.sh [gtest flags...]     (builds into build-emu/)
+# EMU_JOBS=n compiles n files at a time (default: nproc).
 set -e
 R=$(cd "$(dirname "$0")/../.." && pwd)
 T=$R/tools/cuda_emu
