@@ -277,16 +277,17 @@ __global__ void flash_delta_kernel(float* delta, const bf16_t* dout, const bf16_
 
 // P and dS of one 16 x 64 block of scores (this warp's rows), from S and dP (fp32, ld kLdS):
 // p = exp(s scale - lse), ds = p (dp - delta) scale, both written as bf16 (ld kLdP); entries
-// outside `valid` are 0. Row values (lse, delta) per row or per column as `by_row` says. Two
-// lanes per row, 32 columns each (2t + half).
-template <bool kByRow, class Valid>
+// outside valid(row, col) are 0; p may be null (kernel B needs only dS). The queries, whose
+// lse and delta apply, are the rows (kQueryRows: kernel B's S) or the columns (kernel A's S^T).
+// Two lanes per row, 32 columns each (2t + half).
+template <bool kQueryRows, class Valid>
 __device__ __forceinline__ void probs_and_grads(bf16_t* p, bf16_t* ds, const float* s, const float* dp,
                                                 const float* lse_s, const float* delta_s, float scale, Valid valid) {
   const int lane = threadIdx.x % 32, rr = lane / 2, half = lane % 2;
 #pragma unroll 4
   for (int t = 0; t < kTile / 2; ++t) {
     const int c = 2 * t + half;
-    const int x = kByRow ? rr : c;  // index of the query (the row of lse/delta)
+    const int x = kQueryRows ? rr : c;  // the query's index into lse_s, delta_s
     float pv = 0.0f, dsv = 0.0f;
     if (valid(rr, c)) {
       pv = expf(s[rr * kLdS + c] * scale - lse_s[x]);
