@@ -1,7 +1,10 @@
-// Causal grouped-query attention on the GPU: a plain reference kernel (fp32 or bf16 storage,
-// fp32 arithmetic), correct and deterministic, not fast (flash attention through cuDNN is the fast path still to come; see
-// docs/cuda-backend.md). Same layout and contract as the CPU reference: q, out [B, S, H, D];
-// k, v [B, S, G, D]; lse [B, H, S] (fp32), the backward recomputes probabilities from it.
+// Causal grouped-query attention on the GPU. bf16 with head_dim 64 or 128 runs the flash
+// kernels (kernels/cuda/flash_attention.cu: tiled, tensor cores); everything else (fp32, other
+// widths) runs the plain reference kernels below (fp32 or bf16 storage, fp32 arithmetic),
+// correct and deterministic, not fast, and kept as the flash kernels' test oracle.
+// DECOTRON_ATTENTION=reference (read once) forces the reference kernels, e.g. to benchmark
+// both. Same layout and contract as the CPU reference: q, out [B, S, H, D]; k, v [B, S, G, D];
+// lse [B, H, S] (fp32), the backward recomputes probabilities from it.
 //
 // Forward: one block per (query row i, head h, batch b): scores of keys 0..i into shared
 //   memory, block max and sum, lse, then out = P V with threads over D.
@@ -13,9 +16,14 @@
 //       ds_ij for i >= j into shared memory, then dv_j += sum_i p_ij dout_i and
 //       dk_j += sum_i ds_ij q_i, summed over i in order by the thread owning each d.
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/flash_attention.h"
 
 namespace decotron::cuda {
 
@@ -156,7 +164,29 @@ void check_shapes(const AttnShape& s, const Tensor& q, const Tensor& k, const Te
   DT_ASSERT(s.seq < (int64_t(1) << 31) && s.heads <= 65535 && s.batch <= 65535, op, ": shape too large");
 }
 
+AttentionPath last_path = AttentionPath::none;
+
+// DECOTRON_ATTENTION: unset, "auto" or "flash" = flash where supported; "reference" = never.
+bool reference_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("DECOTRON_ATTENTION");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0 || std::strcmp(e, "flash") == 0) return false;
+    if (std::strcmp(e, "reference") == 0) return true;
+    fail("DECOTRON_ATTENTION=", e, ": expected reference, flash or auto");
+  }();
+  return forced;
+}
+
+// The flash kernels move 16 bytes at a time; a view at an odd offset takes the reference path.
+bool aligned16(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (reinterpret_cast<uintptr_t>(t->raw()) % 16 != 0) return false;
+  return true;
+}
+
 }  // namespace
+
+AttentionPath last_attention_path() { return last_path; }
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v, const AttnShape& s) {
   check_shapes(s, q, k, v, "attention_forward");
@@ -166,6 +196,12 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   if (q.numel() == 0) return;
   const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
             D = static_cast<int>(s.head_dim);
+  if (!reference_forced() && flash_attention_supported(q, s) && aligned16({&out, &q, &k, &v})) {
+    flash_attention_forward(out, lse, q, k, v, s);
+    last_path = AttentionPath::flash;
+    return;
+  }
+  last_path = AttentionPath::reference;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   DT_CUDA_F32_BF16(q.dtype(), "attention_forward", T, {
     const size_t smem = (static_cast<size_t>(D) + S) * sizeof(float);
@@ -190,6 +226,13 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   if (q.numel() == 0) return;
   const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
             D = static_cast<int>(s.head_dim);
+  if (!reference_forced() && flash_attention_supported(q, s) &&
+      aligned16({&dq, &dk, &dv, &dout, &q, &k, &v, &out})) {
+    flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s);
+    last_path = AttentionPath::flash;
+    return;
+  }
+  last_path = AttentionPath::reference;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   cudaStream_t st = context().stream;
   DT_CUDA_F32_BF16(q.dtype(), "attention_backward", T, {

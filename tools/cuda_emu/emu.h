@@ -1,5 +1,6 @@
 // Host emulation of the CUDA execution model, for checking kernels without a GPU: every
-// block runs its threads as std::threads, __syncthreads and warp collectives on barriers.
+// block runs its threads as std::threads, __syncthreads, __syncwarp and warp collectives on
+// barriers; nvcuda::wmma from wmma_emu.h.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -72,6 +73,7 @@ template <class F, class... A> void launch(Cfg c, F f, A... a) {
 
 extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline void __syncthreads() { emu::cur_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur_block->warps[emu::cur_tid / 32]->bar.arrive_and_wait(); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int o) {
   static_assert(sizeof(T) <= 8);
   emu::Warp& w = *emu::cur_block->warps[emu::cur_tid / 32];
@@ -99,3 +101,4 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_S
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 template <class R, class... P> cudaError_t cudaFuncSetAttribute(R (*)(P...), cudaFuncAttribute, int) { return cudaSuccess; }
+#include "wmma_emu.h"  // nvcuda::wmma (kernels include <mma.h>; transform.py drops that line)
