@@ -14,6 +14,9 @@
 #include "core/rng.h"
 #include "kernels/op_profile.h"
 #include "kernels/ops.h"
+#ifdef DECOTRON_WITH_CUDA
+#include "kernels/cuda/flash_attention.h"
+#endif
 
 namespace decotron::cli {
 
@@ -130,10 +133,32 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
          dv = std::make_shared<Tensor>(Tensor::empty({B, S, G, D}, dt, dev));
     ops::attention_forward(*o, *lse, *q, *k, *v, s);
     const double f = 2.0 * B * H * static_cast<double>(S) * S * D;
-    out.push_back({"attention fwd", shape_of({B, S, H, G, D}), f, e * (2 * T * H * D + 2 * T * G * D),
-                   [=] { ops::attention_forward(*o, *lse, *q, *k, *v, s); }});
-    out.push_back({"attention bwd", shape_of({B, S, H, G, D}), 2.5 * f, e * (4 * T * H * D + 4 * T * G * D),
-                   [=] { ops::attention_backward(*dq, *dk, *dv, *o, *q, *k, *v, *o, *lse, s); }});
+    // On a GPU every path the build has, fastest first (the row names the path that ran).
+    std::vector<std::string> paths{""};
+#ifdef DECOTRON_WITH_CUDA
+    if (dev == Device::cuda) paths = {"cudnn", "flash", "reference"};
+#endif
+    for (const std::string& path : paths) {
+      auto choose = [path] {
+#ifdef DECOTRON_WITH_CUDA
+        using cuda::AttentionPath;
+        cuda::set_attention_override(path == "cudnn"   ? AttentionPath::cudnn
+                                     : path == "flash" ? AttentionPath::flash
+                                     : path == "reference" ? AttentionPath::reference
+                                                           : AttentionPath::none);
+#else
+        (void)path;
+#endif
+      };
+      out.push_back({"attention fwd", shape_of({B, S, H, G, D}), f, e * (2 * T * H * D + 2 * T * G * D), [=] {
+                       choose();
+                       ops::attention_forward(*o, *lse, *q, *k, *v, s);
+                     }});
+      out.push_back({"attention bwd", shape_of({B, S, H, G, D}), 2.5 * f, e * (4 * T * H * D + 4 * T * G * D), [=] {
+                       choose();
+                       ops::attention_backward(*dq, *dk, *dv, *o, *q, *k, *v, *o, *lse, s);
+                     }});
+    }
   }
 
   // Row-wise kernels on [T, h] and the shared expert's [T, Fs].
@@ -265,6 +290,13 @@ void run_bench_kernels(const KernelArgs& a) {
     }
     const double t = time_per_call(b.run, dev, a.iters, a.warmup);
     const double tf = b.flops / t / 1e12, gbs = b.bytes / t / 1e9;
+#ifdef DECOTRON_WITH_CUDA
+    if (dev == Device::cuda && b.name.rfind("attention", 0) == 0) {
+      const cuda::AttentionPath p = cuda::last_attention_path();
+      b.name += p == cuda::AttentionPath::cudnn ? " (cuDNN)" : p == cuda::AttentionPath::flash ? " (flash)" : " (reference)";
+      cuda::set_attention_override(cuda::AttentionPath::none);
+    }
+#endif
     std::printf("| %s | %s | %.4f | %.3f | %.1f%% | %.1f | %.1f%% |\n", b.name.c_str(), b.shape.c_str(), 1e3 * t, tf,
                 100 * tf / peak, gbs, 100 * gbs / bw);
     std::fflush(stdout);

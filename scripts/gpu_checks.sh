@@ -12,8 +12,9 @@
 #      `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse, dense-masked,
 #      dense twin) and, when the peer script was carried in (.peer/torch_deco.py, copied from
 #      ../shared/peers/), the PyTorch peer on the same card: the table of docs/PERFORMANCE.md.
-# Usage (device tool): cp ../shared/peers/torch_deco.py .peer/ (ignored by git, name `.peer` in
-# carry), then run `OUT=$OUT scripts/gpu_checks.sh [PHASES] [STEPS]`. PHASES: a comma list of
+# Usage (device tool): cp ../shared/peers/torch_deco.py .peer/ and scripts/fetch_cudnn_frontend.sh
+# here (both git-ignored: carry [".peer", "third_party/cudnn-frontend"]; the device machine has no
+# network), then run `OUT=$OUT scripts/gpu_checks.sh [PHASES] [STEPS]`. PHASES: a comma list of
 # build, tests, tiny, parallel, bench (default all of them). A device call is limited to 10
 # minutes: if all of them do not fit, run `build,tests,tiny` in one call and `parallel,bench` in
 # the next while the machine is warm (the build directory stays there between calls).

@@ -1,9 +1,10 @@
-// Causal grouped-query attention on the GPU. bf16 with head_dim 64 or 128 runs the flash
-// kernels (kernels/cuda/flash_attention.cu: tiled, tensor cores); everything else (fp32, other
-// widths) runs the plain reference kernels below (fp32 or bf16 storage, fp32 arithmetic),
-// correct and deterministic, not fast, and kept as the flash kernels' test oracle.
-// DECOTRON_ATTENTION=reference (read once) forces the reference kernels, e.g. to benchmark
-// both. Same layout and contract as the CPU reference: q, out [B, S, H, D]; k, v [B, S, G, D];
+// Causal grouped-query attention on the GPU. bf16 goes to cuDNN's fused SDPA where this build
+// has it and cuDNN has a plan (kernels/cuda/cudnn_attention.cu), else, with head_dim 64 or 128,
+// to the flash kernels (kernels/cuda/flash_attention.cu: tiled, tensor cores); everything else
+// (fp32, other widths) runs the plain reference kernels below (fp32 or bf16 storage, fp32
+// arithmetic), correct and deterministic, not fast, and kept as the test oracle.
+// DECOTRON_ATTENTION=flash or =reference (read once) skips the faster paths, e.g. to benchmark
+// them against each other. Same layout and contract as the CPU reference: q, out [B, S, H, D]; k, v [B, S, G, D];
 // lse [B, H, S] (fp32), the backward recomputes probabilities from it.
 //
 // Forward: one block per (query row i, head h, batch b): scores of keys 0..i into shared
@@ -23,6 +24,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/cudnn_attention.h"
 #include "kernels/cuda/flash_attention.h"
 
 namespace decotron::cuda {
@@ -166,16 +168,33 @@ void check_shapes(const AttnShape& s, const Tensor& q, const Tensor& k, const Te
 
 AttentionPath last_path = AttentionPath::none;
 
-// DECOTRON_ATTENTION: unset, "auto" or "flash" = flash where supported; "reference" = never.
-bool reference_forced() {
-  static const bool forced = [] {
+// DECOTRON_ATTENTION (read once): unset or "auto" = cuDNN, else the flash kernels, else the
+// reference, each where it supports the tensors; "flash" skips cuDNN; "reference" uses the
+// reference kernels only.
+enum class Choice { automatic, flash, reference };
+Choice attention_choice() {
+  static const Choice c = [] {
     const char* e = std::getenv("DECOTRON_ATTENTION");
-    if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0 || std::strcmp(e, "flash") == 0) return false;
-    if (std::strcmp(e, "reference") == 0) return true;
-    fail("DECOTRON_ATTENTION=", e, ": expected reference, flash or auto");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0 || std::strcmp(e, "cudnn") == 0)
+      return Choice::automatic;
+    if (std::strcmp(e, "flash") == 0) return Choice::flash;
+    if (std::strcmp(e, "reference") == 0) return Choice::reference;
+    fail("DECOTRON_ATTENTION=", e, ": expected auto, cudnn, flash or reference");
   }();
-  return forced;
+  return c;
 }
+AttentionPath override_path = AttentionPath::none;
+Choice choice() {
+  switch (override_path) {
+    case AttentionPath::cudnn: return Choice::automatic;
+    case AttentionPath::flash: return Choice::flash;
+    case AttentionPath::reference: return Choice::reference;
+    case AttentionPath::none: break;
+  }
+  return attention_choice();
+}
+bool reference_forced() { return choice() == Choice::reference; }
+bool cudnn_allowed() { return choice() == Choice::automatic; }
 
 // The flash kernels move 16 bytes at a time; a view at an odd offset takes the reference path.
 bool aligned16(std::initializer_list<const Tensor*> ts) {
@@ -187,6 +206,7 @@ bool aligned16(std::initializer_list<const Tensor*> ts) {
 }  // namespace
 
 AttentionPath last_attention_path() { return last_path; }
+void set_attention_override(AttentionPath p) { override_path = p; }
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v, const AttnShape& s) {
   check_shapes(s, q, k, v, "attention_forward");
@@ -196,6 +216,10 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   if (q.numel() == 0) return;
   const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
             D = static_cast<int>(s.head_dim);
+  if (cudnn_allowed() && cudnn_attention_forward(out, lse, q, k, v, s)) {
+    last_path = AttentionPath::cudnn;
+    return;
+  }
   if (!reference_forced() && flash_attention_supported(q, s) && aligned16({&out, &q, &k, &v})) {
     flash_attention_forward(out, lse, q, k, v, s);
     last_path = AttentionPath::flash;
@@ -226,6 +250,10 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   if (q.numel() == 0) return;
   const int S = static_cast<int>(s.seq), H = static_cast<int>(s.heads), G = static_cast<int>(s.kv_heads),
             D = static_cast<int>(s.head_dim);
+  if (cudnn_allowed() && cudnn_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s)) {
+    last_path = AttentionPath::cudnn;
+    return;
+  }
   if (!reference_forced() && flash_attention_supported(q, s) &&
       aligned16({&dq, &dk, &dv, &dout, &q, &k, &v, &out})) {
     flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s);

@@ -21,8 +21,12 @@ void flash_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& 
                               const Tensor& v, const Tensor& out, const Tensor& lse, const ops::AttnShape& s);
 
 // Which kernels the latest cuda::attention_forward/backward call ran (for tests and benchmarks).
-enum class AttentionPath { none, reference, flash };
+enum class AttentionPath { none, reference, flash, cudnn };
 AttentionPath last_attention_path();
+// Tests and benchmarks pick the path over DECOTRON_ATTENTION: flash = skip cuDNN, reference =
+// the reference kernels only, cudnn = every path in order (the default); none = back to the
+// environment's choice.
+void set_attention_override(AttentionPath p);
 
 }  // namespace decotron::cuda
 #endif
