@@ -73,7 +73,8 @@ std::string shape_of(std::initializer_list<int64_t> dims) {
 double gemm_tflops(Device dev) {
   const int64_t n = dev == Device::cuda ? 8192 : 1024;
   const DType dt = dev == Device::cuda ? DType::bf16 : DType::f32;
-  Tensor a = Tensor::zeros({n, n}, dt, dev), b = Tensor::zeros({n, n}, dt, dev), c = Tensor::zeros({n, n}, DType::f32, dev);
+  Tensor a = Tensor::zeros({n, n}, dt, dev), b = Tensor::zeros({n, n}, dt, dev),
+         c = Tensor::zeros({n, n}, DType::f32, dev);
   const double t = time_per_call([&] { ops::linear_forward(c, a, b); }, dev, dev == Device::cuda ? 20 : 3, 1);
   return 2.0 * n * n * n / t / 1e12;
 }
@@ -126,7 +127,8 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
   {
     const ops::AttnShape s{B, S, H, G, D};
     auto q = std::make_shared<Tensor>(rnd({B, S, H, D})), k = std::make_shared<Tensor>(rnd({B, S, G, D})),
-         v = std::make_shared<Tensor>(rnd({B, S, G, D})), o = std::make_shared<Tensor>(Tensor::empty({B, S, H, D}, dt, dev));
+         v = std::make_shared<Tensor>(rnd({B, S, G, D})),
+         o = std::make_shared<Tensor>(Tensor::empty({B, S, H, D}, dt, dev));
     auto lse = std::make_shared<Tensor>(Tensor::empty({B, H, S}, sdt, dev));
     auto dq = std::make_shared<Tensor>(Tensor::empty({B, S, H, D}, dt, dev)),
          dk = std::make_shared<Tensor>(Tensor::empty({B, S, G, D}, dt, dev)),
@@ -142,8 +144,8 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
       auto choose = [path] {
 #ifdef DECOTRON_WITH_CUDA
         using cuda::AttentionPath;
-        cuda::set_attention_override(path == "cudnn"   ? AttentionPath::cudnn
-                                     : path == "flash" ? AttentionPath::flash
+        cuda::set_attention_override(path == "cudnn"       ? AttentionPath::cudnn
+                                     : path == "flash"     ? AttentionPath::flash
                                      : path == "reference" ? AttentionPath::reference
                                                            : AttentionPath::none);
 #else
@@ -164,8 +166,10 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
   // Row-wise kernels on [T, h] and the shared expert's [T, Fs].
   {
     auto x = std::make_shared<Tensor>(rnd({T, h})), w = std::make_shared<Tensor>(rnd({h}, DType::f32, 0.1, 1.0));
-    auto y = std::make_shared<Tensor>(Tensor::empty({T, h}, dt, dev)), rstd = std::make_shared<Tensor>(Tensor::empty({T}, sdt, dev));
-    auto dx = std::make_shared<Tensor>(Tensor::empty({T, h}, dt, dev)), dw = std::make_shared<Tensor>(Tensor::zeros({h}, sdt, dev));
+    auto y = std::make_shared<Tensor>(Tensor::empty({T, h}, dt, dev)),
+         rstd = std::make_shared<Tensor>(Tensor::empty({T}, sdt, dev));
+    auto dx = std::make_shared<Tensor>(Tensor::empty({T, h}, dt, dev)),
+         dw = std::make_shared<Tensor>(Tensor::zeros({h}, sdt, dev));
     ops::rmsnorm_forward(*y, *rstd, *x, *w, 1e-5);
     out.push_back({"rmsnorm fwd", shape_of({T, h}), 4.0 * T * h, 2 * e * T * h,
                    [=] { ops::rmsnorm_forward(*y, *rstd, *x, *w, 1e-5); }});
@@ -175,18 +179,22 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
                    [=] { ops::rope_forward(*y, *x, B, S, H, D, m.rope_base); }});
     out.push_back({"add_ (residual)", shape_of({T, h}), 1.0 * T * h, 3 * e * T * h, [=] { ops::add_(*y, *x); }});
     auto tok = std::make_shared<Tensor>(random_ids(T, V, dev, stream++));
-    auto table = std::make_shared<Tensor>(rnd({V, h})), dtable = std::make_shared<Tensor>(Tensor::zeros({V, h}, sdt, dev));
+    auto table = std::make_shared<Tensor>(rnd({V, h})),
+         dtable = std::make_shared<Tensor>(Tensor::zeros({V, h}, sdt, dev));
     auto dy32 = std::make_shared<Tensor>(rnd32({T, h}));
-    out.push_back({"embedding fwd", shape_of({T, h}), 0, 2 * e * T * h, [=] { ops::embedding_forward(*y, *tok, *table); }});
+    out.push_back(
+        {"embedding fwd", shape_of({T, h}), 0, 2 * e * T * h, [=] { ops::embedding_forward(*y, *tok, *table); }});
     out.push_back({"embedding bwd", shape_of({T, h}), 1.0 * T * h, 3.0 * dtype_size(sdt) * T * h,
                    [=] { ops::embedding_backward(*dtable, *tok, *dy32); }});
   }
   if (Fs > 0 || F > 0) {
     const int64_t W = Fs > 0 ? Fs : F;
     auto g = std::make_shared<Tensor>(rnd({T, W})), u = std::make_shared<Tensor>(rnd({T, W}));
-    auto hh = std::make_shared<Tensor>(Tensor::empty({T, W}, dt, dev)), dg = std::make_shared<Tensor>(Tensor::empty({T, W}, dt, dev)),
+    auto hh = std::make_shared<Tensor>(Tensor::empty({T, W}, dt, dev)),
+         dg = std::make_shared<Tensor>(Tensor::empty({T, W}, dt, dev)),
          du = std::make_shared<Tensor>(Tensor::empty({T, W}, dt, dev));
-    out.push_back({"swiglu fwd", shape_of({T, W}), 6.0 * T * W, 3 * e * T * W, [=] { ops::swiglu_forward(*hh, *g, *u); }});
+    out.push_back(
+        {"swiglu fwd", shape_of({T, W}), 6.0 * T * W, 3 * e * T * W, [=] { ops::swiglu_forward(*hh, *g, *u); }});
     out.push_back({"swiglu bwd", shape_of({T, W}), 10.0 * T * W, 5 * e * T * W,
                    [=] { ops::swiglu_backward(*dg, *du, *hh, *g, *u); }});
   }
@@ -230,9 +238,9 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
          dw_down = std::make_shared<Tensor>(Tensor::zeros({h, E * d}, sdt, dev)),
          dgamma = std::make_shared<Tensor>(Tensor::zeros({d}, sdt, dev));
     const std::string shp = shape_of({P, h, E, d});
-    out.push_back({"grouped_experts fwd", shp, 4.0 * P * h * d, e * (3.0 * P * h + 2.0 * E * d * h + 3.0 * P * d), fwd});
-    out.push_back({"grouped_experts bwd", shp, 8.0 * P * h * d, e * (5.0 * P * h + 2.0 * E * d * h + 5.0 * P * d),
-                   [=] {
+    out.push_back(
+        {"grouped_experts fwd", shp, 4.0 * P * h * d, e * (3.0 * P * h + 2.0 * E * d * h + 3.0 * P * d), fwd});
+    out.push_back({"grouped_experts bwd", shp, 8.0 * P * h * d, e * (5.0 * P * h + 2.0 * E * d * h + 5.0 * P * d), [=] {
                      ops::grouped_experts_backward(*dxp, *dsp, *gx, *dw_pre, nullptr, *dgamma, *dw_down, *outp, *cache,
                                                    *xp, pairs->offsets, *sp, *w_bar, *w_pre, nullptr, *gamma, *w_down,
                                                    mode, 1e-5);
@@ -253,10 +261,13 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
     int64_t n = V * h * 2;
     for (int64_t l = 0; l < m.layers; ++l) n += 4 * h * h + 3 * h * std::max<int64_t>(F, 2 * E * d / 3);
     n = std::min<int64_t>(n, int64_t(1) << 28);
-    auto p = std::make_shared<Tensor>(random({n}, DType::f32, dev, stream++, 0.02)), mm = std::make_shared<Tensor>(Tensor::zeros({n}, DType::f32, dev)),
-         vv = std::make_shared<Tensor>(Tensor::zeros({n}, DType::f32, dev)), g = std::make_shared<Tensor>(random({n}, DType::f32, dev, stream++, 0.001));
+    auto p = std::make_shared<Tensor>(random({n}, DType::f32, dev, stream++, 0.02)),
+         mm = std::make_shared<Tensor>(Tensor::zeros({n}, DType::f32, dev)),
+         vv = std::make_shared<Tensor>(Tensor::zeros({n}, DType::f32, dev)),
+         g = std::make_shared<Tensor>(random({n}, DType::f32, dev, stream++, 0.001));
     const ops::AdamWStep st{1e-4, 0.9, 0.95, 1e-8, 0.1, 1};
-    out.push_back({"adamw_update", shape_of({n}), 15.0 * n, 28.0 * n, [=] { ops::adamw_update(*p, *mm, *vv, *g, st, 1.0); }});
+    out.push_back(
+        {"adamw_update", shape_of({n}), 15.0 * n, 28.0 * n, [=] { ops::adamw_update(*p, *mm, *vv, *g, st, 1.0); }});
     auto b = std::make_shared<Tensor>(Tensor::empty({n}, DType::bf16, dev));
     out.push_back({"convert fp32->bf16 (weight copies)", shape_of({n}), 0, 6.0 * n, [=] { ops::convert(*b, *p); }});
     out.push_back({"sum_squares (grad norm)", shape_of({n}), 2.0 * n, 4.0 * n, [=] { (void)ops::sum_squares(*g); }});
@@ -269,13 +280,14 @@ void run_bench_kernels(const KernelArgs& a) {
   const Device dev = cfg.train.device == "cuda" ? Device::cuda : Device::cpu;
   const DType dt = cfg.train.dtype == "bf16" ? DType::bf16 : DType::f32;
   std::printf("bench kernels: %s, %s, %s, one micro-batch: %lld x %lld tokens, %lld calls after %lld warmup\n",
-              a.config.c_str(), device_name(dev), cfg.train.dtype.c_str(), static_cast<long long>(cfg.train.micro_batch),
-              static_cast<long long>(cfg.model.seq_len), static_cast<long long>(a.iters),
-              static_cast<long long>(a.warmup));
+              a.config.c_str(), device_name(dev), cfg.train.dtype.c_str(),
+              static_cast<long long>(cfg.train.micro_batch), static_cast<long long>(cfg.model.seq_len),
+              static_cast<long long>(a.iters), static_cast<long long>(a.warmup));
   const double peak = gemm_tflops(dev), bw = copy_gbs(dev);
   std::printf("ceilings measured now: dense GEMM %.3f TFLOP/s (%s), device copy %.1f GB/s\n\n", peak,
               dev == Device::cuda ? "bf16 8192^3" : "fp32 1024^3", bw);
-  std::printf("| kernel | shape | ms/call | TFLOP/s | %% of GEMM | GB/s | %% of copy |\n|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| kernel | shape | ms/call | TFLOP/s | %% of GEMM | GB/s | %% of copy |\n|---|---|---|---|---|---|---|\n");
   std::set<std::string> seen;
   for (Bench& b : make_benches(cfg, dev, dt)) {
     if (!a.only.empty()) {
@@ -293,7 +305,9 @@ void run_bench_kernels(const KernelArgs& a) {
 #ifdef DECOTRON_WITH_CUDA
     if (dev == Device::cuda && b.name.rfind("attention", 0) == 0) {
       const cuda::AttentionPath p = cuda::last_attention_path();
-      b.name += p == cuda::AttentionPath::cudnn ? " (cuDNN)" : p == cuda::AttentionPath::flash ? " (flash)" : " (reference)";
+      b.name += p == cuda::AttentionPath::cudnn   ? " (cuDNN)"
+                : p == cuda::AttentionPath::flash ? " (flash)"
+                                                  : " (reference)";
       cuda::set_attention_override(cuda::AttentionPath::none);
     }
 #endif
@@ -309,8 +323,9 @@ void run_bench_kernels(const KernelArgs& a) {
 
 void register_bench_kernels(CLI::App& bench) {
   auto a = std::make_shared<KernelArgs>();
-  auto* cmd = bench.add_subcommand("kernels", "Each training kernel alone at a config's shapes: time, FLOP/s and "
-                                              "bytes/s against the device's measured ceilings");
+  auto* cmd = bench.add_subcommand("kernels",
+                                   "Each training kernel alone at a config's shapes: time, FLOP/s and "
+                                   "bytes/s against the device's measured ceilings");
   cmd->add_option("--config", a->config, "YAML config (e.g. configs/deco-0.1b.yaml; device and dtype from train.*)")
       ->required();
   cmd->add_option("--set", a->overrides, "Override a config key: --set section.key=value (repeatable)");

@@ -73,8 +73,8 @@ TEST(CudaModel, TinyModelLossAndGradientsMatchTheCpu) {
   for (DType compute : {DType::f32, DType::bf16}) {
     for (Case k : {Case{"deco", "sparse", false}, Case{"deco", "dense", false}, Case{"deco", "sparse", true},
                    Case{"dense", "sparse", false}}) {
-      const std::string tag = std::string(k.arch) + "/" + k.expert_compute + (k.gated ? "/gated" : "") + " " +
-                              dtype_name(compute);
+      const std::string tag =
+          std::string(k.arch) + "/" + k.expert_compute + (k.gated ? "/gated" : "") + " " + dtype_name(compute);
       ModelConfig m = tiny_model(k.arch, k.expert_compute, k.gated);
       Transformer cpu(m, DType::f32, Device::cpu), gpu(m, DType::f32, Device::cuda);
       for (Transformer* t : {&cpu, &gpu}) {
@@ -156,38 +156,40 @@ TEST(CudaParallelWorker, LayoutsMatchOneCpuRank) {
     bool sequence;
   };
   for (const char* backend : {"mpi", "nccl"})
-  for (Layout l : {Layout{"TP2", 2, 1, false}, Layout{"TP2+SP", 2, 1, true}, Layout{"EP2", 1, 2, false}}) {
-    ParallelConfig pc;
-    pc.tensor = l.tensor, pc.expert = l.expert, pc.sequence = l.sequence, pc.backend = backend, pc.timeout_s = 600;
-    const std::string tag = std::string(l.name) + " " + backend;
-    auto par = make_parallel_context(pc, Device::cuda);
-    const int d = par->layout.dp_rank;  // TP ranks share a micro-batch; EP ranks (carved from DP) do not
-    Transformer model(m, DType::f32, Device::cuda, par->tp.get(), par->ep.get(), l.sequence);
-    model.params().initialize(11);
-    model.params().zero_grad();
-    const double loss = model.forward(tok[d].to(Device::cuda), tgt[d].to(Device::cuda), {2, 16}, RegularizerSpec{},
-                                      1.0, true).lm_loss_sum;
-    model.backward(1.0);
-    if (l.sequence) tp_all_reduce_sequence_parallel_grads(*par->tp, model.params().all());
-    EXPECT_NEAR(loss, ref_loss[d], 1e-5 * std::abs(ref_loss[d])) << tag;
-    for (Parameter* p : model.params().all()) {
-      if (!p->trainable) continue;
-      // Expert parallelism: a rank's experts saw both ranks' tokens; gamma (shared by all
-      // experts) holds its experts' part, summed over the expert-parallel group here.
-      const bool both = l.expert > 1 && (is_expert_partition(p->partition) || p->name.ends_with(".gamma"));
-      Tensor want = ref_grad[d][p->name].clone();
-      if (both) ops::add_(want, ref_grad[1 - d][p->name]);
-      if (p->shard_dim >= 0) want = slice_shard(want, Shard{p->shard_dim, p->shard_start, p->value.dim(p->shard_dim)});
-      Tensor got = p->grad.to(Device::cpu);
-      if (l.expert > 1 && p->name.ends_with(".gamma")) {
-        std::vector<double> v(got.numel());
-        for (int64_t i = 0; i < got.numel(); ++i) v[i] = got.item(i);
-        par->ep->sum_in_place(v);
-        for (int64_t i = 0; i < got.numel(); ++i) got.data<float>()[i] = static_cast<float>(v[i]);
+    for (Layout l : {Layout{"TP2", 2, 1, false}, Layout{"TP2+SP", 2, 1, true}, Layout{"EP2", 1, 2, false}}) {
+      ParallelConfig pc;
+      pc.tensor = l.tensor, pc.expert = l.expert, pc.sequence = l.sequence, pc.backend = backend, pc.timeout_s = 600;
+      const std::string tag = std::string(l.name) + " " + backend;
+      auto par = make_parallel_context(pc, Device::cuda);
+      const int d = par->layout.dp_rank;  // TP ranks share a micro-batch; EP ranks (carved from DP) do not
+      Transformer model(m, DType::f32, Device::cuda, par->tp.get(), par->ep.get(), l.sequence);
+      model.params().initialize(11);
+      model.params().zero_grad();
+      const double loss =
+          model.forward(tok[d].to(Device::cuda), tgt[d].to(Device::cuda), {2, 16}, RegularizerSpec{}, 1.0, true)
+              .lm_loss_sum;
+      model.backward(1.0);
+      if (l.sequence) tp_all_reduce_sequence_parallel_grads(*par->tp, model.params().all());
+      EXPECT_NEAR(loss, ref_loss[d], 1e-5 * std::abs(ref_loss[d])) << tag;
+      for (Parameter* p : model.params().all()) {
+        if (!p->trainable) continue;
+        // Expert parallelism: a rank's experts saw both ranks' tokens; gamma (shared by all
+        // experts) holds its experts' part, summed over the expert-parallel group here.
+        const bool both = l.expert > 1 && (is_expert_partition(p->partition) || p->name.ends_with(".gamma"));
+        Tensor want = ref_grad[d][p->name].clone();
+        if (both) ops::add_(want, ref_grad[1 - d][p->name]);
+        if (p->shard_dim >= 0)
+          want = slice_shard(want, Shard{p->shard_dim, p->shard_start, p->value.dim(p->shard_dim)});
+        Tensor got = p->grad.to(Device::cpu);
+        if (l.expert > 1 && p->name.ends_with(".gamma")) {
+          std::vector<double> v(got.numel());
+          for (int64_t i = 0; i < got.numel(); ++i) v[i] = got.item(i);
+          par->ep->sum_in_place(v);
+          for (int64_t i = 0; i < got.numel(); ++i) got.data<float>()[i] = static_cast<float>(v[i]);
+        }
+        EXPECT_LT(relative_l2(got, want), 1e-4) << tag << " rank " << par->layout.world_rank << " " << p->name;
       }
-      EXPECT_LT(relative_l2(got, want), 1e-4) << tag << " rank " << par->layout.world_rank << " " << p->name;
     }
-  }
 }
 
 TEST(CudaParallelWorker, DataParallelTrainingMatchesTheCpu) {

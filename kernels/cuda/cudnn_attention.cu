@@ -108,12 +108,16 @@ const Entry& graph_for(bool backward, const ops::AttnShape& s) {
   auto q = bshd(*g, "q", kQ, B, S, H, D), k = bshd(*g, "k", kK, B, S, G, D), v = bshd(*g, "v", kV, B, S, G, D);
   auto scale = scale_tensor(*g);
   if (!backward) {
-    auto opt = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(true).set_causal_mask(true).set_attn_scale(
-        scale);
+    auto opt =
+        fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(true).set_causal_mask(true).set_attn_scale(
+            scale);
     auto [o, stats] = g->sdpa(q, k, v, opt);
     mark_bshd(o, kO, B, S, H, D);
-    stats->set_output(true).set_uid(kStats).set_data_type(fe::DataType_t::FLOAT).set_dim({B, H, S, 1}).set_stride(
-        {H * S, S, 1, 1});
+    stats->set_output(true)
+        .set_uid(kStats)
+        .set_data_type(fe::DataType_t::FLOAT)
+        .set_dim({B, H, S, 1})
+        .set_stride({H * S, S, 1, 1});
   } else {
     auto o = bshd(*g, "o", kO, B, S, H, D), dout = bshd(*g, "dout", kDO, B, S, H, D);
     auto stats = stats_tensor(*g, B, H, S);
@@ -130,19 +134,26 @@ const Entry& graph_for(bool backward, const ops::AttnShape& s) {
   Entry e;
   std::string why;
   cudnnHandle_t h = handle();
-  if (fe::error_t r = g->validate(); !r.is_good()) why = "validate: " + r.get_message();
-  else if (r = g->build_operation_graph(h); !r.is_good()) why = "build_operation_graph: " + r.get_message();
-  else if (r = g->create_execution_plans({fe::HeurMode_t::A}); !r.is_good()) why = "create_execution_plans: " + r.get_message();
-  else if (r = g->check_support(h); !r.is_good()) why = "check_support: " + r.get_message();
-  else if (r = g->build_plans(h); !r.is_good()) why = "build_plans: " + r.get_message();
-  else if (r = g->get_workspace_size(e.workspace); !r.is_good()) why = "get_workspace_size: " + r.get_message();
+  if (fe::error_t r = g->validate(); !r.is_good())
+    why = "validate: " + r.get_message();
+  else if (r = g->build_operation_graph(h); !r.is_good())
+    why = "build_operation_graph: " + r.get_message();
+  else if (r = g->create_execution_plans({fe::HeurMode_t::A}); !r.is_good())
+    why = "create_execution_plans: " + r.get_message();
+  else if (r = g->check_support(h); !r.is_good())
+    why = "check_support: " + r.get_message();
+  else if (r = g->build_plans(h); !r.is_good())
+    why = "build_plans: " + r.get_message();
+  else if (r = g->get_workspace_size(e.workspace); !r.is_good())
+    why = "get_workspace_size: " + r.get_message();
   if (why.empty()) {
     e.graph = g;
   } else {
-    std::fprintf(stderr, "note: cuDNN attention %s has no plan for B %lld S %lld H %lld G %lld D %lld (%s); using "
-                 "the flash kernels\n", backward ? "backward" : "forward", static_cast<long long>(B),
-                 static_cast<long long>(S), static_cast<long long>(H), static_cast<long long>(G),
-                 static_cast<long long>(D), why.c_str());
+    std::fprintf(stderr,
+                 "note: cuDNN attention %s has no plan for B %lld S %lld H %lld G %lld D %lld (%s); using "
+                 "the flash kernels\n",
+                 backward ? "backward" : "forward", static_cast<long long>(B), static_cast<long long>(S),
+                 static_cast<long long>(H), static_cast<long long>(G), static_cast<long long>(D), why.c_str());
   }
   return cache.emplace(key, std::move(e)).first->second;
 }
@@ -170,7 +181,7 @@ bool cudnn_attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Te
   const Entry& e = graph_for(false, s);
   if (!e.graph) return false;
   float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
-  std::unordered_map<int64_t, void*> pack = {{kQ, q.raw()}, {kK, k.raw()},   {kV, v.raw()},
+  std::unordered_map<int64_t, void*> pack = {{kQ, q.raw()},   {kK, k.raw()},       {kV, v.raw()},
                                              {kO, out.raw()}, {kStats, lse.raw()}, {kScale, &scale}};
   run(e, pack);
   return true;
@@ -182,9 +193,9 @@ bool cudnn_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& 
   const Entry& e = graph_for(true, s);
   if (!e.graph) return false;
   float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
-  std::unordered_map<int64_t, void*> pack = {{kQ, q.raw()},   {kK, k.raw()},   {kV, v.raw()},   {kO, out.raw()},
+  std::unordered_map<int64_t, void*> pack = {{kQ, q.raw()},     {kK, k.raw()},       {kV, v.raw()},    {kO, out.raw()},
                                              {kDO, dout.raw()}, {kStats, lse.raw()}, {kScale, &scale}, {kDQ, dq.raw()},
-                                             {kDK, dk.raw()}, {kDV, dv.raw()}};
+                                             {kDK, dk.raw()},   {kDV, dv.raw()}};
   run(e, pack);
   return true;
 }

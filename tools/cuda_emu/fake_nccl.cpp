@@ -24,11 +24,16 @@ namespace {
 
 MPI_Datatype mpi_type(ncclDataType_t t) {
   switch (t) {
-    case ncclFloat32: return MPI_FLOAT;
-    case ncclFloat64: return MPI_DOUBLE;
-    case ncclInt64: return MPI_INT64_T;
-    case ncclBfloat16: return MPI_UINT16_T;
-    default: std::abort();
+    case ncclFloat32:
+      return MPI_FLOAT;
+    case ncclFloat64:
+      return MPI_DOUBLE;
+    case ncclInt64:
+      return MPI_INT64_T;
+    case ncclBfloat16:
+      return MPI_UINT16_T;
+    default:
+      std::abort();
   }
 }
 
