@@ -35,6 +35,9 @@
 // offsets live there: one small synchronizing copy per layer), then each block writes its
 // chunk's pairs in token order (ballot compaction): the CPU's lists exactly. sum_rows and
 // add_rows_ are plain kernels.
+#include <cstdio>
+#include <vector>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -115,6 +118,80 @@ void rgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int
                             static_cast<int>(ldb), A, it, static_cast<int>(lda), &beta, C, ot, static_cast<int>(ldc),
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
+
+// The per-expert GEMMs of one step (same transposes, dtypes and beta; each expert its own
+// shapes and pointers), issued as one cublasGemmGroupedBatchedEx call (cuBLAS 12.5+, each
+// expert a group of one) instead of one cublasGemmEx launch per expert: at d = 64 the GEMMs are
+// small and the launches cost as much as the math (~40% of the loop's time at the 0.1B shape,
+// docs/PERFORMANCE.md). cuBLAS's grouped GEMM takes equal input and output dtypes only, so the
+// weight gradients and dY (bf16 in, fp32 out) keep the loop, as does any call cuBLAS refuses
+// (then for the rest of the run, with one note). The pointer arrays go to the device through
+// one small synchronizing copy per call.
+class GemmBatch {
+ public:
+  GemmBatch(bool ta, bool tb, DType in, DType out, float beta) : ta_(ta), tb_(tb), in_(in), out_(out), beta_(beta) {}
+  void add(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, void* C,
+           int64_t ldc) {
+    if (M == 0 || N == 0) return;
+    items_.push_back(Item{M, N, K, A, lda, B, ldb, C, ldc});
+  }
+  void run() {
+    if (items_.empty()) return;
+    if (in_ == out_ && items_.size() > 1 && grouped()) return;
+    for (const Item& g : items_) rgemm(ta_, tb_, g.M, g.N, g.K, g.A, g.lda, g.B, g.ldb, in_, beta_, g.C, g.ldc, out_);
+  }
+
+ private:
+  struct Item {
+    int64_t M, N, K;
+    const void* A;
+    int64_t lda;
+    const void* B;
+    int64_t ldb;
+    void* C;
+    int64_t ldc;
+  };
+  // One grouped call in the column-major terms of rgemm (C^T = op(B)^T op(A)^T); false when
+  // cuBLAS has no grouped GEMM here.
+  bool grouped() {
+#if CUBLAS_VERSION >= 120500
+    static bool refused = false;
+    if (refused) return false;
+    const int n = static_cast<int>(items_.size());
+    std::vector<cublasOperation_t> transa(n, tb_ ? CUBLAS_OP_T : CUBLAS_OP_N), transb(n, ta_ ? CUBLAS_OP_T : CUBLAS_OP_N);
+    std::vector<int> m(n), nn(n), k(n), lda(n), ldb(n), ldc(n), group_size(n, 1);
+    std::vector<float> alpha(n, 1.0f), beta(n, beta_);
+    Tensor ptrs = Tensor::empty({3 * static_cast<int64_t>(n)}, DType::f64);  // 8-byte slots for the pointers
+    auto* host = static_cast<const void**>(ptrs.raw());
+    for (int i = 0; i < n; ++i) {
+      const Item& g = items_[i];
+      m[i] = static_cast<int>(g.N), nn[i] = static_cast<int>(g.M), k[i] = static_cast<int>(g.K);
+      lda[i] = static_cast<int>(g.ldb), ldb[i] = static_cast<int>(g.lda), ldc[i] = static_cast<int>(g.ldc);
+      host[i] = g.B, host[n + i] = g.A, host[2 * n + i] = g.C;
+    }
+    Tensor dev = ptrs.to(Device::cuda);
+    const void* const* dA = static_cast<const void* const*>(dev.raw());
+    const void* const* dB = dA + n;
+    void* const* dC = const_cast<void* const*>(dA + 2 * n);
+    const cudaDataType_t it = in_ == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        context().blas, transa.data(), transb.data(), m.data(), nn.data(), k.data(), alpha.data(), dA, it, lda.data(),
+        dB, it, ldb.data(), beta.data(), dC, it, ldc.data(), n, group_size.data(), CUBLAS_COMPUTE_32F);
+    if (st == CUBLAS_STATUS_SUCCESS) return true;
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) CUBLAS_CHECK(st);
+    refused = true;
+    std::fprintf(stderr, "note: cublasGemmGroupedBatchedEx refused the expert GEMMs (%s); looping over the experts\n",
+                 cublasGetStatusString(st));
+    return false;
+#else
+    return false;
+#endif
+  }
+  bool ta_, tb_;
+  DType in_, out_;
+  float beta_;
+  std::vector<Item> items_;
+};
 
 // Element e of a matrix of dtype dt starting at base (byte arithmetic for the sub-blocks).
 const void* at(const Tensor& t, int64_t offset) {
@@ -377,25 +454,22 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
   c.y = Tensor::empty({P, d}, dt, Device::cuda);
   if (P == 0) return;
   DT_CUDA_F32_BF16(dt, op, T, {
+    GemmBatch pre(false, true, dt, dt, 0.0f), up(false, true, dt, dt, 0.0f), down(false, true, dt, dt, 0.0f);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = off[e + 1] - off[e];
-      if (n == 0) continue;
-      rgemm(false, true, n, d, h, at(xp, off[e] * h), h, at(w_pre, e * d * h), h, dt, 0.0f, at(c.pre, off[e] * d), d, dt);
-      if (w_up_gated)
-        rgemm(false, true, n, d, h, at(xp, off[e] * h), h, at(*w_up_gated, e * d * h), h, dt, 0.0f,
-              at(c.up, off[e] * d), d, dt);
+      pre.add(n, d, h, at(xp, off[e] * h), h, at(w_pre, e * d * h), h, at(c.pre, off[e] * d), d);
+      if (w_up_gated) up.add(n, d, h, at(xp, off[e] * h), h, at(*w_up_gated, e * d * h), h, at(c.up, off[e] * d), d);
     }
+    pre.run();
+    up.run();
     pairs_forward_kernel<T><<<grid_for(P * 32), kThreads, 0, context().stream>>>(
         ptr<T>(c.y), ptr<float>(c.mu), ptr<float>(c.rs), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr,
         ptr<T>(xp), ptr<T>(w_bar), ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(h), static_cast<int>(d),
         uses_mean(mode), uses_rms(mode), static_cast<float>(eps));
     CUDA_CHECK_LAUNCH();
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = off[e + 1] - off[e];
-      if (n == 0) continue;
-      rgemm(false, true, n, h, d, at(c.y, off[e] * d), d, at(w_down, e * d), E * d, dt, 0.0f, at(outp, off[e] * h), h,
-            dt);
-    }
+    for (int64_t e = 0; e < E; ++e)
+      down.add(off[e + 1] - off[e], h, d, at(c.y, off[e] * d), d, at(w_down, e * d), E * d, at(outp, off[e] * h), h);
+    down.run();
   });
 }
 
@@ -433,12 +507,10 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
   DT_CUDA_F32_BF16(dt, op, T, {
     // 1. dY_e = dOut_e W_down_e, fp32.
     Tensor dy = scratch(P * d, DType::f32);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = off[e + 1] - off[e];
-      if (n == 0) continue;
-      rgemm(false, false, n, d, h, at(doutp, off[e] * h), h, at(w_down, e * d), E * d, dt, 0.0f, at(dy, off[e] * d), d,
-            DType::f32);
-    }
+    GemmBatch dY(false, false, dt, DType::f32, 0.0f);
+    for (int64_t e = 0; e < E; ++e)
+      dY.add(off[e + 1] - off[e], d, h, at(doutp, off[e] * h), h, at(w_down, e * d), E * d, at(dy, off[e] * d), d);
+    dY.run();
     // 2. The per-pair NormSiLU backward; dgamma partials per block, then summed in block order.
     Tensor dpre = scratch(P * d, dt);
     Tensor dup = w_up_gated ? scratch(P * d, dt) : Tensor();
@@ -459,22 +531,29 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
         col_finish_kernel<T><<<gblocks, 128, 0, st>>>(ptr<double>(part), blocks, d, ptr<T>(dgamma), true);
       CUDA_CHECK_LAUNCH();
     }
-    // 3. The experts' GEMMs on their rows; weight gradients accumulate (beta 1).
+    // 3. The experts' GEMMs on their rows; weight gradients accumulate (beta 1). Batched by
+    // kind, in the loop's order of dependencies: dX = dpre W_pre (beta 0) before dX += dup W_up.
+    GemmBatch dw_down_b(true, false, dt, dw_down.dtype(), 1.0f), dw_pre_b(true, false, dt, dw_pre.dtype(), 1.0f),
+        dx_pre(false, false, dt, dt, 0.0f), dw_up_b(true, false, dt, w_up_gated ? dw_up_gated->dtype() : dt, 1.0f),
+        dx_up(false, false, dt, dt, 1.0f);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = off[e + 1] - off[e];
       if (n == 0) continue;
       const void* xe = at(xp, off[e] * h);
       void* dxe = at(dxp, off[e] * h);
-      rgemm(true, false, h, d, n, at(doutp, off[e] * h), h, at(c.y, off[e] * d), d, dt, 1.0f, at(dw_down, e * d), E * d,
-            dw_down.dtype());
-      rgemm(true, false, d, h, n, at(dpre, off[e] * d), d, xe, h, dt, 1.0f, at(dw_pre, e * d * h), h, dw_pre.dtype());
-      rgemm(false, false, n, h, d, at(dpre, off[e] * d), d, at(w_pre, e * d * h), h, dt, 0.0f, dxe, h, dt);
+      dw_down_b.add(h, d, n, at(doutp, off[e] * h), h, at(c.y, off[e] * d), d, at(dw_down, e * d), E * d);
+      dw_pre_b.add(d, h, n, at(dpre, off[e] * d), d, xe, h, at(dw_pre, e * d * h), h);
+      dx_pre.add(n, h, d, at(dpre, off[e] * d), d, at(w_pre, e * d * h), h, dxe, h);
       if (w_up_gated) {
-        rgemm(true, false, d, h, n, at(dup, off[e] * d), d, xe, h, dt, 1.0f, at(*dw_up_gated, e * d * h), h,
-              dw_up_gated->dtype());
-        rgemm(false, false, n, h, d, at(dup, off[e] * d), d, at(*w_up_gated, e * d * h), h, dt, 1.0f, dxe, h, dt);
+        dw_up_b.add(d, h, n, at(dup, off[e] * d), d, xe, h, at(*dw_up_gated, e * d * h), h);
+        dx_up.add(n, h, d, at(dup, off[e] * d), d, at(*w_up_gated, e * d * h), h, dxe, h);
       }
     }
+    dw_down_b.run();
+    dw_pre_b.run();
+    dx_pre.run();
+    dw_up_b.run();
+    dx_up.run();
     // 4. The mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p.
     if (mean) {
       sub_mean_grad_kernel<T><<<grid_for(P * h), kThreads, 0, st>>>(ptr<T>(dxp), ptr<float>(gmean), ptr<T>(w_bar), P, h);

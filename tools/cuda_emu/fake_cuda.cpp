@@ -72,4 +72,21 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
     }
   return CUBLAS_STATUS_SUCCESS;
 }
+
+// Grouped GEMM: each group's problems through the naive cublasGemmEx above (device pointer
+// arrays are host memory here).
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[],
+                                          const int m[], const int n[], const int k[], const void* alpha,
+                                          const void* const A[], cudaDataType_t at, const int lda[], const void* const B[],
+                                          cudaDataType_t bt, const int ldb[], const void* beta, void* const C[],
+                                          cudaDataType_t ct, const int ldc[], int groups, const int group_size[],
+                                          cublasComputeType_t compute) {
+  const float* al = static_cast<const float*>(alpha);
+  const float* be = static_cast<const float*>(beta);
+  for (int g = 0, idx = 0; g < groups; ++g)
+    for (int i = 0; i < group_size[g]; ++i, ++idx)
+      cublasGemmEx(h, ta[g], tb[g], m[g], n[g], k[g], &al[g], A[idx], at, lda[g], B[idx], bt, ldb[g], &be[g], C[idx], ct,
+                   ldc[g], compute, CUBLAS_GEMM_DEFAULT);
+  return CUBLAS_STATUS_SUCCESS;
+}
 }
