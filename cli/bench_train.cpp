@@ -11,6 +11,9 @@
 #include "kernels/op_profile.h"
 #include "kernels/ops.h"
 #include "trainer/trainer.h"
+#ifdef DECOTRON_WITH_CUDA
+#include "kernels/cuda/flash_attention.h"
+#endif
 
 namespace decotron::cli {
 
@@ -111,6 +114,14 @@ void run_bench_train(const BenchArgs& a) {
               dev == Device::cuda ? "bf16 8192^3" : "fp32 1024^3, OpenBLAS");
   std::vector<VariantResult> results;
   for (const auto& [name, cfg] : variants) results.push_back(run_variant(name, cfg, a));
+#ifdef DECOTRON_WITH_CUDA
+  if (dev == Device::cuda) {
+    const cuda::AttentionPath p = cuda::last_attention_path();
+    std::printf("attention kernels: %s\n\n", p == cuda::AttentionPath::cudnn   ? "cuDNN fused SDPA"
+                                              : p == cuda::AttentionPath::flash ? "flash (WMMA)"
+                                                                                : "reference");
+  }
+#endif
   std::printf("| variant | tokens/s | model TFLOP/s | MFU | act ratio | peak memory | lm_loss |\n|---|---|---|---|---|---|---|\n");
   for (const auto& r : results)
     std::printf("| %s | %.0f | %.4f | %.1f%% | %.3f | %.1f MiB | %.4f |\n", r.name.c_str(), r.tokens_per_s, r.tflops,

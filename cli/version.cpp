@@ -3,6 +3,9 @@
 #include "cli/commands.h"
 #include "core/backend.h"
 #include "core/version.h"
+#ifdef DECOTRON_WITH_CUDA
+#include "kernels/cuda/cudnn_attention.h"
+#endif
 
 namespace decotron::cli {
 
@@ -23,6 +26,10 @@ void register_version(CLI::App& app) {
                 ""
 #endif
     );
+#ifdef DECOTRON_WITH_CUDA
+    // bf16 attention on the GPU: cuDNN first where built (docs/cuda-backend.md), then the flash kernels.
+    std::printf("gpu attention: %sflash, reference\n", cuda::cudnn_attention_built() ? "cudnn, " : "");
+#endif
   });
 }
 
