@@ -51,6 +51,7 @@ EOF
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 want build && step build env BUILD_DIR="$BUILD_DIR" DECOTRON_CUDA=ON scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
+"$B" version > "$OUT/version.txt" 2>&1  # which attention paths (cuDNN?) and backends this build has
 want tests && step cuda-tests "$BUILD_DIR/decotron_tests" --gtest_filter='Cuda*'
 
 TINY="--config configs/tiny-deco.yaml --synthetic-data --set train.iters=60 --set log.interval=5 --set train.eval_interval=0"
