@@ -9,6 +9,7 @@
 #include <functional>
 #include <set>
 
+#include "cli/bench_ceilings.h"
 #include "cli/commands.h"
 #include "core/config.h"
 #include "core/rng.h"
@@ -67,23 +68,6 @@ std::string shape_of(std::initializer_list<int64_t> dims) {
   std::string s = "[";
   for (int64_t d : dims) s += (s.size() > 1 ? "," : "") + std::to_string(d);
   return s + "]";
-}
-
-// Ceilings measured now: a dense GEMM (bf16 on a GPU, fp32 on the CPU) and a device copy.
-double gemm_tflops(Device dev) {
-  const int64_t n = dev == Device::cuda ? 8192 : 1024;
-  const DType dt = dev == Device::cuda ? DType::bf16 : DType::f32;
-  Tensor a = Tensor::zeros({n, n}, dt, dev), b = Tensor::zeros({n, n}, dt, dev),
-         c = Tensor::zeros({n, n}, DType::f32, dev);
-  const double t = time_per_call([&] { ops::linear_forward(c, a, b); }, dev, dev == Device::cuda ? 20 : 3, 1);
-  return 2.0 * n * n * n / t / 1e12;
-}
-
-double copy_gbs(Device dev) {
-  const int64_t n = (dev == Device::cuda ? 512 : 128) << 20;  // bytes
-  Tensor a = Tensor::zeros({n / 4}, DType::f32, dev), b = Tensor::zeros({n / 4}, DType::f32, dev);
-  const double t = time_per_call([&] { b.copy_from(a); }, dev, dev == Device::cuda ? 20 : 3, 1);
-  return 2.0 * n / t / 1e9;  // read + write
 }
 
 std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
@@ -283,7 +267,7 @@ void run_bench_kernels(const KernelArgs& a) {
               a.config.c_str(), device_name(dev), cfg.train.dtype.c_str(),
               static_cast<long long>(cfg.train.micro_batch), static_cast<long long>(cfg.model.seq_len),
               static_cast<long long>(a.iters), static_cast<long long>(a.warmup));
-  const double peak = gemm_tflops(dev), bw = copy_gbs(dev);
+  const double peak = measure_gemm_tflops(dev), bw = measure_copy_gbs(dev);
   std::printf("ceilings measured now: dense GEMM %.3f TFLOP/s (%s), device copy %.1f GB/s\n\n", peak,
               dev == Device::cuda ? "bf16 8192^3" : "fp32 1024^3", bw);
   std::printf(

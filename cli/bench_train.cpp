@@ -6,6 +6,7 @@
 #include <set>
 #include <cstdio>
 
+#include "cli/bench_ceilings.h"
 #include "cli/commands.h"
 #include "core/config.h"
 #include "kernels/op_profile.h"
@@ -29,22 +30,6 @@ struct BenchArgs {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// Dense GEMM rate on the training device, measured now: the MFU denominator.
-double measure_gemm_tflops(Device dev) {
-  const int64_t n = dev == Device::cuda ? 8192 : 1024;
-  const DType dt = dev == Device::cuda ? DType::bf16 : DType::f32;
-  Tensor a = Tensor::zeros({n, n}, dt, dev), b = Tensor::zeros({n, n}, dt, dev), c = Tensor::zeros({n, n}, DType::f32, dev);
-  ops::linear_forward(c, a, b);
-  ops::OpProfile::instance().enable(true);  // the timer synchronizes a GPU
-  ops::OpProfile::instance().reset();
-  const int reps = dev == Device::cuda ? 20 : 3;
-  for (int i = 0; i < reps; ++i) ops::linear_forward(c, a, b);
-  double t = ops::OpProfile::instance().totals().at("linear_forward");
-  ops::OpProfile::instance().enable(false);
-  ops::OpProfile::instance().reset();
-  return 2.0 * n * n * n * reps / t / 1e12;
 }
 
 struct VariantResult {

@@ -13,6 +13,7 @@
 #include "mpi_test_util.h"
 #include "parallel/process_groups.h"
 #include "parallel/tensor_parallel.h"
+#include "tiny_config.h"
 #include "trainer/trainer.h"
 #include "trainer/training_data.h"
 
@@ -21,18 +22,7 @@ using namespace decotron;
 namespace {
 
 ModelConfig tiny_model(const char* arch, const char* expert_compute, bool gated) {
-  ModelConfig m;
-  m.arch = arch;
-  m.vocab_size = 64;
-  m.seq_len = 16;
-  m.hidden = 32;
-  m.layers = 2;
-  m.heads = 2;
-  m.ffn_hidden = 64;
-  m.experts = 8;
-  m.expert_width = 8;
-  m.shared_expert_width = 16;
-  m.parameter_parity = false;
+  ModelConfig m = test::tiny_model(arch);
   m.expert_compute = expert_compute;
   m.gated_experts = gated;
   return m;

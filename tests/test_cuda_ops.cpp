@@ -416,21 +416,16 @@ TEST(CudaOps, AttentionBf16) {
 }
 
 #ifdef DECOTRON_WITH_CUDA
-// The flash kernels (bf16, head_dim 64 and 128, tensor cores) against the CPU fp32 reference
-// on the bf16-rounded inputs: tails (S not a multiple of the 64 tile: 19, 130, 257), one tile
-// exactly (64), grouped heads (H/G = 1, 2, 3), batch 2.
-TEST(CudaOps, FlashAttention) {
-  SKIP_WITHOUT_GPU();
-  if (const char* e = std::getenv("DECOTRON_ATTENTION"); e && std::string(e) == "reference")
-    GTEST_SKIP() << "DECOTRON_ATTENTION=reference";
+// A fast bf16 attention path (`path`: the flash kernels or cuDNN) against the CPU fp32 reference
+// on the bf16-rounded inputs: the path taken, out and lse, the gradients, bitwise-equal reruns.
+static void check_fast_attention(cuda::AttentionPath path, const char* name, std::initializer_list<ops::AttnShape> shapes) {
   const DType bf = DType::bf16;
-  cuda::set_attention_override(cuda::AttentionPath::flash);  // not cuDNN, where this build has it
+  cuda::set_attention_override(path);
   struct Restore {
     ~Restore() { cuda::set_attention_override(cuda::AttentionPath::none); }
   } restore;
-  for (ops::AttnShape s : {ops::AttnShape{2, 19, 4, 2, 64}, ops::AttnShape{1, 64, 2, 2, 128},
-                           ops::AttnShape{1, 130, 6, 3, 128}, ops::AttnShape{1, 257, 2, 1, 64}}) {
-    const std::string tag = "B" + std::to_string(s.batch) + " S" + std::to_string(s.seq) + " H" +
+  for (ops::AttnShape s : shapes) {
+    const std::string tag = std::string(name) + " B" + std::to_string(s.batch) + " S" + std::to_string(s.seq) + " H" +
                             std::to_string(s.heads) + " G" + std::to_string(s.kv_heads) + " D" +
                             std::to_string(s.head_dim);
     const Shape qs{s.batch, s.seq, s.heads, s.head_dim}, ks{s.batch, s.seq, s.kv_heads, s.head_dim};
@@ -440,11 +435,11 @@ TEST(CudaOps, FlashAttention) {
     ops::attention_forward(out, lse, q, k, v, s);
     Tensor outg = Tensor::empty(qs, bf, Device::cuda), lseg = Tensor::empty(ls, DType::f32, Device::cuda);
     ops::attention_forward(outg, lseg, gpu(q, bf), gpu(k, bf), gpu(v, bf), s);
-    EXPECT_EQ(cuda::last_attention_path(), cuda::AttentionPath::flash) << "forward " << tag;
+    EXPECT_EQ(cuda::last_attention_path(), path) << "forward " << tag << " took another path";
     // out: P is rounded to bf16 before P V (as FlashAttention does) and out once more: the
     // bf16 tolerance. lse: exact scores (bf16 products in fp32) and an fp32 softmax.
-    expect_close(outg, out, bf, "flash forward out " + tag);
-    expect_close(lseg, lse, Tol{1e-4, 1e-4}, "flash forward lse " + tag);
+    expect_close(outg, out, bf, "forward out " + tag);
+    expect_close(lseg, lse, Tol{1e-4, 1e-4}, "forward lse " + tag);
 
     Tensor out_b = as(out, bf);  // the backward's out is the bf16 forward output
     Tensor dq = Tensor::empty(qs, DType::f32), dk = Tensor::empty(ks, DType::f32), dv = Tensor::empty(ks, DType::f32);
@@ -455,64 +450,40 @@ TEST(CudaOps, FlashAttention) {
       dqg[run] = gpu(randn(qs), bf), dkg[run] = gpu(randn(ks), bf), dvg[run] = gpu(randn(ks), bf);
       ops::attention_backward(dqg[run], dkg[run], dvg[run], gpu(dout, bf), gpu(q, bf), gpu(k, bf), gpu(v, bf),
                               gpu(out_b, bf), gpu(lse), s);
-      EXPECT_EQ(cuda::last_attention_path(), cuda::AttentionPath::flash) << "backward " << tag;
+      EXPECT_EQ(cuda::last_attention_path(), path) << "backward " << tag << " took another path";
     }
     // Twice the bf16 relative tolerance: besides the output rounding, P and dS are rounded to
     // bf16 before the tensor-core products (2^-9 relative each, as FlashAttention does), and
     // dQ, dK sum up to S such terms of both signs, so entries that mostly cancel carry more
     // relative error; the floor (1e-2 of the largest entry) covers those.
     const Tol t{2e-2, 1e-2};
-    expect_close(dqg[0], dq, t, "flash backward dq " + tag);
-    expect_close(dkg[0], dk, t, "flash backward dk " + tag);
-    expect_close(dvg[0], dv, t, "flash backward dv " + tag);
+    expect_close(dqg[0], dq, t, "backward dq " + tag);
+    expect_close(dkg[0], dk, t, "backward dk " + tag);
+    expect_close(dvg[0], dv, t, "backward dv " + tag);
     EXPECT_TRUE(bitwise_equal(dqg[0], dqg[1]) && bitwise_equal(dkg[0], dkg[1]) && bitwise_equal(dvg[0], dvg[1]))
-        << "flash attention backward is not deterministic " << tag;
+        << "attention backward is not deterministic " << tag;
   }
 }
 
-// cuDNN's fused SDPA (builds that found cuDNN and cudnn-frontend): the same checks as the flash
-// kernels', against the CPU reference; its backward is built deterministic, so two runs match.
+// Tails (S not a multiple of the 64 tile: 19, 130, 257), one tile exactly (64), grouped heads
+// (H/G = 1, 2, 3), batch 2.
+TEST(CudaOps, FlashAttention) {
+  SKIP_WITHOUT_GPU();
+  if (const char* e = std::getenv("DECOTRON_ATTENTION"); e && std::string(e) == "reference")
+    GTEST_SKIP() << "DECOTRON_ATTENTION=reference";
+  check_fast_attention(cuda::AttentionPath::flash, "flash",
+                       {ops::AttnShape{2, 19, 4, 2, 64}, ops::AttnShape{1, 64, 2, 2, 128},
+                        ops::AttnShape{1, 130, 6, 3, 128}, ops::AttnShape{1, 257, 2, 1, 64}});
+}
+
+// cuDNN's fused SDPA (builds that found cuDNN and cudnn-frontend): the same checks; its backward
+// is built deterministic, so two runs match.
 TEST(CudaOps, CudnnAttention) {
   SKIP_WITHOUT_GPU();
   if (!cuda::cudnn_attention_built()) GTEST_SKIP() << "this build has no cuDNN attention";
-  const DType bf = DType::bf16;
-  cuda::set_attention_override(cuda::AttentionPath::cudnn);
-  struct Restore {
-    ~Restore() { cuda::set_attention_override(cuda::AttentionPath::none); }
-  } restore;
-  for (ops::AttnShape s : {ops::AttnShape{2, 64, 4, 2, 64}, ops::AttnShape{1, 128, 2, 2, 128},
-                           ops::AttnShape{1, 130, 6, 3, 128}, ops::AttnShape{2, 19, 4, 4, 64}}) {
-    const std::string tag = "B" + std::to_string(s.batch) + " S" + std::to_string(s.seq) + " H" +
-                            std::to_string(s.heads) + " G" + std::to_string(s.kv_heads) + " D" +
-                            std::to_string(s.head_dim);
-    const Shape qs{s.batch, s.seq, s.heads, s.head_dim}, ks{s.batch, s.seq, s.kv_heads, s.head_dim};
-    const Shape ls{s.batch, s.heads, s.seq};
-    Tensor q = as(randn(qs), bf), k = as(randn(ks), bf), v = as(randn(ks), bf), dout = as(randn(qs), bf);
-    Tensor out = Tensor::empty(qs, DType::f32), lse = Tensor::empty(ls, DType::f32);
-    ops::attention_forward(out, lse, q, k, v, s);
-    Tensor outg = Tensor::empty(qs, bf, Device::cuda), lseg = Tensor::empty(ls, DType::f32, Device::cuda);
-    ops::attention_forward(outg, lseg, gpu(q, bf), gpu(k, bf), gpu(v, bf), s);
-    EXPECT_EQ(cuda::last_attention_path(), cuda::AttentionPath::cudnn) << "forward " << tag << " did not use cuDNN";
-    expect_close(outg, out, bf, "cudnn forward out " + tag);
-    expect_close(lseg, lse, Tol{1e-4, 1e-4}, "cudnn forward lse (its Stats) " + tag);
-
-    Tensor out_b = as(out, bf);
-    Tensor dq = Tensor::empty(qs, DType::f32), dk = Tensor::empty(ks, DType::f32), dv = Tensor::empty(ks, DType::f32);
-    ops::attention_backward(dq, dk, dv, dout, q, k, v, out_b, lse, s);
-    Tensor dqg[2], dkg[2], dvg[2];
-    for (int run = 0; run < 2; ++run) {
-      dqg[run] = gpu(randn(qs), bf), dkg[run] = gpu(randn(ks), bf), dvg[run] = gpu(randn(ks), bf);
-      ops::attention_backward(dqg[run], dkg[run], dvg[run], gpu(dout, bf), gpu(q, bf), gpu(k, bf), gpu(v, bf),
-                              gpu(out_b, bf), gpu(lse), s);
-      EXPECT_EQ(cuda::last_attention_path(), cuda::AttentionPath::cudnn) << "backward " << tag << " did not use cuDNN";
-    }
-    const Tol t{2e-2, 1e-2};  // as the flash kernels': P and dS rounded to bf16 before the products
-    expect_close(dqg[0], dq, t, "cudnn backward dq " + tag);
-    expect_close(dkg[0], dk, t, "cudnn backward dk " + tag);
-    expect_close(dvg[0], dv, t, "cudnn backward dv " + tag);
-    EXPECT_TRUE(bitwise_equal(dqg[0], dqg[1]) && bitwise_equal(dkg[0], dkg[1]) && bitwise_equal(dvg[0], dvg[1]))
-        << "cuDNN attention backward is not deterministic " << tag;
-  }
+  check_fast_attention(cuda::AttentionPath::cudnn, "cudnn",
+                       {ops::AttnShape{2, 64, 4, 2, 64}, ops::AttnShape{1, 128, 2, 2, 128},
+                        ops::AttnShape{1, 130, 6, 3, 128}, ops::AttnShape{2, 19, 4, 4, 64}});
 }
 #endif
 

@@ -12,6 +12,7 @@
 #include "checkpoint/checkpoint.h"
 #include "core/rng.h"
 #include "kernels/ops.h"
+#include "tiny_config.h"
 #include "trainer/trainer.h"
 
 using namespace decotron;
@@ -19,30 +20,9 @@ using namespace decotron;
 namespace {
 
 Config tiny_config(const std::string& arch, const std::string& dtype) {
-  Config c;
-  ModelConfig& m = c.model;
-  m.arch = arch;
-  m.vocab_size = 64;
-  m.seq_len = 16;
-  m.hidden = 32;
-  m.layers = 2;
-  m.heads = 2;
-  m.ffn_hidden = 64;
-  m.experts = 8;
-  m.expert_width = 8;
-  m.shared_expert_width = 16;
-  m.parameter_parity = false;
-  TrainConfig& t = c.train;
-  t.iters = 30;
-  t.micro_batch = 4;
-  t.global_batch = 8;
-  t.lr = 1e-2;
-  t.warmup_iters = 5;
-  t.lr_schedule = "constant";
-  t.reg_lambda0 = 1e-3;
-  t.reg_multiplier = 1.05;
-  t.eval_iters = 2;
-  t.dtype = dtype;
+  Config c = test::tiny_config(arch);
+  c.train.iters = 30;
+  c.train.dtype = dtype;
   c.log.interval = 5;
   validate_config(c);
   return c;

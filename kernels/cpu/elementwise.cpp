@@ -42,29 +42,10 @@ void mul_backward(Tensor& da, Tensor& db, const Tensor& dy, const Tensor& a, con
 
 void convert(Tensor& y, const Tensor& x) {
   DT_ASSERT(y.numel() == x.numel(), "convert: ", shape_str(y.shape()), " from ", shape_str(x.shape()));
-  const int64_t n = x.numel();
   auto is_float = [](DType d) { return d == DType::f32 || d == DType::f64 || d == DType::bf16; };
   DT_ASSERT(is_float(x.dtype()) && is_float(y.dtype()), "convert: ", dtype_name(x.dtype()), " to ",
             dtype_name(y.dtype()), " (floating dtypes only)");
-  if (x.dtype() == y.dtype()) {
-    std::copy_n(static_cast<const char*>(x.raw()), x.nbytes(), static_cast<char*>(y.raw()));
-  } else if (x.dtype() == DType::f32 && y.dtype() == DType::bf16) {
-    for (int64_t i = 0; i < n; ++i) y.data<bf16>()[i] = bf16(x.data<float>()[i]);
-  } else if (x.dtype() == DType::bf16 && y.dtype() == DType::f32) {
-    for (int64_t i = 0; i < n; ++i) y.data<float>()[i] = static_cast<float>(x.data<bf16>()[i]);
-  } else {  // through double, exact for every source; fp64 -> bf16 rounds via fp32 (as on the GPU)
-    auto get = [&](int64_t i) -> double {
-      if (x.dtype() == DType::f64) return x.data<double>()[i];
-      if (x.dtype() == DType::f32) return x.data<float>()[i];
-      return static_cast<float>(x.data<bf16>()[i]);
-    };
-    for (int64_t i = 0; i < n; ++i) {
-      const double v = get(i);
-      if (y.dtype() == DType::f64) y.data<double>()[i] = v;
-      else if (y.dtype() == DType::f32) y.data<float>()[i] = static_cast<float>(v);
-      else y.data<bf16>()[i] = bf16(static_cast<float>(v));
-    }
-  }
+  y.copy_from(cast_cpu(x, y.dtype()).view(y.shape()));  // cast_cpu rounds fp32 -> bf16 to nearest even
 }
 
 void embedding_forward(Tensor& y, const Tensor& tokens, const Tensor& table) {

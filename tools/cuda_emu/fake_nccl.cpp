@@ -9,6 +9,8 @@
 #include <mpi.h>
 #include <nccl.h>
 
+#include "core/dtype.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -43,25 +45,11 @@ size_t type_size(ncclDataType_t t) {
   return static_cast<size_t>(s);
 }
 
-float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // nearest even, NaN kept
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
+// NCCL sums bf16 in fp32 and rounds (core/dtype.h's bf16: round to nearest even).
 void bf16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
-  const uint16_t* a = static_cast<const uint16_t*>(in);
-  uint16_t* b = static_cast<uint16_t*>(inout);
-  for (int i = 0; i < *len; ++i) b[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+  const auto* a = static_cast<const decotron::bf16*>(in);
+  auto* b = static_cast<decotron::bf16*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = decotron::bf16(static_cast<float>(a[i]) + static_cast<float>(b[i]));
 }
 
 MPI_Op sum_op(ncclDataType_t t) {
