@@ -13,6 +13,7 @@
 #include "cli/commands.h"
 #include "core/config.h"
 #include "core/rng.h"
+#include "kernels/multi_tensor.h"
 #include "kernels/op_profile.h"
 #include "kernels/ops.h"
 #ifdef DECOTRON_WITH_CUDA
@@ -255,6 +256,38 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
     auto b = std::make_shared<Tensor>(Tensor::empty({n}, DType::bf16, dev));
     out.push_back({"convert fp32->bf16 (weight copies)", shape_of({n}), 0, 6.0 * n, [=] { ops::convert(*b, *p); }});
     out.push_back({"sum_squares (grad norm)", shape_of({n}), 2.0 * n, 4.0 * n, [=] { (void)ops::sum_squares(*g); }});
+    // The same elements cut as the model's parameter tensors (embedding, LM head; per layer the
+    // attention matrices, two norms, then the router, W_up, gamma, W_down, g, or the dense
+    // FFN): the optimizer's real step, one tensor at a time against the multi-tensor launches.
+    std::vector<int64_t> sizes = {V * h, V * h};
+    for (int64_t l = 0; l < m.layers; ++l) {
+      for (int k = 0; k < 4; ++k) sizes.push_back(h * h);
+      sizes.insert(sizes.end(), {h, h});
+      if (E > 0) sizes.insert(sizes.end(), {E * h, E * d * h, d, h * E * d, E});
+      else sizes.insert(sizes.end(), {F * h, F * h, h * F});
+    }
+    std::vector<ops::AdamWTensor> list;
+    std::vector<Tensor> grads;
+    for (int64_t at = 0, i = 0; i < static_cast<int64_t>(sizes.size()) && at < n; ++i) {
+      const int64_t k = std::min(sizes[i], n - at);
+      list.push_back(ops::AdamWTensor{p->rows(at, k), mm->rows(at, k), vv->rows(at, k), g->rows(at, k), true});
+      grads.push_back(g->rows(at, k));
+      at += k;
+    }
+    const std::string tensors = std::to_string(list.size()) + " tensors";
+    auto multi = std::make_shared<ops::MultiTensorAdamW>(list);
+    auto squares = std::make_shared<ops::MultiTensorSquares>(grads);
+    out.push_back({"adamw_update, a launch per tensor", tensors, 15.0 * n, 28.0 * n, [=] {
+                     for (const ops::AdamWTensor& t : list) {
+                       Tensor tp = t.param, tm = t.m, tv = t.v;
+                       ops::adamw_update(tp, tm, tv, t.grad, st, 1.0);
+                     }
+                   }});
+    out.push_back({"adamw_update, multi-tensor", tensors, 15.0 * n, 28.0 * n, [=] { multi->update(st, 1.0); }});
+    out.push_back({"sum_squares, a sync per tensor", tensors, 2.0 * n, 4.0 * n, [=] {
+                     for (const Tensor& t : grads) (void)ops::sum_squares(t);
+                   }});
+    out.push_back({"sum_squares, multi-tensor", tensors, 2.0 * n, 4.0 * n, [=] { (void)squares->compute(); }});
   }
   return out;
 }

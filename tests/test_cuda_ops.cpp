@@ -17,6 +17,7 @@
 
 #include "core/rng.h"
 #include "core/tensor.h"
+#include "kernels/multi_tensor.h"
 #include "kernels/ops.h"
 #ifdef DECOTRON_WITH_CUDA
 #include "core/cuda_backend.h"
@@ -699,6 +700,73 @@ TEST(CudaOps, SumSquaresAndNonFinite) {
       EXPECT_TRUE(ops::has_nonfinite(gpu(y, dt))) << dtype_name(dt) << " " << bad;
     }
   }
+}
+
+// kernels/multi_tensor.h on the device against the single-tensor ops: sizes below, at and above
+// a chunk (16384), an empty tensor, views into one shared buffer (as the distributed
+// optimizer's shards are), decay on and off.
+TEST(CudaOps, MultiTensorAdamWAndSquares) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int64_t> sizes = {1003, 16384, 0, 40000, 7, 16385};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  Tensor buf = randn({total});  // the parameters: views of one buffer
+  Tensor bufg = gpu(buf);
+  std::vector<Tensor> p, m, v, pg, mg, vg, g, gg;
+  std::vector<ops::AdamWTensor> list;
+  int64_t at = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const int64_t n = sizes[i];
+    p.push_back(buf.rows(at, n));
+    pg.push_back(bufg.rows(at, n));
+    at += n;
+    m.push_back(Tensor::zeros({n}, DType::f32)), v.push_back(Tensor::zeros({n}, DType::f32));
+    mg.push_back(gpu(m.back())), vg.push_back(gpu(v.back()));
+    g.push_back(randn({n}, 0.01)), gg.push_back(gpu(g.back()));
+    list.push_back(ops::AdamWTensor{pg.back(), mg.back(), vg.back(), gg.back(), i % 2 == 0});
+  }
+  ops::MultiTensorAdamW adamw(list);
+  ops::MultiTensorSquares squares(gg);
+  for (int64_t step = 1; step <= 3; ++step) {
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      Tensor fresh = randn({sizes[i]}, 0.01);
+      g[i].copy_from(fresh);
+      gg[i].copy_from(fresh);  // the views the lists hold see the new gradient
+    }
+    const std::vector<double> sq = squares.compute();
+    ASSERT_EQ(sq.size(), sizes.size());
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const double want = ops::sum_squares(g[i]);
+      EXPECT_NEAR(sq[i], want, 1e-12 * want) << "tensor " << i << " of " << sizes[i];
+    }
+    EXPECT_EQ(squares.compute(), sq) << "multi-tensor squares are not deterministic";
+    const ops::AdamWStep s{1e-3, 0.9, 0.95, 1e-8, 0.1, step};
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      ops::AdamWStep si = s;
+      if (i % 2 != 0) si.weight_decay = 0.0;
+      ops::adamw_update(p[i], m[i], v[i], g[i], si, 0.5);
+    }
+    adamw.update(s, 0.5);
+    // The same per-element arithmetic as the single-tensor kernel, which matches the CPU's to
+    // the last bit or so (device sqrt): compare with the CPU at fp32 bounds...
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const std::string what = " tensor " + std::to_string(i) + " step " + std::to_string(step);
+      expect_close(pg[i], p[i], DType::f32, "multi-tensor adamw param" + what);
+      expect_close(mg[i], m[i], DType::f32, "multi-tensor adamw m" + what);
+      expect_close(vg[i], v[i], DType::f32, "multi-tensor adamw v" + what);
+    }
+  }
+  // ... and with the single-tensor CUDA kernel bit for bit.
+  Tensor q = gpu(buf), qm = Tensor::zeros({total}, DType::f32).to(Device::cuda),
+         qv = Tensor::zeros({total}, DType::f32).to(Device::cuda), qg = gpu(randn({total}, 0.01));
+  Tensor q2 = gpu(buf), qm2 = qm.clone(), qv2 = qv.clone();
+  ops::MultiTensorAdamW one({ops::AdamWTensor{q2, qm2, qv2, qg, true}});
+  const ops::AdamWStep s{1e-3, 0.9, 0.95, 1e-8, 0.1, 1};
+  ops::adamw_update(q, qm, qv, qg, s, 0.7);
+  one.update(s, 0.7);
+  EXPECT_EQ(std::memcmp(q.to(Device::cpu).raw(), q2.to(Device::cpu).raw(), total * 4), 0)
+      << "multi-tensor AdamW differs from adamw_update";
+  EXPECT_EQ(std::memcmp(qv.to(Device::cpu).raw(), qv2.to(Device::cpu).raw(), total * 4), 0);
 }
 
 // ---- DECO routed experts on (token, expert) pairs ------------------------------------------------

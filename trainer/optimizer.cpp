@@ -48,7 +48,18 @@ AdamW::AdamW(ParameterSet& params, const TrainConfig& cfg, GradientSync* sync)
   }
   for (auto& segs : per_param)
     for (Segment& s : segs) segments_.push_back(std::move(s));
+  // The step's launches over every segment at once (kernels/multi_tensor.h).
+  std::vector<ops::AdamWTensor> update;
+  std::vector<Tensor> grads;
+  for (const Segment& s : segments_) {
+    update.push_back(ops::AdamWTensor{s.value, s.m, s.v, s.grad, params_[s.param]->weight_decay});
+    grads.push_back(s.grad);
+  }
+  update_ = std::make_unique<ops::MultiTensorAdamW>(std::move(update));
+  squares_ = std::make_unique<ops::MultiTensorSquares>(std::move(grads));
 }
+
+AdamW::~AdamW() = default;
 
 double AdamW::grad_norm() const {
   // [0]: parameters whole on this rank, [1]: split over the tensor-parallel ranks, [2]: experts
@@ -56,10 +67,12 @@ double AdamW::grad_norm() const {
   // per buffer, summed over the buffer's group first.
   std::array<double, 3> here = {0, 0, 0};
   std::vector<std::vector<double>> shards(sync_ ? sync_->buffers().size() : 0, std::vector<double>(3, 0.0));
-  for (const Segment& s : segments_) {
+  const std::vector<double> squares = squares_->compute();  // per segment, one copy to the host
+  for (size_t i = 0; i < segments_.size(); ++i) {
+    const Segment& s = segments_[i];
     const Parameter& p = *params_[s.param];
     const int kind = p.shard_dim < 0 ? 0 : (ep_ && is_expert_partition(p.partition)) ? 2 : 1;
-    const double sq = ops::sum_squares(s.grad);
+    const double sq = squares[i];
     if (s.buffer < 0) here[kind] += sq;
     else shards[s.buffer][kind] += sq;
   }
@@ -77,12 +90,9 @@ double AdamW::grad_norm() const {
 
 void AdamW::update(double lr, double clip_scale) {
   ++step_;
-  for (Segment& s : segments_) {
-    const Parameter* p = params_[s.param];
-    ops::AdamWStep st{lr, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_eps, p->weight_decay ? cfg_.weight_decay : 0.0,
-                      step_};
-    ops::adamw_update(s.value, s.m, s.v, s.grad, st, clip_scale);
-  }
+  // Weight decay where the parameter takes it (AdamWTensor::decay), one launch on CUDA.
+  update_->update(ops::AdamWStep{lr, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_eps, cfg_.weight_decay, step_},
+                  clip_scale);
   if (sync_) sync_->sync_params();  // each rank updated its shards: make the parameters whole
 }
 

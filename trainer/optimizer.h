@@ -11,10 +11,15 @@
 //
 // Both cases run the same per-element AdamW on "segments": a parameter's elements that this
 // rank updates, as views of equal length of the value, the mean gradient and the moments.
+// The segments never move, so the step runs over all of them at once (kernels/multi_tensor.h:
+// on CUDA one AdamW launch, and the gradient norm's squares in two launches and one copy to
+// the host, instead of a launch and a host round trip per segment).
 #pragma once
+#include <memory>
 #include <vector>
 
 #include "core/config.h"
+#include "kernels/multi_tensor.h"
 #include "model/parameter.h"
 #include "parallel/communicator.h"
 #include "parallel/grad_sync.h"
@@ -26,6 +31,7 @@ class AdamW {
   // sync: the data-parallel gradient sync; its sharded buffers make this a distributed optimizer
   // (nullptr or unsharded: every rank holds the whole state).
   AdamW(ParameterSet& params, const TrainConfig& cfg, GradientSync* sync = nullptr);
+  ~AdamW();
   // Tensor parallelism: the split parameters' squares are summed over this group in grad_norm().
   void set_tensor_parallel(Communicator* tp) { tp_ = tp && tp->size() > 1 ? tp : nullptr; }
   // Expert parallelism: the expert-split parameters' squares are summed over this group.
@@ -66,6 +72,10 @@ class AdamW {
   std::vector<Tensor> m_, v_;              // per parameter held whole (undefined when sharded)
   std::vector<Tensor> m_shard_, v_shard_;  // per grad buffer: this rank's shards (distributed)
   std::vector<Segment> segments_;          // in parameter order
+  // Over segments_, in its order: the update and the squares of the gradients, a launch or two
+  // each on CUDA (kernels/multi_tensor.h).
+  std::unique_ptr<ops::MultiTensorAdamW> update_;
+  std::unique_ptr<ops::MultiTensorSquares> squares_;
   TrainConfig cfg_;
   int64_t step_ = 0;
   Communicator* tp_ = nullptr;

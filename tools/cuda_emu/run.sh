@@ -39,7 +39,7 @@ done
 CXDEPS="$(ls $R/core/*.h $R/kernels/*.h $R/kernels/cpu/*.h $R/kernels/cuda/*.h $R/model/*.h $R/parallel/*.h $R/trainer/*.h $R/tests/*.h)"
 # The model, the parallel layer (NCCL through fake_nccl.cpp) and the trainer too, for
 # tests/test_cuda_model.cpp (the model and its parallel layouts on the device).
-for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/cpu/*.cpp $R/model/*.cpp $R/parallel/*.cpp \
+for f in $R/core/*.cpp $R/kernels/ops.cpp $R/kernels/op_profile.cpp $R/kernels/multi_tensor.cpp $R/kernels/cpu/*.cpp $R/model/*.cpp $R/parallel/*.cpp \
          $R/trainer/synthetic_data.cpp $R/trainer/trainer.cpp $R/trainer/optimizer.cpp $R/trainer/lr_schedule.cpp \
          $T/fake_nccl.cpp $R/tests/test_cuda_ops.cpp $R/tests/test_cuda_model.cpp; do
   run_limited "$CX" $f $E/obj/cpu_$(basename $f .cpp).o $CXDEPS
