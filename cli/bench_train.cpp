@@ -26,6 +26,7 @@ struct BenchArgs {
   int64_t steps = 5, warmup = 2, profile_steps = 2;
   bool all_variants = false;
   bool real_data = false;
+  double act_ratio = -1;  // < 0: the config's train.target_ratio; 0: the model's own routing
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -47,6 +48,10 @@ VariantResult run_variant(const std::string& name, const Config& cfg, const Benc
                                                    : make_synthetic_data(cfg.model.vocab_size, cfg.model.seq_len,
                                                                          cfg.train.seed, 0);
   Trainer trainer(cfg, std::move(data), "");
+  // A fresh router activates about half of the pairs, a trained one the target ratio: measure
+  // the sparse path where training spends its time (both DECO variants route alike).
+  const double ratio = a.act_ratio < 0 ? cfg.train.target_ratio : a.act_ratio;
+  if (ratio > 0) trainer.model().calibrate_routing(ratio);
   for (int64_t i = 0; i < a.warmup; ++i) trainer.train_step();
   auto t0 = std::chrono::steady_clock::now();
   int64_t tokens = 0;
@@ -95,8 +100,14 @@ void run_bench_train(const BenchArgs& a) {
               a.config.c_str(), device_name(dev), base.train.dtype.c_str(), static_cast<long long>(base.train.micro_batch),
               static_cast<long long>(base.model.seq_len), static_cast<long long>(base.train.global_batch),
               static_cast<long long>(a.steps), static_cast<long long>(a.warmup));
-  std::printf("measured dense GEMM peak on this device: %.3f TFLOP/s (%s)\n\n", peak,
+  std::printf("measured dense GEMM peak on this device: %.3f TFLOP/s (%s)\n", peak,
               dev == Device::cuda ? "bf16 8192^3" : "fp32 1024^3, OpenBLAS");
+  const double ratio = a.act_ratio < 0 ? base.train.target_ratio : a.act_ratio;
+  if (base.model.arch == "deco" && ratio > 0)
+    std::printf("DECO routing: each expert's router logits shifted at the first step so that %.3g of the tokens "
+                "activate it (a trained model's ratio; --act-ratio 0 for the fresh router's own)\n",
+                ratio);
+  std::printf("\n");
   std::vector<VariantResult> results;
   for (const auto& [name, cfg] : variants) results.push_back(run_variant(name, cfg, a));
 #ifdef DECOTRON_WITH_CUDA
@@ -145,6 +156,10 @@ void register_bench_train(CLI::App& bench) {
   cmd->add_flag("--all-variants", a->all_variants,
                 "For a DECO config: DECO sparse, DECO dense-masked and the dense twin, one after another");
   cmd->add_flag("--real-data", a->real_data, "Read data.prefixes instead of synthetic tokens");
+  cmd->add_option("--act-ratio", a->act_ratio,
+                  "DECO: route this share of the tokens to each expert (router logits shifted per expert at the "
+                  "first step, as a trained router does; default train.target_ratio; 0: the fresh router's own)")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->callback([a] { run_bench_train(*a); });
 }
 

@@ -1,4 +1,8 @@
 // The dense SwiGLU FFN and the DECO FFN (deco-model.md, "The DECO FFN", steps 1-8).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "model/layers.h"
 #include "parallel/tensor_parallel.h"
 
@@ -141,6 +145,8 @@ Tensor DecoFFNLayer::forward(const Tensor& x, const RegularizerSpec& reg, Routin
   const DType rdt = w_router_.w().dtype();
   r_ = Tensor::empty({T, experts_}, rdt, x.device());
   ops::linear_forward(r_, router_input(x), w_router_.w());
+  if (calibrate_ratio_ > 0) fix_logit_shift(r_);
+  if (logit_shift_.defined()) ops::add_rows_(r_, logit_shift_, -1.0);
   s_ = Tensor::empty({T, experts_}, rdt, x.device());
   ops::router_scale_forward(s_, r_, scaling());
   Tensor out;
@@ -230,6 +236,27 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   ops::add_(gamma_.grad, dgamma);
   dispatcher_->combine_grad(dx, ds, dxp, dsp);
   received_.x = Tensor();
+}
+
+// b_e such that round(ratio * T) of this batch's logits r[:, e] - b_e are > 0 (ties may activate
+// a few more or fewer). On the host, once: a benchmark's setup.
+void DecoFFNLayer::fix_logit_shift(const Tensor& r) {
+  const int64_t T = r.dim(0), E = r.dim(1);
+  const int64_t k = std::clamp<int64_t>(std::llround(calibrate_ratio_ * static_cast<double>(T)), 0, T);
+  Tensor host = cast_cpu(r.to(Device::cpu), DType::f64);
+  Tensor shift = Tensor::empty({E}, DType::f64);
+  std::vector<double> col(T);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t t = 0; t < T; ++t) col[t] = host.data<double>()[t * E + e];
+    std::sort(col.begin(), col.end());
+    // Midway between the k largest and the rest, so that no logit of the batch sits on ReLU's
+    // kink (a unit beyond the extremes when k is 0 or T).
+    double b = 0;
+    if (T > 0) b = k == T ? col[0] - 1.0 : k == 0 ? col[T - 1] + 1.0 : 0.5 * (col[T - k - 1] + col[T - k]);
+    shift.data<double>()[e] = b;
+  }
+  logit_shift_ = cast_cpu(shift, r.dtype()).to(r.device());
+  calibrate_ratio_ = 0;
 }
 
 void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss) {

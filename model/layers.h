@@ -125,8 +125,15 @@ class DecoFFNLayer {
   // Sequence parallelism: as AttentionLayer's (the shared expert's input is the same tensor).
   void drop_input();
   void restore_input(const Tensor& x);
+  // Benchmarks only (as Megatron's --moe-router-force-load-balancing): the next forward measures
+  // each expert's router logits and fixes a per-expert shift b_e so that `ratio` of that batch's
+  // tokens activate it; from then on the layer routes with r - b (forward and backward, so the
+  // math stays consistent). A fresh model activates about half of its pairs, a trained one the
+  // target ratio: this puts the sparse path's cost where training spends its time. 0: off.
+  void calibrate_routing(double ratio) { calibrate_ratio_ = ratio; }
 
  private:
+  void fix_logit_shift(const Tensor& r);  // calibrate_routing's measurement
   const Tensor& scaling() const;
   const Tensor& pre_weight() const;  // the matrix NormSiLU applies to: W_up, or W_gate when gated
   Tensor router_input(const Tensor& x) const;  // x in the router's dtype
@@ -161,6 +168,8 @@ class DecoFFNLayer {
   ExpertDispatcher::Received received_;
   ops::GroupedExperts grouped_;
   Tensor w_bar_;
+  double calibrate_ratio_ = 0;  // calibrate_routing: pending
+  Tensor logit_shift_;          // [E] in r's dtype, subtracted from the router logits (benchmarks)
 };
 
 }  // namespace decotron

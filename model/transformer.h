@@ -28,6 +28,10 @@ class TransformerBlock {
   // input; backward runs the forward again, then the backward. One extra forward per block for
   // the memory of its activations (train.recompute).
   void set_recompute(bool on) { recompute_ = on; }
+  // Benchmarks: DecoFFNLayer::calibrate_routing (dense blocks: nothing).
+  void calibrate_routing(double ratio) {
+    if (deco_) deco_->calibrate_routing(ratio);
+  }
 
  private:
   // drop_gathered: under sequence parallelism keep only this rank's tokens for backward.
@@ -97,6 +101,11 @@ class Transformer {
   // Recompute every block's activations in backward instead of keeping them (train.recompute).
   void set_recompute(bool on) {
     for (auto& b : blocks_) b->set_recompute(on);
+  }
+  // Benchmarks only: every DECO layer routes `ratio` of the next batch's tokens to each expert
+  // from then on (DecoFFNLayer::calibrate_routing).
+  void calibrate_routing(double ratio) {
+    for (auto& b : blocks_) b->calibrate_routing(ratio);
   }
   // Logits [T, V] of every position (inference and tests).
   Tensor logits(const Tensor& tokens, const BatchShape& bs);

@@ -28,10 +28,13 @@ ModelConfig tiny(const std::string& arch) {
   return c;
 }
 
-void check_model(const ModelConfig& cfg, RegularizerSpec reg, int64_t loss_chunk_tokens = 0) {
+// calibrate: bench train's routing calibration (DecoFFNLayer::calibrate_routing), fixed at the
+// first forward: the gradients are then those of the shifted router.
+void check_model(const ModelConfig& cfg, RegularizerSpec reg, int64_t loss_chunk_tokens = 0, double calibrate = 0) {
   Transformer model(cfg, DType::f64, Device::cpu);
   model.set_loss_chunk_tokens(loss_chunk_tokens);
   model.params().initialize(3);
+  if (calibrate > 0) model.calibrate_routing(calibrate);
   BatchShape bs{2, 5};
   Tensor tok = Tensor::empty({10}, DType::i32), tgt = Tensor::empty({10}, DType::i32);
   for (int i = 0; i < 10; ++i) {
@@ -47,6 +50,8 @@ void check_model(const ModelConfig& cfg, RegularizerSpec reg, int64_t loss_chunk
   ForwardResult r = model.forward(tok, tgt, bs, reg, scale, true);
   if (cfg.arch == "deco") {
     ASSERT_EQ(r.routing.size(), 1u);
+    if (calibrate > 0)  // round(ratio x 10 tokens) per expert
+      for (int64_t n : r.routing[0].active_per_expert) EXPECT_EQ(n, std::llround(calibrate * 10));
     ASSERT_GT(r.routing[0].active_pairs, 0);
     ASSERT_LT(r.routing[0].active_pairs, 40);  // some inactive pairs exercise the ReLU kink's zero side
   }
@@ -163,6 +168,16 @@ TEST(ModelGradient, DenseMaskedExpertPath) {
   check_model(c, {RegularizerSpec::Kind::entropy, 0.3, 0.2});
   c.gated_experts = true;
   check_model(c, {});
+}
+
+// bench train's calibrated routing: the batch it measures activates round(ratio T) tokens per
+// expert (0.3 -> 3 of 10; 0.7 -> 7), the shift stays for later forwards (the objective the
+// finite differences evaluate), and the gradients are exact on both expert paths.
+TEST(ModelGradient, CalibratedRouting) {
+  ModelConfig c = tiny("deco");
+  check_model(c, {RegularizerSpec::Kind::entropy, 0.3, 0.2}, 0, 0.3);
+  c.expert_compute = "dense";
+  check_model(c, {RegularizerSpec::Kind::entropy, 0.3, 0.2}, 0, 0.7);
 }
 
 // The sparse path (active pairs only) equals the dense-masked reference: loss, routing and
