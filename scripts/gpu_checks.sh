@@ -1,91 +1,112 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one command, for a session that is lent one (the `device`
-# tool runs one command at a time, for at most 10 minutes; pass OUT=$OUT there). Writes a
-# report of each step to $OUT (default gpu-checks/) and keeps going after a failing step:
-#   1. build for sm_90 with all cores (CUDA, cuBLAS, NCCL when present);
-#   2. the CUDA kernel tests against their CPU references (tests/test_cuda_ops.cpp);
-#   3. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts, fp32 and bf16) and on the
-#      CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
-#   4. two ranks sharing the GPU through the MPI backend (parallel.backend: mpi) against one rank:
-#      DP2, TP2, EP2 and TP2 + SP;
-#   5. `decotron bench kernels` (each kernel against the card's ceilings) and
-#      `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse, dense-masked,
-#      dense twin) and, when the peer script was carried in (.peer/torch_deco.py, copied from
-#      ../shared/peers/), the PyTorch peer on the same card: the table of docs/PERFORMANCE.md.
-# Usage (device tool): cp ../shared/peers/torch_deco.py .peer/ and scripts/fetch_cudnn_frontend.sh
-# here (both git-ignored: carry [".peer", "third_party/cudnn-frontend"]; the device machine has no
-# network), then run `OUT=$OUT scripts/gpu_checks.sh [PHASES] [STEPS]`. PHASES: a comma list of
-# build, tests, tiny, parallel, bench (default all of them). A device call is limited to 10
-# minutes: if all of them do not fit, run `build,tests,tiny` in one call and `parallel,bench` in
-# the next while the machine is warm (the build directory stays there between calls).
+# Every check that needs a GPU, in one command, sized for one `device` call: a session is lent
+# 15 minutes of device time in all (the machine's start included) and one command runs at most
+# 10 minutes, so everything runs in ONE call under a global deadline (DEADLINE seconds, default
+# 480), most important first, each step under its own time limit so that a slow fallback or a
+# hang costs that step and not the rest:
+#   1. build for sm_90 with all cores (CUDA, cuBLAS, cuDNN and NCCL when present); version;
+#   2. the CUDA kernel and model tests against their CPU references (tests/test_cuda_*.cpp),
+#      the multi-rank one (CudaModel.ParallelLayouts*, mpirun inside) later, in step 6;
+#   3. `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse,
+#      dense-masked, dense twin) and, when the peer script was carried in (.peer/torch_deco.py,
+#      copied from ../shared/peers/), the PyTorch peer on the same card (dense, then DECO): the
+#      table of docs/PERFORMANCE.md;
+#   4. `decotron bench kernels` (each kernel against the card's ceilings, measured in the run);
+#   5. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts, fp32 and bf16) and on
+#      the CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
+#   6. the multi-rank CUDA test, and two ranks sharing the GPU through the MPI backend
+#      (parallel.backend: mpi) against one rank: DP2, TP2, EP2, TP2 + SP.
+# A step that would start with less than 15 s left is skipped and says so. The device tool
+# brings back at most 8 files from $OUT, so the logs are written to $WORK (default
+# gpu-checks-work/) and packed into $OUT/gpu-checks.tar.gz after every step (a call stopped at
+# its limit still returns what had finished), beside $OUT/summary.txt.
+# Usage (device tool): here, `mkdir -p .peer && cp ../shared/peers/torch_deco.py .peer/` and
+# `scripts/fetch_cudnn_frontend.sh` (both git-ignored, so carry [".peer",
+# "third_party/cudnn-frontend"]: the device machine has no network); then one call,
+#   run(command="OUT=$OUT scripts/gpu_checks.sh", timeout_s=560, carry=[...]).
+# Arguments: [PHASES] [STEPS]; PHASES a comma list of build, tests, bench, kernels, tiny,
+# parallel (default all, in that order), STEPS the timed steps of bench train (default 10).
 # DECOTRON_ATTENTION=reference in the environment benchmarks the reference attention kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-checks}
-PHASES=${1:-build,tests,tiny,parallel,bench}
+WORK=${WORK:-gpu-checks-work}
+PHASES=${1:-build,tests,bench,kernels,tiny,parallel}
 STEPS=${2:-10}
-mkdir -p "$OUT"
-want() { [[ ",$PHASES," == *",$1,"* ]]; }
+DEADLINE=${DEADLINE:-480}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
-export OPENBLAS_NUM_THREADS=1
 B=$BUILD_DIR/decotron
-step() {  # name, command...: runs it, logs to $OUT/name.log, records the exit status
-  local name=$1
-  shift
-  echo "== $name: $*" | tee -a "$OUT/summary.txt"
+export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK"/runs
+: > "$WORK/summary.txt"
+want() { [[ ",$PHASES," == *",$1,"* ]]; }
+pack() {
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+  tar -czf "$OUT/gpu-checks.tar.gz.tmp" -C "$WORK" . && mv "$OUT/gpu-checks.tar.gz.tmp" "$OUT/gpu-checks.tar.gz"
+}
+step() {  # name, limit in seconds, command...: runs it, logs to $WORK/name.log, records the exit status
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 15)); then
+    echo "== $name: skipped, ${left} s left of DEADLINE=$DEADLINE" | tee -a "$WORK/summary.txt"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit $limit s): $*" | tee -a "$WORK/summary.txt"
   local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  echo "   exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-  tail -n 15 "$OUT/$name.log" >> "$OUT/summary.txt"
+  local note=""
+  ((rc == 124 || rc == 137)) && note=" (stopped at its $limit s limit)"
+  echo "   exit $rc in $((SECONDS - t0)) s$note; $((DEADLINE - SECONDS)) s left" | tee -a "$WORK/summary.txt"
+  tail -n 15 "$WORK/$name.log" >> "$WORK/summary.txt"
+  pack
   return 0
 }
-compare() {  # two metrics.jsonl: the largest relative lm_loss difference over their common steps
-  python3 - "$1" "$2" <<'EOF'
-import json, sys
-a, b = ([json.loads(l) for l in open(p) if '"lm_loss"' in l] for p in sys.argv[1:3])
-d = max(abs(x["lm_loss"] - y["lm_loss"]) / abs(y["lm_loss"]) for x, y in zip(a, b))
-print(f"{len(a)} records; largest relative lm_loss difference {d:.3e}; last {a[-1]['lm_loss']:.4f} vs {b[-1]['lm_loss']:.4f}")
-EOF
-}
+# compare A B: the largest relative lm_loss difference of two metrics.jsonl over their common steps
+compare="python3 scripts/compare_loss_curves.py"
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-want build && step build env BUILD_DIR="$BUILD_DIR" DECOTRON_CUDA=ON scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
-"$B" version > "$OUT/version.txt" 2>&1  # which attention paths (cuDNN?) and backends this build has
-want tests && step cuda-tests "$BUILD_DIR/decotron_tests" --gtest_filter='Cuda*'
-
-TINY="--config configs/tiny-deco.yaml --synthetic-data --set train.iters=60 --set log.interval=5 --set train.eval_interval=0"
-if want tiny; then
-rm -rf "$OUT"/runs
-step tiny-cpu "$B" train $TINY --run-dir "$OUT/runs/cpu"
-step tiny-gpu-sparse "$B" train $TINY --set train.device=cuda --run-dir "$OUT/runs/gpu-sparse"
-step tiny-gpu-dense "$B" train $TINY --set train.device=cuda --set model.expert_compute=dense --run-dir "$OUT/runs/gpu-dense"
-step tiny-gpu-bf16 "$B" train $TINY --set train.device=cuda --set train.dtype=bf16 --run-dir "$OUT/runs/gpu-bf16"
-step tiny-gpu-bf16-dense "$B" train $TINY --set train.device=cuda --set train.dtype=bf16 --set model.expert_compute=dense \
-  --run-dir "$OUT/runs/gpu-bf16-dense"
-step tiny-compare-sparse compare "$OUT/runs/gpu-sparse/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
-step tiny-compare-dense compare "$OUT/runs/gpu-dense/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
-step tiny-compare-bf16 compare "$OUT/runs/gpu-bf16/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
-step tiny-compare-bf16-dense compare "$OUT/runs/gpu-bf16-dense/metrics.jsonl" "$OUT/runs/cpu/metrics.jsonl"
-fi
-if want parallel; then
-[[ -d "$OUT/runs/gpu-sparse" ]] || step tiny-gpu-sparse "$B" train $TINY --set train.device=cuda --run-dir "$OUT/runs/gpu-sparse"
-step tiny-gpu-dp2-mpi mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2 "$B" train $TINY \
-  --set train.device=cuda --set parallel.backend=mpi --run-dir "$OUT/runs/gpu-dp2"
-step tiny-compare-dp2 compare "$OUT/runs/gpu-dp2/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
-for L in "tp2:--set parallel.tensor=2" "ep2:--set parallel.expert=2" "tp2-sp:--set parallel.tensor=2 --set parallel.sequence=true"; do
-  name=${L%%:*}
-  step tiny-gpu-$name-mpi mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2 "$B" train $TINY \
-    --set train.device=cuda --set parallel.backend=mpi ${L#*:} --run-dir "$OUT/runs/gpu-$name"
-  step tiny-compare-$name compare "$OUT/runs/gpu-$name/metrics.jsonl" "$OUT/runs/gpu-sparse/metrics.jsonl"
-done
-fi
+nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
+want build && step build 240 env BUILD_DIR="$BUILD_DIR" DECOTRON_CUDA=ON scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
+step version 10 "$B" version  # which attention paths (cuDNN?) and backends this build has
+want tests && step cuda-tests 100 "$BUILD_DIR/decotron_tests" --gtest_filter='Cuda*:-CudaModel.ParallelLayouts*'
 
 if want bench; then
-step bench-kernels-0.1b "$B" bench kernels --config configs/deco-0.1b.yaml --iters 20
-step bench-0.1b "$B" bench train --config configs/deco-0.1b.yaml --all-variants --steps "$STEPS" --warmup 3
-if [[ -f .peer/torch_deco.py ]]; then
-  step peer python3 .peer/torch_deco.py --mode train --shape 0.1b --steps "$STEPS"
+  step bench-0.1b 120 "$B" bench train --config configs/deco-0.1b.yaml --all-variants --steps "$STEPS" --warmup 3
+  if [[ -f .peer/torch_deco.py ]]; then
+    # dense twin first, then DECO: one JSON line each (two torch.compile warm-ups)
+    step peer-0.1b 200 python3 .peer/torch_deco.py --mode train --shape 0.1b --steps "$STEPS"
+  fi
 fi
+want kernels && step bench-kernels-0.1b 60 "$B" bench kernels --config configs/deco-0.1b.yaml --iters 20
+
+TINY="--config configs/tiny-deco.yaml --synthetic-data --set train.iters=60 --set train.decay_iters=20 --set log.interval=5 --set train.eval_interval=0"
+R=$WORK/runs
+if want tiny; then
+  step tiny-cpu 40 "$B" train $TINY --run-dir "$R/cpu"
+  step tiny-gpu-sparse 30 "$B" train $TINY --set train.device=cuda --run-dir "$R/gpu-sparse"
+  step tiny-gpu-dense 30 "$B" train $TINY --set train.device=cuda --set model.expert_compute=dense --run-dir "$R/gpu-dense"
+  step tiny-gpu-bf16 30 "$B" train $TINY --set train.device=cuda --set train.dtype=bf16 --run-dir "$R/gpu-bf16"
+  step tiny-gpu-bf16-dense 30 "$B" train $TINY --set train.device=cuda --set train.dtype=bf16 \
+    --set model.expert_compute=dense --run-dir "$R/gpu-bf16-dense"
+  for v in sparse dense bf16 bf16-dense; do
+    step tiny-compare-$v 10 $compare "$R/gpu-$v/metrics.jsonl" "$R/cpu/metrics.jsonl"
+  done
 fi
-echo "report: $OUT/summary.txt"
+if want parallel; then
+  step cuda-tests-multirank 60 "$BUILD_DIR/decotron_tests" --gtest_filter='CudaModel.ParallelLayouts*'
+  [[ -f "$R/gpu-sparse/metrics.jsonl" ]] ||
+    step tiny-gpu-sparse 30 "$B" train $TINY --set train.device=cuda --run-dir "$R/gpu-sparse"
+  MPI="mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS -np 2"
+  for L in "dp2:" "tp2:--set parallel.tensor=2" "ep2:--set parallel.expert=2" \
+           "tp2-sp:--set parallel.tensor=2 --set parallel.sequence=true"; do
+    name=${L%%:*}
+    step tiny-gpu-$name-mpi 40 $MPI "$B" train $TINY --set train.device=cuda --set parallel.backend=mpi ${L#*:} \
+      --run-dir "$R/gpu-$name"
+    step tiny-compare-$name 10 $compare "$R/gpu-$name/metrics.jsonl" "$R/gpu-sparse/metrics.jsonl"
+  done
+fi
+pack
+echo "report: $OUT/summary.txt, logs in $OUT/gpu-checks.tar.gz ($SECONDS s in all)"
