@@ -71,6 +71,56 @@ Context& context() {
 
 void synchronize() { CUDA_CHECK(cudaStreamSynchronize(context().stream)); }
 
+namespace {
+
+// The ring behind upload_async: kUploadSegments segments, filled in turn. Leaving a segment
+// records an event after its copies; entering one waits for the event recorded when it was last
+// left (by then, normally long done: 2 MiB of uploads ago), so its pinned bytes may be rewritten.
+// Its device twin needs no wait: the next copy into it runs after everything enqueued before.
+// 2 MiB of pinned host and 2 MiB of device memory, outside the caching allocator (not in peak).
+class UploadRing {
+ public:
+  const void* upload(const void* src, size_t bytes) {
+    if (bytes > kUploadSegmentBytes) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    Context& c = context();
+    if (!host_) {
+      CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), kUploadSegments * kUploadSegmentBytes,
+                               cudaHostAllocDefault));
+      CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev_), kUploadSegments * kUploadSegmentBytes));
+      for (auto& e : left_) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    const size_t n = (bytes + 255) / 256 * 256;  // keeps every upload 256-byte aligned
+    if (used_ + n > kUploadSegmentBytes) {
+      CUDA_CHECK(cudaEventRecord(left_[cur_], c.stream));
+      recorded_[cur_] = true;
+      cur_ = (cur_ + 1) % kUploadSegments;
+      if (recorded_[cur_]) CUDA_CHECK(cudaEventSynchronize(left_[cur_]));
+      used_ = 0;
+    }
+    const size_t at = cur_ * kUploadSegmentBytes + used_;
+    std::memcpy(host_ + at, src, bytes);
+    CUDA_CHECK(cudaMemcpyAsync(dev_ + at, host_ + at, bytes, cudaMemcpyHostToDevice, c.stream));
+    used_ += n;
+    return dev_ + at;
+  }
+
+ private:
+  std::mutex mu_;
+  char* host_ = nullptr;
+  char* dev_ = nullptr;
+  cudaEvent_t left_[kUploadSegments] = {};
+  bool recorded_[kUploadSegments] = {};
+  size_t cur_ = 0, used_ = 0;
+};
+
+}  // namespace
+
+const void* upload_async(const void* host, size_t bytes) {
+  static UploadRing* ring = new UploadRing();  // never destroyed, as the context
+  return bytes == 0 ? nullptr : ring->upload(host, bytes);
+}
+
 void check_device_errors() {
   Context& c = context();
   unsigned flags = 0;

@@ -44,6 +44,18 @@ void check_device_errors();
 // Waits for all work on the context's stream.
 void synchronize();
 
+// Small kernel arguments (cuBLAS's grouped-GEMM pointer arrays, per-block offsets) to the device
+// without waiting for the stream, as a host-to-device Tensor copy does (a GPU drained ~100 times
+// a step, once per grouped expert GEMM). The bytes go through a pinned staging ring, whose host
+// memory is rewritten only after an event shows its copy done, into a device ring, rewritten
+// only by a copy stream-ordered after all work enqueued before it. The returned device pointer
+// holds the bytes for work enqueued on the context's stream before the ring comes round again
+// (kUploadSegments - 1 segments of further uploads): enqueue the consumer right away. Returns
+// nullptr when bytes > kUploadSegmentBytes (the caller copies through a Tensor instead) or 0.
+constexpr size_t kUploadSegments = 8;
+constexpr size_t kUploadSegmentBytes = size_t(256) << 10;
+const void* upload_async(const void* host, size_t bytes);
+
 // The caching allocator's counters (for the memory column of the log and for tests).
 struct AllocatorStats {
   size_t bytes_in_use = 0;    // requested bytes of live allocations

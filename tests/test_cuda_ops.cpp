@@ -161,6 +161,34 @@ TEST(CudaAllocator, ReusesReleasedBlocks) {
   EXPECT_EQ(c.item(999), 0.0);
 }
 
+// upload_async through more than the whole ring (8 x 256 KiB): every upload, copied on the
+// device before the stream is waited for once at the end, holds its own bytes. On a GPU a ring
+// that rewrote pinned memory before its copy ran, or a copy that read a rewritten slot, would
+// show here as another upload's pattern.
+TEST(CudaContext, UploadAsyncSurvivesRingWraps) {
+  SKIP_WITHOUT_GPU();
+  const int64_t per = 24 * 1024, uploads = 100;  // 96 KiB each, two to a segment: ~6 times round the ring
+  Tensor all = Tensor::empty({uploads * per}, DType::i32, Device::cuda);
+  cudaStream_t st = cuda::context().stream;
+  std::vector<int32_t> v(per);
+  for (int64_t u = 0; u < uploads; ++u) {
+    for (int64_t i = 0; i < per; ++i) v[i] = static_cast<int32_t>(u * 1000003 + i * 7);
+    const void* d = cuda::upload_async(v.data(), per * sizeof(int32_t));
+    ASSERT_NE(d, nullptr);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(d) % 256, 0u);
+    std::fill(v.begin(), v.end(), -1);  // the caller's buffer is free on return
+    CUDA_CHECK(cudaMemcpyAsync(static_cast<int32_t*>(all.raw()) + u * per, d, per * sizeof(int32_t),
+                               cudaMemcpyDeviceToDevice, st));
+  }
+  Tensor h = all.to(Device::cpu);
+  int64_t bad = 0;
+  for (int64_t u = 0; u < uploads; ++u)
+    for (int64_t i = 0; i < per; ++i) bad += h.data<int32_t>()[u * per + i] != static_cast<int32_t>(u * 1000003 + i * 7);
+  EXPECT_EQ(bad, 0);
+  EXPECT_EQ(cuda::upload_async(v.data(), cuda::kUploadSegmentBytes + 1), nullptr);  // the caller's Tensor path
+  EXPECT_EQ(cuda::upload_async(v.data(), 0), nullptr);
+}
+
 TEST(CudaRng, PhiloxNormalMatchesCpuBitForBit) {
   SKIP_WITHOUT_GPU();
   const int64_t n = 65543;
@@ -824,11 +852,14 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
   return off;
 }
 
-// One grouped-experts case: CPU reference in fp32 on the dtype's values, CUDA in dtype dt.
+// One grouped-experts case: CPU reference in fp32 on the dtype's values, CUDA in dtype dt; the
+// weight gradients (and gx, dgamma) in gdt: dt, or fp32 master gradients under bf16 (the
+// trainer's mixed precision, where the CUDA path may round each call's product to bf16 once).
 // Outputs ("=") start as garbage on the GPU; accumulators ("+=") start equal on both sides.
 // Returns the GPU's gradients for a determinism check.
 std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h, int64_t d, ops::NormSiluMode mode,
-                                  bool gated, DType dt, const std::string& tag) {
+                                  bool gated, DType dt, const std::string& tag, DType gdt = DType::f32) {
+  if (dt == DType::f32) gdt = DType::f32;
   const std::vector<int64_t> off = offsets_of(counts);
   const int64_t El = static_cast<int64_t>(counts.size()), P = off.back();
   const double eps = 1e-5;
@@ -856,18 +887,18 @@ std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h,
   expect_close(cg.rs, cache.rs, dt, "grouped_experts_forward rs " + tag);
   if (gated) expect_close(cg.up, cache.up, dt, "grouped_experts_forward up " + tag);
 
-  Tensor gx0 = as(randn({h}), dt), dwp0 = as(randn({El * d, h}), dt), dwu0 = as(randn({El * d, h}), dt);
-  Tensor dg0 = as(randn({d}), dt), dwd0 = as(randn({h, El * d}), dt);
+  Tensor gx0 = as(randn({h}), gdt), dwp0 = as(randn({El * d, h}), gdt), dwu0 = as(randn({El * d, h}), gdt);
+  Tensor dg0 = as(randn({d}), gdt), dwd0 = as(randn({h, El * d}), gdt);
   Tensor dxp = Tensor::empty({P, h}, DType::f32), dsp = Tensor::empty({P}, DType::f32);
   Tensor gx = gx0.clone(), dwp = dwp0.clone(), dwu = dwu0.clone(), dg = dg0.clone(), dwd = dwd0.clone();
   ops::grouped_experts_backward(dxp, dsp, gx, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_bar,
                                 w_pre, wu, gamma, w_down, mode, eps);
   Tensor dxpg = gpu(randn({P, h}), dt), dspg = gpu(randn({P}));
-  Tensor gxg = gpu(gx0, dt), dwpg = gpu(dwp0, dt), dwug = gpu(dwu0, dt), dgg = gpu(dg0, dt), dwdg = gpu(dwd0, dt);
+  Tensor gxg = gpu(gx0, gdt), dwpg = gpu(dwp0, gdt), dwug = gpu(dwu0, gdt), dgg = gpu(dg0, gdt), dwdg = gpu(dwd0, gdt);
   ops::grouped_experts_backward(dxpg, dspg, gxg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(doutp, dt), cg, xpg, off,
                                 spg, w_barg, w_preg, wug, gammag, w_downg, mode, eps);
   expect_close(dxpg, dxp, dt, "grouped_experts_backward dxp " + tag);
-  // dsp sums d products of fp32 dY with z (rounded to bf16 in the reference's inputs only).
+  // dsp sums d products of dY (bf16 under bf16 where the grouped GEMM computes it) with z.
   expect_close(dspg, dsp, dt, "grouped_experts_backward dsp " + tag);
   expect_close(gxg, gx, dt, "grouped_experts_backward gx " + tag);
   expect_close(dwpg, dwp, dt, "grouped_experts_backward dw_pre " + tag);
@@ -895,7 +926,8 @@ TEST(CudaOps, GroupedExperts) {
                           std::to_string(c.counts.size()) + " P" + std::to_string(offsets_of(c.counts).back()) + " h" +
                           std::to_string(c.h) + " d" + std::to_string(c.d);
         check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::f32, tag);
-        if (mi == 0 || mi == 3) check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag);
+        if (mi == 0 || mi == 3) check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag, DType::bf16);
+        if (mi == 0) check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag + " fp32 grads");
       }
 }
 

@@ -98,6 +98,15 @@ TEST(GradBufferLayout, PadsBucketsAndShardsOddSizes) {
 
 namespace {
 
+// Another layout sums the gradients in another order, and the router amplifies the rounding:
+// a logit near ReLU's kink activates a pair in one run and not the other, and Adam's moments of
+// the router's small gradient entries move by much more than the weights. How much depends on
+// OpenBLAS's kernels, chosen per CPU: after 20 steps of the tiny DECO the router weights differ
+// by up to 4e-5 (relative to the tensor's largest entry) and their moments by 1.7e-4 with the
+// AVX2 kernels (OPENBLAS_CORETYPE=Haswell), by 1.2e-4 and 5.7e-3 with the AVX-512 ones
+// (SkylakeX). A wrong reduction or a lost shard moves them by 1e-2 to 1.
+constexpr double kLayoutWeightTol = 5e-4, kLayoutMomentTol = 2e-2;
+
 // A parameter set with odd sizes (one non-trainable, mixed weight decay), its gradient sync and
 // its AdamW; tiny buckets, so that several exist and a rank's shard of one may be padding only.
 struct Replica {
@@ -358,11 +367,10 @@ TEST_F(DistributedOptimizerRuns, MatchesSingleRank) {
       }
     }
     // Data parallelism itself sums the gradients in another order than one rank (the replicated
-    // optimizer at DP2 gives the same bits as the distributed one, see CheckpointsCrossLayouts):
-    // after 20 steps the router weights differ by ~1e-5 relative, their moments by ~1e-4.
+    // optimizer at DP2 gives the same bits as the distributed one, see CheckpointsCrossLayouts).
     const CheckpointDiff d = checkpoint_diff(checkpoint_at(dir_ + "/" + name, 20), ref_ckpt);
-    EXPECT_LE(d.model, 5e-5) << name << ": " << d.str();
-    EXPECT_LE(d.max(), 1e-3) << name << ": " << d.str();
+    EXPECT_LE(d.model, kLayoutWeightTol) << name << ": " << d.str();
+    EXPECT_LE(d.max(), kLayoutMomentTol) << name << ": " << d.str();
     std::printf("%s vs one rank after 20 steps: metrics within %.2e relative; %s\n", name.c_str(), worst,
                 d.str().c_str());
   }
@@ -423,8 +431,8 @@ TEST_F(DistributedOptimizerRuns, CheckpointsCrossLayouts) {
       for (const char* key : kCompared) expect_close(got[i][key], want[key], 1e-5, c.name + " " + key);
     }
     const CheckpointDiff d = checkpoint_diff(checkpoint_at(run_dir, 20), checkpoint_at(dir_ + "/one", 20));
-    EXPECT_LE(d.model, 5e-5) << c.name << ": " << d.str();
-    EXPECT_LE(d.max(), 1e-3) << c.name << ": " << d.str();
+    EXPECT_LE(d.model, kLayoutWeightTol) << c.name << ": " << d.str();
+    EXPECT_LE(d.max(), kLayoutMomentTol) << c.name << ": " << d.str();
     std::printf("%s: resumed at 10; at 20 vs the uninterrupted single rank: %s\n", c.name.c_str(), d.str().c_str());
   }
 }

@@ -583,7 +583,11 @@ TEST(ParallelMpi, LayoutsMatchSingleRank) {
       double diff = 0, scale = 0;
       for (size_t k = 0; k < a.data.size(); ++k)
         diff = std::max(diff, std::fabs(double(a.data[k]) - b.data[k])), scale = std::max(scale, std::fabs(double(b.data[k])));
-      EXPECT_LE(diff, 1e-4 * scale) << l.name << " " << a.name;
+      // The router amplifies the layouts' other summation order (a logit near ReLU's kink flips a
+      // pair): up to 1.2e-4 of its largest weight after 20 steps with OpenBLAS's AVX-512
+      // kernels, 4e-5 with the AVX2 ones (test_distributed_optimizer.cpp); the rest stay ~1e-5.
+      const bool router = a.name.find("w_router") != std::string::npos;
+      EXPECT_LE(diff, (router ? 1e-3 : 1e-4) * scale) << l.name << " " << a.name;
       if (scale > 0) ckpt_diff = std::max(ckpt_diff, diff / scale);
     }
     std::printf("%s vs one rank, largest relative difference over 20 steps: loss %.2e, other metrics %.2e, "

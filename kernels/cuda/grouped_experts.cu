@@ -17,25 +17,29 @@
 //      dW_pre_e += dc_e^T X_e, dX_e = dc_e W_pre_e (+ the gated up-projection's two GEMMs);
 //   4. the mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p (deterministic column sums).
 //
-// First version: a loop of cublasGemmEx calls over the local experts (E_local <= 42 in the
-// paper's configs at one rank; 2-3 GEMMs per expert forward, 4-6 backward). Each 64-wide expert
-// GEMM re-reads its gathered rows for only 64 outputs, so this is memory- and launch-bound at
-// d = 64 (performance-targets.md: 42 per-expert GEMMs at 20% take ~0.17 ms, about the dense
-// GEMM's time). Faster: one cublasGemmGroupedBatchedEx call per GEMM kind (CUDA >= 12.5), or a
-// CUTLASS grouped GEMM with the NormSiLU epilogue fused and the gathered activations kept on chip
-// across experts (docs/cuda-backend.md, "The sparse expert path").
+// The experts' GEMMs of one kind go out as one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5;
+// GemmBatch, with a loop of cublasGemmEx calls over the local experts as the fallback; E_local
+// <= 42 in the paper's configs at one rank). Each 64-wide expert GEMM re-reads its gathered rows
+// for only 64 outputs, so this is memory-bound at d = 64 (performance-targets.md: 42 per-expert
+// GEMMs at 20% take ~0.17 ms, about the dense GEMM's time). Faster: a grouped GEMM of our own (or
+// CUTLASS's) with the gather fused into its loads, the NormSiLU epilogue fused and the gathered
+// activations kept on chip across experts (docs/cuda-backend.md, "The sparse expert path").
 //
 // Determinism: every reduction is a warp tree, a fixed-order sum of per-block partials or a
 // column sum of common.cuh; no float atomics. cuBLAS is reproducible with the fixed workspace.
 // dtypes: fp32, and bf16 activations/weights with fp32 accumulation. The router side stays fp32:
 // sp and dsp are fp32, and so are the cached mu and rs (as NormSiLU's stats on CUDA); weight
-// gradients and gx may be fp32 or the activation dtype.
+// gradients and gx may be fp32 or the activation dtype (fp32 weight gradients of bf16 GEMMs:
+// each call's product rounded to bf16 once, see WeightGrad).
 //
 // route_pairs: per (expert, chunk of 256 tokens) counts of active pairs, copied to the host (the
 // offsets live there: one small synchronizing copy per layer), then each block writes its
 // chunk's pairs in token order (ballot compaction): the CPU's lists exactly. sum_rows and
 // add_rows_ are plain kernels.
 #include <cstdio>
+#include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/common.cuh"
@@ -119,14 +123,25 @@ void rgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// Set when cuBLAS refuses a grouped call: the loop from then on, for the rest of the run.
+bool g_grouped_refused = false;
+bool grouped_gemm_usable() {
+#if CUBLAS_VERSION >= 120500
+  return !g_grouped_refused;
+#else
+  return false;
+#endif
+}
+
 // The per-expert GEMMs of one step (same transposes, dtypes and beta; each expert its own
 // shapes and pointers), issued as one cublasGemmGroupedBatchedEx call (cuBLAS 12.5+, each
 // expert a group of one) instead of one cublasGemmEx launch per expert: at d = 64 the GEMMs are
 // small and the launches cost as much as the math (~40% of the loop's time at the 0.1B shape,
-// docs/PERFORMANCE.md). cuBLAS's grouped GEMM takes equal input and output dtypes only, so the
-// weight gradients and dY (bf16 in, fp32 out) keep the loop, as does any call cuBLAS refuses
-// (then for the rest of the run, with one note). The pointer arrays go to the device through
-// one small synchronizing copy per call.
+// docs/PERFORMANCE.md). cuBLAS's grouped GEMM takes equal input and output dtypes only: dY is
+// then computed in the activation dtype, fp32 weight gradients of bf16 GEMMs go through
+// WeightGrad below, and any call cuBLAS refuses loops (then for the rest of the run, with one
+// note). The pointer arrays go to the device through
+// upload_async (core/cuda_backend.h): no stream wait per call.
 class GemmBatch {
  public:
   GemmBatch(bool ta, bool tb, DType in, DType out, float beta) : ta_(ta), tb_(tb), in_(in), out_(out), beta_(beta) {}
@@ -155,22 +170,30 @@ class GemmBatch {
   // cuBLAS has no grouped GEMM here.
   bool grouped() {
 #if CUBLAS_VERSION >= 120500
-    static bool refused = false;
-    if (refused) return false;
+    if (g_grouped_refused) return false;
     const int n = static_cast<int>(items_.size());
     std::vector<cublasOperation_t> transa(n, tb_ ? CUBLAS_OP_T : CUBLAS_OP_N), transb(n, ta_ ? CUBLAS_OP_T : CUBLAS_OP_N);
     std::vector<int> m(n), nn(n), k(n), lda(n), ldb(n), ldc(n), group_size(n, 1);
     std::vector<float> alpha(n, 1.0f), beta(n, beta_);
-    Tensor ptrs = Tensor::empty({3 * static_cast<int64_t>(n)}, DType::f64);  // 8-byte slots for the pointers
-    auto* host = static_cast<const void**>(ptrs.raw());
+    std::vector<const void*> host(3 * static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) {
       const Item& g = items_[i];
       m[i] = static_cast<int>(g.N), nn[i] = static_cast<int>(g.M), k[i] = static_cast<int>(g.K);
       lda[i] = static_cast<int>(g.ldb), ldb[i] = static_cast<int>(g.lda), ldc[i] = static_cast<int>(g.ldc);
       host[i] = g.B, host[n + i] = g.A, host[2 * n + i] = g.C;
     }
-    Tensor dev = ptrs.to(Device::cuda);
-    const void* const* dA = static_cast<const void* const*>(dev.raw());
+    // The pointer arrays through the upload ring (no stream wait); a Tensor copy (one wait)
+    // only past its segment size, ~10,000 experts.
+    const size_t bytes = host.size() * sizeof(void*);
+    Tensor staged;
+    const void* up = upload_async(host.data(), bytes);
+    if (!up) {
+      Tensor h = Tensor::empty({3 * static_cast<int64_t>(n)}, DType::f64);  // 8-byte slots
+      std::memcpy(h.raw(), host.data(), bytes);
+      staged = h.to(Device::cuda);
+      up = staged.raw();
+    }
+    const void* const* dA = static_cast<const void* const*>(up);
     const void* const* dB = dA + n;
     void* const* dC = const_cast<void* const*>(dA + 2 * n);
     const cudaDataType_t it = in_ == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -179,7 +202,7 @@ class GemmBatch {
         dB, it, ldb.data(), beta.data(), dC, it, ldc.data(), n, group_size.data(), CUBLAS_COMPUTE_32F);
     if (st == CUBLAS_STATUS_SUCCESS) return true;
     if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) CUBLAS_CHECK(st);
-    refused = true;
+    g_grouped_refused = true;
     std::fprintf(stderr, "note: cublasGemmGroupedBatchedEx refused the expert GEMMs (%s); looping over the experts\n",
                  cublasGetStatusString(st));
     return false;
@@ -198,6 +221,41 @@ const void* at(const Tensor& t, int64_t offset) {
   return static_cast<const char*>(t.raw()) + offset * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 void* at(Tensor& t, int64_t offset) { return static_cast<char*>(t.raw()) + offset * static_cast<int64_t>(dtype_size(t.dtype())); }
+
+template <class T> __global__ void accumulate_kernel(float* g, const T* b, int64_t n) {
+  DT_GRID_STRIDE(i, n) g[i] += to_float(b[i]);
+}
+
+// Where the experts' GEMMs put one weight gradient (beta 1, accumulating over micro-batches).
+// With bf16 GEMMs and an fp32 gradient cuBLAS's grouped GEMM (one dtype only) cannot write the
+// gradient itself; rather than 42 launches of cublasGemmEx per gradient (small [d, h] outputs
+// over a long sum: a few blocks each, the GPU mostly idle), the products go in one grouped call
+// to a zeroed bf16 buffer of the gradient's shape, and one kernel adds that into the fp32
+// gradient: the micro-batch's product rounded to bf16 once, as PyTorch's autocast rounds its
+// bf16 matmuls' weight gradients, then accumulated in fp32. Same dtypes, or no grouped GEMM
+// (cuBLAS < 12.5, or refused): straight into the gradient.
+class WeightGrad {
+ public:
+  WeightGrad(Tensor& grad, DType act) : grad_(grad), widen_(grad.dtype() != act && grouped_gemm_usable()) {
+    if (widen_) buf_ = Tensor::zeros({grad.numel()}, act, Device::cuda);
+  }
+  DType out() const { return widen_ ? buf_.dtype() : grad_.dtype(); }
+  void* at_offset(int64_t offset) { return at(widen_ ? buf_ : grad_, offset); }
+  // After the GEMMs: the buffer into the gradient.
+  void finish() {
+    if (!widen_) return;
+    DT_CUDA_F32_BF16(buf_.dtype(), "grouped_experts_backward", T, {
+      accumulate_kernel<T><<<grid_for(buf_.numel()), kThreads, 0, context().stream>>>(ptr<float>(grad_), ptr<T>(buf_),
+                                                                                      buf_.numel());
+      CUDA_CHECK_LAUNCH();
+    });
+  }
+
+ private:
+  Tensor& grad_;
+  bool widen_;
+  Tensor buf_;
+};
 
 // Forward epilogue, one warp per pair: mu = x . w_bar (0 without the mean step), rs (1 without
 // the RMS step), y = s * SiLU(gamma * (pre - mu) * rs) [* up].
@@ -247,8 +305,8 @@ __global__ void pairs_forward_kernel(T* y, float* mu_out, float* rs_out, const T
 // warp w the pairs begin + w, + kWarps, ... Writes dpre (the gradient reaching the centred block,
 // dc), dup (gated), dsp = dY . z, gmean = sum of dc (mean modes) and, with the RMS step, the
 // block's dgamma partials (lanes in registers, then the warps summed in order).
-template <class T>
-__global__ void pairs_backward_kernel(T* dpre, T* dup, float* dsp, float* gmean, double* dgamma_part, const float* dy,
+template <class T, class DY>
+__global__ void pairs_backward_kernel(T* dpre, T* dup, float* dsp, float* gmean, double* dgamma_part, const DY* dy,
                                       const T* pre, const T* up, const float* mu, const float* rs_cache,
                                       const float* sp, const T* gamma, int64_t P, int d, int64_t per_block, bool mean,
                                       bool rms) {
@@ -274,7 +332,7 @@ __global__ void pairs_backward_kernel(T* dpre, T* dup, float* dsp, float* gmean,
       const float a = rms ? gj * chat[s] : cval;
       const float sg = sigmoidf_(a), act = a * sg;
       const float u = up ? to_float(up[i]) : 1.0f;
-      const float dyj = dy[i];
+      const float dyj = to_float(dy[i]);
       dsum += dyj * (act * u);
       const float dz = dyj * se;
       if (up) dup[i] = from_float<T>(dz * act);
@@ -428,10 +486,13 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
   pairs.tokens = Tensor::empty({run}, DType::i32, Device::cuda);
   pairs.slots = Tensor::empty({run}, DType::i32, Device::cuda);
   if (run == 0) return;
-  Tensor dstarts = starts.to(Device::cuda);
+  Tensor dstarts_t;
+  const void* dstarts = upload_async(starts.raw(), static_cast<size_t>(El * chunks) * sizeof(int32_t));
+  if (!dstarts) dstarts_t = starts.to(Device::cuda), dstarts = dstarts_t.raw();
   // 3. Each block writes its chunk's active tokens in ascending order (ballot compaction).
   route_fill_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(pairs.tokens), ptr<int32_t>(pairs.slots),
-                                                  ptr<int32_t>(dstarts), ptr<float>(r), T, E, e_begin, all_pairs);
+                                                  static_cast<const int32_t*>(dstarts), ptr<float>(r), T, E, e_begin,
+                                                  all_pairs);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -505,9 +566,12 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
   if (P == 0) return;
   cudaStream_t st = context().stream;
   DT_CUDA_F32_BF16(dt, op, T, {
-    // 1. dY_e = dOut_e W_down_e, fp32.
-    Tensor dy = scratch(P * d, DType::f32);
-    GemmBatch dY(false, false, dt, DType::f32, 0.0f);
+    // 1. dY_e = dOut_e W_down_e: fp32 from the per-expert loop, or, where cuBLAS's grouped GEMM
+    // takes the call (one dtype), in the activation dtype: under bf16 rounded once, as autocast's
+    // bf16 matmul outputs are (the NormSiLU backward and dsp = dY . z still sum in fp32).
+    const DType dy_dt = grouped_gemm_usable() ? dt : DType::f32;
+    Tensor dy = scratch(P * d, dy_dt);
+    GemmBatch dY(false, false, dt, dy_dt, 0.0f);
     for (int64_t e = 0; e < E; ++e)
       dY.add(off[e + 1] - off[e], d, h, at(doutp, off[e] * h), h, at(w_down, e * d), E * d, at(dy, off[e] * d), d);
     dY.run();
@@ -518,11 +582,16 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
     const int64_t per_block = std::max<int64_t>(64, (P + 1023) / 1024);
     const int64_t blocks = (P + per_block - 1) / per_block;
     Tensor part = scratch(rms ? blocks * d : 1, DType::f64);
-    pairs_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, st>>>(
-        ptr<T>(dpre), w_up_gated ? ptr<T>(dup) : nullptr, ptr<float>(dsp), ptr<float>(gmean), ptr<double>(part),
-        ptr<float>(dy), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr, ptr<float>(c.mu), ptr<float>(c.rs),
-        ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(d), per_block, mean, rms);
-    CUDA_CHECK_LAUNCH();
+    auto pairs_backward = [&](auto* dy_ptr) {
+      using DY = std::remove_const_t<std::remove_pointer_t<decltype(dy_ptr)>>;
+      pairs_backward_kernel<T, DY><<<static_cast<unsigned>(blocks), kThreads, 0, st>>>(
+          ptr<T>(dpre), w_up_gated ? ptr<T>(dup) : nullptr, ptr<float>(dsp), ptr<float>(gmean), ptr<double>(part),
+          dy_ptr, ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr, ptr<float>(c.mu), ptr<float>(c.rs),
+          ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(d), per_block, mean, rms);
+      CUDA_CHECK_LAUNCH();
+    };
+    if (dy_dt == DType::f32) pairs_backward(ptr<float>(dy));
+    else pairs_backward(ptr<T>(dy));
     if (rms) {
       const unsigned gblocks = static_cast<unsigned>((d + 127) / 128);
       if (dgamma.dtype() == DType::f32)
@@ -533,19 +602,22 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
     }
     // 3. The experts' GEMMs on their rows; weight gradients accumulate (beta 1). Batched by
     // kind, in the loop's order of dependencies: dX = dpre W_pre (beta 0) before dX += dup W_up.
-    GemmBatch dw_down_b(true, false, dt, dw_down.dtype(), 1.0f), dw_pre_b(true, false, dt, dw_pre.dtype(), 1.0f),
-        dx_pre(false, false, dt, dt, 0.0f), dw_up_b(true, false, dt, w_up_gated ? dw_up_gated->dtype() : dt, 1.0f),
+    WeightGrad g_down(dw_down, dt), g_pre(dw_pre, dt);
+    std::optional<WeightGrad> g_up;
+    if (w_up_gated) g_up.emplace(*dw_up_gated, dt);
+    GemmBatch dw_down_b(true, false, dt, g_down.out(), 1.0f), dw_pre_b(true, false, dt, g_pre.out(), 1.0f),
+        dx_pre(false, false, dt, dt, 0.0f), dw_up_b(true, false, dt, g_up ? g_up->out() : dt, 1.0f),
         dx_up(false, false, dt, dt, 1.0f);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = off[e + 1] - off[e];
       if (n == 0) continue;
       const void* xe = at(xp, off[e] * h);
       void* dxe = at(dxp, off[e] * h);
-      dw_down_b.add(h, d, n, at(doutp, off[e] * h), h, at(c.y, off[e] * d), d, at(dw_down, e * d), E * d);
-      dw_pre_b.add(d, h, n, at(dpre, off[e] * d), d, xe, h, at(dw_pre, e * d * h), h);
+      dw_down_b.add(h, d, n, at(doutp, off[e] * h), h, at(c.y, off[e] * d), d, g_down.at_offset(e * d), E * d);
+      dw_pre_b.add(d, h, n, at(dpre, off[e] * d), d, xe, h, g_pre.at_offset(e * d * h), h);
       dx_pre.add(n, h, d, at(dpre, off[e] * d), d, at(w_pre, e * d * h), h, dxe, h);
       if (w_up_gated) {
-        dw_up_b.add(d, h, n, at(dup, off[e] * d), d, xe, h, at(*dw_up_gated, e * d * h), h);
+        dw_up_b.add(d, h, n, at(dup, off[e] * d), d, xe, h, g_up->at_offset(e * d * h), h);
         dx_up.add(n, h, d, at(dup, off[e] * d), d, at(*w_up_gated, e * d * h), h, dxe, h);
       }
     }
@@ -554,6 +626,9 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
     dx_pre.run();
     dw_up_b.run();
     dx_up.run();
+    g_down.finish();
+    g_pre.finish();
+    if (g_up) g_up->finish();
     // 4. The mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p.
     if (mean) {
       sub_mean_grad_kernel<T><<<grid_for(P * h), kThreads, 0, st>>>(ptr<T>(dxp), ptr<float>(gmean), ptr<T>(w_bar), P, h);
