@@ -140,8 +140,8 @@ bool grouped_gemm_usable() {
 // docs/PERFORMANCE.md). cuBLAS's grouped GEMM takes equal input and output dtypes only: dY is
 // then computed in the activation dtype, fp32 weight gradients of bf16 GEMMs go through
 // WeightGrad below, and any call cuBLAS refuses loops (then for the rest of the run, with one
-// note). The pointer arrays go to the device through
-// upload_async (core/cuda_backend.h): no stream wait per call.
+// note). The pointer arrays go to the device through upload_async (core/cuda_backend.h): no
+// stream wait per call.
 class GemmBatch {
  public:
   GemmBatch(bool ta, bool tb, DType in, DType out, float beta) : ta_(ta), tb_(tb), in_(in), out_(out), beta_(beta) {}
