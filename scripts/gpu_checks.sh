@@ -10,7 +10,7 @@
 #   3. `decotron bench train --all-variants` on configs/deco-0.1b.yaml (DECO sparse,
 #      dense-masked, dense twin) and, when the peer script was carried in (.peer/torch_deco.py,
 #      copied from ../shared/peers/), the PyTorch peer on the same card (dense, then DECO): the
-#      table of docs/PERFORMANCE.md;
+#      table of docs/PERFORMANCE.md (scripts/compare_bench_peer.py: ratios, targets met or missed);
 #   4. `decotron bench kernels` (each kernel against the card's ceilings, measured in the run);
 #   5. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts, fp32 and bf16) and on
 #      the CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
@@ -78,6 +78,8 @@ if want bench; then
   if [[ -f .peer/torch_deco.py ]]; then
     # dense twin first, then DECO: one JSON line each (two torch.compile warm-ups)
     step peer-0.1b 200 python3 .peer/torch_deco.py --mode train --shape 0.1b --steps "$STEPS"
+    # the table of docs/PERFORMANCE.md: ratios to the peer and the targets, met or missed
+    step ratios-0.1b 10 python3 scripts/compare_bench_peer.py "$WORK/bench-0.1b.log" "$WORK/peer-0.1b.log"
   fi
 fi
 want kernels && step bench-kernels-0.1b 60 "$B" bench kernels --config configs/deco-0.1b.yaml --iters 20
