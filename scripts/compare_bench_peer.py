@@ -13,13 +13,17 @@ import sys
 TARGETS = {"deco-sparse": (True, 1.5), "deco-dense-masked": (True, None), "dense": (False, 1.1)}
 
 
-def bench_rows(path):
-    rows = {}
+def read_lines(path):
     try:
-        lines = open(path).read().splitlines()
+        with open(path) as f:
+            return f.read().splitlines()
     except OSError as e:
         sys.exit(f"compare_bench_peer: cannot read {path}: {e.strerror}")
-    for line in lines:
+
+
+def bench_rows(path):
+    rows = {}
+    for line in read_lines(path):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and cells[0] in TARGETS and cells[5].endswith("MiB"):
             rows[cells[0]] = (float(cells[1]), float(cells[5].split()[0]) / 1024)
@@ -30,11 +34,7 @@ def bench_rows(path):
 
 def peer_rows(path):
     rows = {}
-    try:
-        lines = open(path).read().splitlines()
-    except OSError as e:
-        sys.exit(f"compare_bench_peer: cannot read {path}: {e.strerror}")
-    for line in lines:
+    for line in read_lines(path):
         if line.startswith("{") and '"tokens_per_s"' in line:
             r = json.loads(line)
             rows[bool(r["deco"])] = (r["tokens_per_s"], r["peak_mem_gib"])

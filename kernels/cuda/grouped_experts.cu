@@ -123,6 +123,16 @@ void rgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// Host bytes on the device for the work enqueued next: through upload_async (no stream wait),
+// or, past its segment size, a device Tensor kept in `staged` (one synchronizing copy).
+const void* to_device(const void* host, size_t bytes, Tensor& staged) {
+  if (const void* d = upload_async(host, bytes)) return d;
+  Tensor h = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::f64);  // 8-byte slots
+  std::memcpy(h.raw(), host, bytes);
+  staged = h.to(Device::cuda);
+  return staged.raw();
+}
+
 // Set when cuBLAS refuses a grouped call: the loop from then on, for the rest of the run.
 bool g_grouped_refused = false;
 bool grouped_gemm_usable() {
@@ -182,18 +192,10 @@ class GemmBatch {
       lda[i] = static_cast<int>(g.ldb), ldb[i] = static_cast<int>(g.lda), ldc[i] = static_cast<int>(g.ldc);
       host[i] = g.B, host[n + i] = g.A, host[2 * n + i] = g.C;
     }
-    // The pointer arrays through the upload ring (no stream wait); a Tensor copy (one wait)
-    // only past its segment size, ~10,000 experts.
-    const size_t bytes = host.size() * sizeof(void*);
+    // The pointer arrays through the upload ring (a Tensor copy past ~10,000 experts).
     Tensor staged;
-    const void* up = upload_async(host.data(), bytes);
-    if (!up) {
-      Tensor h = Tensor::empty({3 * static_cast<int64_t>(n)}, DType::f64);  // 8-byte slots
-      std::memcpy(h.raw(), host.data(), bytes);
-      staged = h.to(Device::cuda);
-      up = staged.raw();
-    }
-    const void* const* dA = static_cast<const void* const*>(up);
+    const void* const* dA =
+        static_cast<const void* const*>(to_device(host.data(), host.size() * sizeof(void*), staged));
     const void* const* dB = dA + n;
     void* const* dC = const_cast<void* const*>(dA + 2 * n);
     const cudaDataType_t it = in_ == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -486,9 +488,8 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
   pairs.tokens = Tensor::empty({run}, DType::i32, Device::cuda);
   pairs.slots = Tensor::empty({run}, DType::i32, Device::cuda);
   if (run == 0) return;
-  Tensor dstarts_t;
-  const void* dstarts = upload_async(starts.raw(), static_cast<size_t>(El * chunks) * sizeof(int32_t));
-  if (!dstarts) dstarts_t = starts.to(Device::cuda), dstarts = dstarts_t.raw();
+  Tensor staged;
+  const void* dstarts = to_device(starts.raw(), static_cast<size_t>(El * chunks) * sizeof(int32_t), staged);
   // 3. Each block writes its chunk's active tokens in ascending order (ballot compaction).
   route_fill_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(pairs.tokens), ptr<int32_t>(pairs.slots),
                                                   static_cast<const int32_t*>(dstarts), ptr<float>(r), T, E, e_begin,
