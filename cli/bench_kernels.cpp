@@ -218,18 +218,32 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
     fwd();
     auto dxp = std::make_shared<Tensor>(Tensor::empty({P, h}, dt, dev));
     auto dsp = std::make_shared<Tensor>(Tensor::empty({P}, DType::f32, dev));
-    auto gx = std::make_shared<Tensor>(Tensor::zeros({h}, sdt, dev));
+    auto gmean = std::make_shared<Tensor>(Tensor::empty({P}, DType::f32, dev));
     auto dw_pre = std::make_shared<Tensor>(Tensor::zeros({E * d, h}, sdt, dev)),
          dw_down = std::make_shared<Tensor>(Tensor::zeros({h, E * d}, sdt, dev)),
          dgamma = std::make_shared<Tensor>(Tensor::zeros({d}, sdt, dev));
     const std::string shp = shape_of({P, h, E, d});
     out.push_back(
         {"grouped_experts fwd", shp, 4.0 * P * h * d, e * (3.0 * P * h + 2.0 * E * d * h + 3.0 * P * d), fwd});
-    out.push_back({"grouped_experts bwd", shp, 8.0 * P * h * d, e * (5.0 * P * h + 2.0 * E * d * h + 5.0 * P * d), [=] {
-                     ops::grouped_experts_backward(*dxp, *dsp, *gx, *dw_pre, nullptr, *dgamma, *dw_down, *outp, *cache,
+    out.push_back({"grouped_experts bwd", shp, 8.0 * P * h * d, e * (4.0 * P * h + 2.0 * E * d * h + 5.0 * P * d), [=] {
+                     ops::grouped_experts_backward(*dxp, *dsp, *gmean, *dw_pre, nullptr, *dgamma, *dw_down, *outp, *cache,
                                                    *xp, pairs->offsets, *sp, *w_bar, *w_pre, nullptr, *gamma, *w_down,
                                                    mode, 1e-5);
                    }});
+    // The pairs' outputs back into their tokens: through the token-major view (what the layer
+    // runs) and, for comparison in the same run, as the bucketed scatter-add of embedding_backward
+    // (what it ran before).
+    auto combined = std::make_shared<Tensor>(Tensor::empty({T, h}, dt, dev));
+    out.push_back({"combine_pairs", shape_of({P, h, T}), 1.0 * P * h, e * (1.0 * P * h + T * h) + 4.0 * T * E,
+                   [=] { ops::combine_pairs(*combined, pairs->slot_pair, *outp); }});
+    out.push_back({"pair scatter (embedding bwd)", shape_of({P, h, T}), 1.0 * P * h, e * (1.0 * P * h + 2.0 * T * h),
+                   [=] {
+                     combined->zero_();
+                     if (P > 0) ops::embedding_backward(*combined, pairs->tokens, *outp);
+                   }});
+    auto ds = std::make_shared<Tensor>(Tensor::empty({T, E}, DType::f32, dev));
+    out.push_back({"pairs_to_slots", shape_of({T, E}), 0, 4.0 * (2.0 * T * E + P),
+                   [=] { ops::pairs_to_slots(*ds, pairs->slot_pair, *dsp, 0); }});
   }
 
   // The loss on one chunk of logits: the forward, and the gradient in place.

@@ -131,8 +131,12 @@ void check_device_errors() {
   std::string what;
   if (flags & kBadTokenId) what += " a token id outside the vocabulary (embedding);";
   if (flags & kBadTargetId) what += " a target id outside the vocabulary (cross_entropy);";
-  fail("a CUDA kernel found bad input:", what,
-       " the data's token ids must be below the model's vocabulary size (check the tokenizer against the model config)");
+  if (flags & (kBadTokenId | kBadTargetId))
+    fail("a CUDA kernel found bad input:", what,
+         " the data's token ids must be below the model's vocabulary size (check the tokenizer against the model "
+         "config)");
+  fail("a CUDA kernel found bad input: a pair index outside the routed pairs (combine_pairs or pairs_to_slots); "
+       "slot_pair must come from route_pairs over the same tokens (a bug in the caller: please report it)");
 }
 
 namespace {

@@ -41,7 +41,7 @@ const char* op_family(const std::string& op) {
   if (starts(op, "rmsnorm")) return "norm";
   if (starts(op, "rope")) return "rope";
   if (starts(op, "swiglu") || starts(op, "mul_")) return "ffn";
-  if (starts(op, "grouped_experts") || starts(op, "route_pairs") || starts(op, "normsilu") || starts(op, "expert_scale")) return "deco_experts";
+  if (starts(op, "grouped_experts") || starts(op, "route_pairs") || starts(op, "combine_pairs") || starts(op, "pairs_to_slots") || starts(op, "normsilu") || starts(op, "expert_scale")) return "deco_experts";
   if (starts(op, "router") || starts(op, "entropy") || starts(op, "l1_reg") || starts(op, "count_")) return "router";
   if (starts(op, "cross_entropy")) return "loss";
   if (starts(op, "embedding")) return "embedding";

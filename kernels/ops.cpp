@@ -656,6 +656,48 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
 #endif
 }
 
+void combine_pairs(Tensor& out, const Tensor& slot_pair, const Tensor& rows) {
+  const Device dev = out.device();
+  OpTimer timer("combine_pairs", dev);
+  DT_ASSERT(!(slot_pair.device() != dev || rows.device() != dev), "combine_pairs: tensors on different devices");
+  if (dev == Device::cpu) {
+    if (cpu::Bf16AsFp32::any({&out, &slot_pair, &rows})) {
+      cpu::Bf16AsFp32 bf;
+      cpu::combine_pairs(bf.out(out), bf.in(slot_pair), bf.in(rows));
+      bf.finish();
+      return;
+    }
+    cpu::combine_pairs(out, slot_pair, rows);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::combine_pairs(out, slot_pair, rows);
+#else
+  fail("combine_pairs: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, int64_t e_begin) {
+  const Device dev = out.device();
+  OpTimer timer("pairs_to_slots", dev);
+  DT_ASSERT(!(slot_pair.device() != dev || values.device() != dev), "pairs_to_slots: tensors on different devices");
+  if (dev == Device::cpu) {
+    if (cpu::Bf16AsFp32::any({&out, &slot_pair, &values})) {
+      cpu::Bf16AsFp32 bf;
+      cpu::pairs_to_slots(bf.out(out), bf.in(slot_pair), bf.in(values), e_begin);
+      bf.finish();
+      return;
+    }
+    cpu::pairs_to_slots(out, slot_pair, values, e_begin);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::pairs_to_slots(out, slot_pair, values, e_begin);
+#else
+  fail("pairs_to_slots: CUDA tensors in a build without CUDA");
+#endif
+}
+
 void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
                              const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor& w_bar,
                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
@@ -680,26 +722,26 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& 
 #endif
 }
 
-void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
                               const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
                               const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
                               const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
   const Device dev = dxp.device();
   OpTimer timer("grouped_experts_backward", dev);
-  DT_ASSERT(!(dsp.device() != dev || gx.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || doutp.device() != dev || xp.device() != dev || sp.device() != dev || w_bar.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_backward: tensors on different devices");
+  DT_ASSERT(!(dsp.device() != dev || gmean.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || doutp.device() != dev || xp.device() != dev || sp.device() != dev || w_bar.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_backward: tensors on different devices");
   if (dev == Device::cpu) {
-    if (cpu::Bf16AsFp32::any({&dxp, &dsp, &gx, &dw_pre, &dgamma, &dw_down, &doutp, &xp, &sp, &w_bar, &w_pre, &gamma, &w_down, dw_up_gated, w_up_gated})) {
+    if (cpu::Bf16AsFp32::any({&dxp, &dsp, &gmean, &dw_pre, &dgamma, &dw_down, &doutp, &xp, &sp, &w_bar, &w_pre, &gamma, &w_down, dw_up_gated, w_up_gated})) {
       cpu::Bf16AsFp32 bf;
-      cpu::grouped_experts_backward(bf.out(dxp), bf.out(dsp), bf.out(gx), bf.out(dw_pre), bf.out(dw_up_gated), bf.out(dgamma), bf.out(dw_down), bf.in(doutp), cache, bf.in(xp), offsets, bf.in(sp), bf.in(w_bar), bf.in(w_pre), bf.in(w_up_gated), bf.in(gamma), bf.in(w_down), mode, eps);
+      cpu::grouped_experts_backward(bf.out(dxp), bf.out(dsp), bf.out(gmean), bf.out(dw_pre), bf.out(dw_up_gated), bf.out(dgamma), bf.out(dw_down), bf.in(doutp), cache, bf.in(xp), offsets, bf.in(sp), bf.in(w_bar), bf.in(w_pre), bf.in(w_up_gated), bf.in(gamma), bf.in(w_down), mode, eps);
       bf.finish();
       return;
     }
-    cpu::grouped_experts_backward(dxp, dsp, gx, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    cpu::grouped_experts_backward(dxp, dsp, gmean, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
     return;
   }
 #ifdef DECOTRON_WITH_CUDA
-  cuda::grouped_experts_backward(dxp, dsp, gx, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
+  cuda::grouped_experts_backward(dxp, dsp, gmean, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_bar, w_pre, w_up_gated, gamma, w_down, mode, eps);
 #else
   fail("grouped_experts_backward: CUDA tensors in a build without CUDA");
 #endif
@@ -744,6 +786,48 @@ void add_rows_(Tensor& x, const Tensor& row, double alpha) {
   cuda::add_rows_(x, row, alpha);
 #else
   fail("add_rows_: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void add_outer_(Tensor& x, const Tensor& a, const Tensor& row, double alpha) {
+  const Device dev = x.device();
+  OpTimer timer("add_outer_", dev);
+  DT_ASSERT(!(a.device() != dev || row.device() != dev), "add_outer_: tensors on different devices");
+  if (dev == Device::cpu) {
+    if (cpu::Bf16AsFp32::any({&x, &a, &row})) {
+      cpu::Bf16AsFp32 bf;
+      cpu::add_outer_(bf.out(x), bf.in(a), bf.in(row), alpha);
+      bf.finish();
+      return;
+    }
+    cpu::add_outer_(x, a, row, alpha);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::add_outer_(x, a, row, alpha);
+#else
+  fail("add_outer_: CUDA tensors in a build without CUDA");
+#endif
+}
+
+void weighted_col_sum_(Tensor& out, const Tensor& w, const Tensor& x) {
+  const Device dev = out.device();
+  OpTimer timer("weighted_col_sum_", dev);
+  DT_ASSERT(!(w.device() != dev || x.device() != dev), "weighted_col_sum_: tensors on different devices");
+  if (dev == Device::cpu) {
+    if (cpu::Bf16AsFp32::any({&out, &w, &x})) {
+      cpu::Bf16AsFp32 bf;
+      cpu::weighted_col_sum_(bf.out(out), bf.in(w), bf.in(x));
+      bf.finish();
+      return;
+    }
+    cpu::weighted_col_sum_(out, w, x);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::weighted_col_sum_(out, w, x);
+#else
+  fail("weighted_col_sum_: CUDA tensors in a build without CUDA");
 #endif
 }
 

@@ -113,12 +113,22 @@ void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tenso
 // The pairs (t, e) of experts e in [e_begin, e_end) with r[t, e] > 0 (every pair when
 // all_pairs: the dense-masked math through the same path), grouped by expert, tokens ascending
 // within an expert. offsets (host): expert e_begin + i has pairs [offsets[i], offsets[i+1]).
+// slot_pair is the same list token-major: entry (t, i) names the pair of token t and expert
+// e_begin + i, or -1; a token's pairs in expert order are ascending pair indices.
 struct RoutedPairs {
   std::vector<int64_t> offsets;
-  Tensor tokens;  // i32 [P]: the token of each pair
-  Tensor slots;   // i32 [P]: t * E + e, the pair's entry in [T, E] router matrices
+  Tensor tokens;     // i32 [P]: the token of each pair
+  Tensor slots;      // i32 [P]: t * E + e, the pair's entry in [T, E] router matrices
+  Tensor slot_pair;  // i32 [T, e_end - e_begin]: the pair of (t, e_begin + i), -1 if inactive
 };
 void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs);
+// The pairs' rows summed into their tokens through the token-major view (the scatter-add of the
+// pair path without sorting): out[t, :] = sum over t's pairs p, in pair order, of rows[p, :] (=);
+// out [T, c], slot_pair [T, E_l], rows [P, c]; a token without pairs gets 0.
+void combine_pairs(Tensor& out, const Tensor& slot_pair, const Tensor& rows);
+// The pairs' values into their [T, E] slots: out[t, e_begin + i] = values[slot_pair[t, i]] where
+// that pair exists, 0 everywhere else (=); values [P].
+void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, int64_t e_begin);
 
 // The experts on pairs already gathered and grouped by expert: rows [offsets[e], offsets[e+1])
 // of xp [P, h] go to local expert e, whose blocks are rows e*d.. of w_pre [E_l*d, h] (and of
@@ -137,11 +147,13 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& 
                              const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor& w_bar,
                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
-// dxp [P, h] (=), including the mean's term -g_p w_bar, where g_p is the sum of the gradient
-// reaching the centred block (dc) of pair p; dsp [P] (=); gx [h] += sum_p g_p x_p, the rank-one
-// gradient every row of W_pre receives as -gx / (E d) once gx is summed over every rank that
-// holds experts (the caller's add_rows_); dw_pre, dw_up_gated, dgamma, dw_down +=.
-void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+// dxp [P, h] (=) WITHOUT the mean's term; dsp [P] (=); gmean [P] (=, dsp's dtype): g_p, the sum
+// of the gradient reaching the centred block (dc) of pair p (0 where the mode has no mean step).
+// The mean's terms are the caller's, per token, where they cost T x h rather than P x h: with
+// G_t the sum of g_p over t's pairs (combine_pairs), dx_t -= G_t w_bar (add_outer_), and every
+// row of W_pre receives -gx / (E d), gx = sum_t G_t x_t (weighted_col_sum_) summed over every rank
+// that holds experts (add_rows_). dw_pre, dw_up_gated, dgamma, dw_down +=.
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
                               const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
                               const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
@@ -150,6 +162,11 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
 void sum_rows(Tensor& out, const Tensor& x);
 // x[i, :] += alpha * row for every row i of x [n, c] (the mean's rank-one gradient).
 void add_rows_(Tensor& x, const Tensor& row, double alpha);
+// x[i, :] += alpha * a[i] * row: x [n, c], a [n] (on CUDA fp32), row [c] of x's dtype.
+void add_outer_(Tensor& x, const Tensor& a, const Tensor& row, double alpha);
+// out[k] += sum_i w[i] * x[i, k], in a fixed order: out [c] (fp32 or x's dtype), w [n] (on CUDA
+// fp32), x [n, c].
+void weighted_col_sum_(Tensor& out, const Tensor& w, const Tensor& x);
 
 // ---- softmax cross-entropy ----------------------------------------------------------------------
 // Returns the sum over rows of -log softmax(logits)[target]; targets i32 [T], logits [T, V].

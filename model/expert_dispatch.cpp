@@ -145,7 +145,11 @@ Tensor ExpertDispatcher::gather_inputs(const Tensor& x) const {
 }
 
 Tensor ExpertDispatcher::combine(const Tensor& outp) {
-  if (!exchanges()) return scatter_add_rows(tokens_, routed_.tokens, outp);
+  if (!exchanges()) {
+    Tensor out = Tensor::empty({tokens_, outp.dim(1)}, outp.dtype(), outp.device());
+    ops::combine_pairs(out, routed_.slot_pair, outp);
+    return out;
+  }
   // A token's outputs from this rank's experts are summed here and travel back as one row.
   Tensor rows = scatter_add_rows(recv_rows_total_, pair_row_, outp);
   return scatter_add_rows(tokens_, send_tokens_, exchange(rows, recv_rows_, send_rows_, send_tokens_.numel()));
@@ -157,21 +161,30 @@ Tensor ExpertDispatcher::dispatch_grad(const Tensor& dout) {
   return gather_rows(rows, pair_row_);
 }
 
-void ExpertDispatcher::combine_grad(Tensor& dx, Tensor& ds, const Tensor& dxp, const Tensor& dsp) {
-  Tensor dsp_col = dsp.view({dsp.numel(), 1});
-  Tensor dx_rows, ds_pairs;  // in this rank's send order
+void ExpertDispatcher::combine_grad(Tensor& dx, Tensor& ds, Tensor& g, const Tensor& dxp, const Tensor& dsp,
+                                    const Tensor& gmean) {
+  // The per-pair scalars, back in this rank's routed order (routed_.slot_pair indexes that).
+  Tensor ds_pairs = dsp, g_pairs = gmean;
   if (!exchanges()) {
-    dx = scatter_add_rows(tokens_, routed_.tokens, dxp);
-    ds_pairs = dsp_col;
+    dx = Tensor::empty({tokens_, dxp.dim(1)}, dxp.dtype(), dxp.device());
+    ops::combine_pairs(dx, routed_.slot_pair, dxp);
   } else {
     Tensor rows = scatter_add_rows(recv_rows_total_, pair_row_, dxp);
     dx = scatter_add_rows(tokens_, send_tokens_, exchange(rows, recv_rows_, send_rows_, send_tokens_.numel()));
-    ds_pairs = exchange(gather_rows(dsp_col, pair_from_major_), recv_pairs_per_peer_, send_pairs_,
-                        routed_.tokens.numel());
+    auto back = [&](const Tensor& v) {
+      return exchange(gather_rows(v.view({v.numel(), 1}), pair_from_major_), recv_pairs_per_peer_, send_pairs_,
+                      routed_.tokens.numel())
+          .view({routed_.tokens.numel()});
+    };
+    ds_pairs = back(dsp);
+    if (gmean.defined()) g_pairs = back(gmean);
   }
-  ds.zero_();
-  Tensor ds_slots = ds.view({tokens_ * experts_, 1});
-  if (routed_.slots.numel() > 0) ops::embedding_backward(ds_slots, routed_.slots, ds_pairs);
+  ops::pairs_to_slots(ds, routed_.slot_pair, ds_pairs, bounds_.front());
+  if (gmean.defined()) {
+    g = Tensor::empty({tokens_, 1}, g_pairs.dtype(), g_pairs.device());
+    ops::combine_pairs(g, routed_.slot_pair, g_pairs.view({g_pairs.numel(), 1}));
+    g = g.view({tokens_});
+  }
 }
 
 }  // namespace decotron

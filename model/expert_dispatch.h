@@ -46,8 +46,11 @@ class ExpertDispatcher {
   // Backward of combine: each pair's output gradient, rows of dout [T, h], in Received order.
   Tensor dispatch_grad(const Tensor& dout);
   // Backward of dispatch: dx [T, h] (=) from the pairs' input gradients dxp [P, h]; ds [T, E] (=)
-  // from the pairs' score gradients dsp [P], zero outside this rank's routed pairs.
-  void combine_grad(Tensor& dx, Tensor& ds, const Tensor& dxp, const Tensor& dsp);
+  // from the pairs' score gradients dsp [P], zero outside this rank's routed pairs; when gmean
+  // [P] (a scalar per pair, Received order) is defined, g [T] (=): per token the sum of its
+  // pairs' gmean over this rank's routed experts (the mean's gradient of NormSiLU, applied per
+  // token by the layer).
+  void combine_grad(Tensor& dx, Tensor& ds, Tensor& g, const Tensor& dxp, const Tensor& dsp, const Tensor& gmean);
 
   // Drops the last dispatch's routing and received rows (activation recomputation).
   void release();

@@ -217,25 +217,31 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   const int64_t h = dy.dim(-1), P = received_.x.dim(0);
   Tensor doutp = dispatcher_->dispatch_grad(dy);
   Tensor dxp = Tensor::empty({P, h}, dy.dtype(), dy.device());
-  // The scores' gradient in the router's dtype; gx and dgamma in the gradients' (the masters').
+  // The scores' and the mean's per-pair gradients in the router's dtype; dgamma in the
+  // gradients' (the masters').
   Tensor dsp = Tensor::empty({P}, s_.dtype(), dy.device());
-  Tensor gx = Tensor::zeros({h}, w_up_.grad.dtype(), dy.device());
+  Tensor gmean = Tensor::empty({P}, s_.dtype(), dy.device());
   Tensor dgamma = Tensor::zeros(gamma_.grad.shape(), gamma_.grad.dtype(), dy.device());
   Parameter& pre = gated_ ? *w_gate_ : w_up_;
-  ops::grouped_experts_backward(dxp, dsp, gx, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad, doutp,
+  ops::grouped_experts_backward(dxp, dsp, gmean, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad, doutp,
                                 grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre.w(),
                                 gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
-  // The mean's rank-one term reaches every row of W_pre, on every rank: gx summed over the
-  // tokens of every rank whose pairs these experts saw.
-  if (mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms) {
-    sum_over_expert_ranks(gx);
-    ops::add_rows_(pre.grad, gx, -1.0 / static_cast<double>(experts_ * width_));
-  }
+  received_.x = Tensor();
   // gamma is shared by all experts: tensor-parallel ranks saw the same tokens, different experts.
   if (tp_) tp_all_reduce(*tp_, dgamma);
   ops::add_(gamma_.grad, dgamma);
-  dispatcher_->combine_grad(dx, ds, dxp, dsp);
-  received_.x = Tensor();
+  const bool mean = mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms;
+  Tensor g;  // per token, the sum of its pairs' g_p over this rank's experts
+  dispatcher_->combine_grad(dx, ds, g, dxp, dsp, mean ? gmean : Tensor());
+  if (!mean) return;
+  // The mean's terms, linear in g_p and the same for every pair of a token, so applied per token
+  // (T x h, where per pair they cost P x h): dx_t -= G_t w_bar, and every row of W_pre, on every
+  // rank, receives -gx / (E d) with gx = sum_t G_t x_t summed over every rank holding experts.
+  ops::add_outer_(dx, g, w_bar_, -1.0);
+  Tensor gx = Tensor::zeros({h}, w_up_.grad.dtype(), dy.device());
+  ops::weighted_col_sum_(gx, g, x_);
+  sum_over_expert_ranks(gx);
+  ops::add_rows_(pre.grad, gx, -1.0 / static_cast<double>(experts_ * width_));
 }
 
 // b_e such that round(ratio * T) of this batch's logits r[:, e] - b_e are > 0 (ties may activate

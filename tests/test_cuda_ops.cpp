@@ -810,7 +810,7 @@ TEST(CudaOps, RoutePairs) {
     bool all;
   };
   for (int64_t T : {37, 600, 0})  // the CUDA kernel takes tokens in chunks of 256
-    for (Range g : {Range{0, E, false}, Range{2, 5, false}, Range{4, 4, false}, Range{1, 6, true}}) {
+    for (Range g : {Range{0, E, false}, Range{2, 5, false}, Range{4, 4, false}, Range{1, 6, true}, Range{3, 4, false}}) {
       Tensor r = randn({T, E}, 1.0, -0.6);
       for (int64_t t = 0; t < T; ++t) r.data<float>()[t * E + 3] = -1.0f;  // expert 3 never active
       const std::string tag = "T " + std::to_string(T) + " experts [" + std::to_string(g.begin) + ", " +
@@ -822,7 +822,80 @@ TEST(CudaOps, RoutePairs) {
       EXPECT_EQ(got.tokens.device(), Device::cuda);
       EXPECT_TRUE(bitwise_equal(got.tokens, want.tokens)) << tag;
       EXPECT_TRUE(bitwise_equal(got.slots, want.slots)) << tag;
+      EXPECT_EQ(got.slot_pair.shape(), want.slot_pair.shape()) << tag;
+      EXPECT_TRUE(bitwise_equal(got.slot_pair, want.slot_pair)) << tag;  // [3, 4): no pair, every entry -1
     }
+}
+
+// The token-side ops of the pair path (kernels/cuda/pair_combine.cu) on routes from route_pairs:
+// more local experts than a warp's 32 (the slot loop), widths across the 256-column passes,
+// tokens without pairs; against the CPU, and combine_pairs against the scatter-add it replaces
+// (embedding_backward on the pairs' tokens) bit for bit: same summation order.
+TEST(CudaOps, PairCombineOps) {
+  SKIP_WITHOUT_GPU();
+  struct Case {
+    int64_t T, E, e_begin, e_end, c;
+  };
+  for (Case k : {Case{37, 7, 0, 7, 48}, Case{300, 45, 0, 45, 300}, Case{70, 9, 2, 8, 1}, Case{5, 40, 3, 39, 513}})
+    for (DType dt : kBoth) {
+      const std::string tag = "T " + std::to_string(k.T) + " E " + std::to_string(k.E) + " [" +
+                              std::to_string(k.e_begin) + ", " + std::to_string(k.e_end) + ") c " +
+                              std::to_string(k.c) + " " + dtype_name(dt);
+      Tensor r = randn({k.T, k.E}, 1.0, -0.8);
+      for (int64_t e = 0; e < k.E; ++e) r.data<float>()[e] = -1.0f;  // token 0 has no pair
+      ops::RoutedPairs rp, rpg;
+      ops::route_pairs(rp, r, k.e_begin, k.e_end, false);
+      ops::route_pairs(rpg, gpu(r), k.e_begin, k.e_end, false);
+      const int64_t P = rp.tokens.numel();
+      ASSERT_GT(P, 0) << tag;
+      Tensor rows = as(randn({P, k.c}), dt), rowsg = gpu(rows, dt);
+      Tensor out = Tensor::empty({k.T, k.c}, DType::f32), outg = gpu(randn({k.T, k.c}), dt);
+      ops::combine_pairs(out, rp.slot_pair, rows);
+      ops::combine_pairs(outg, rpg.slot_pair, rowsg);
+      expect_close(outg, out, dt, "combine_pairs " + tag);
+      Tensor scattered = Tensor::zeros({k.T, k.c}, dt, Device::cuda);
+      ops::embedding_backward(scattered, rpg.tokens, rowsg);
+      EXPECT_TRUE(bitwise_equal(outg, scattered)) << "combine_pairs vs embedding_backward's scatter-add " << tag;
+
+      Tensor v = randn({P}), slots = Tensor::empty({k.T, k.E}, DType::f32), slotsg = gpu(randn({k.T, k.E}));
+      ops::pairs_to_slots(slots, rp.slot_pair, v, k.e_begin);
+      ops::pairs_to_slots(slotsg, rpg.slot_pair, gpu(v), k.e_begin);
+      EXPECT_TRUE(bitwise_equal(slotsg, slots)) << "pairs_to_slots " << tag;  // a copy: exact
+
+      Tensor a = randn({k.T}), row = as(randn({k.c}), dt), x = as(randn({k.T, k.c}), dt);
+      Tensor y = x.clone(), yg = gpu(x, dt);
+      ops::add_outer_(y, a, row, -0.7);
+      ops::add_outer_(yg, gpu(a), gpu(row, dt), -0.7);
+      expect_close(yg, y, dt, "add_outer_ " + tag);
+      for (DType odt : kBoth) {
+        if (dt == DType::f32 && odt == DType::bf16) continue;
+        Tensor acc0 = as(randn({k.c}), odt), acc = acc0.clone();
+        Tensor accg = gpu(acc0, odt);
+        ops::weighted_col_sum_(acc, a, x);
+        ops::weighted_col_sum_(accg, gpu(a), gpu(x, dt));
+        expect_close(accg, acc, odt, "weighted_col_sum_ " + tag + " into " + dtype_name(odt));
+      }
+    }
+}
+
+// A slot entry outside [-1, P) is reported, not read: check_device_errors throws, names the op.
+TEST(CudaOps, PairCombineRejectsBadSlots) {
+  SKIP_WITHOUT_GPU();
+  Tensor sp = Tensor::empty({2, 3}, DType::i32);
+  const int32_t bad[] = {0, -1, 1, 7, -1, -5};
+  std::copy(bad, bad + 6, sp.data<int32_t>());
+  Tensor out = Tensor::empty({2, 4}, DType::f32, Device::cuda), rows = gpu(randn({2, 4}));
+  ops::combine_pairs(out, gpu(sp), rows);
+  try {
+    cuda::check_device_errors();
+    ADD_FAILURE() << "a bad pair index went unreported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("combine_pairs"), std::string::npos) << e.what();
+  }
+  Tensor slots = Tensor::empty({2, 3}, DType::f32, Device::cuda);
+  ops::pairs_to_slots(slots, gpu(sp), gpu(randn({2})), 0);
+  EXPECT_THROW(cuda::check_device_errors(), Error);
+  cuda::check_device_errors();  // cleared
 }
 
 TEST(CudaOps, SumRowsAddRows) {
@@ -887,25 +960,27 @@ std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h,
   expect_close(cg.rs, cache.rs, dt, "grouped_experts_forward rs " + tag);
   if (gated) expect_close(cg.up, cache.up, dt, "grouped_experts_forward up " + tag);
 
-  Tensor gx0 = as(randn({h}), gdt), dwp0 = as(randn({El * d, h}), gdt), dwu0 = as(randn({El * d, h}), gdt);
+  Tensor dwp0 = as(randn({El * d, h}), gdt), dwu0 = as(randn({El * d, h}), gdt);
   Tensor dg0 = as(randn({d}), gdt), dwd0 = as(randn({h, El * d}), gdt);
   Tensor dxp = Tensor::empty({P, h}, DType::f32), dsp = Tensor::empty({P}, DType::f32);
-  Tensor gx = gx0.clone(), dwp = dwp0.clone(), dwu = dwu0.clone(), dg = dg0.clone(), dwd = dwd0.clone();
-  ops::grouped_experts_backward(dxp, dsp, gx, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_bar,
+  Tensor gm = Tensor::empty({P}, DType::f32);
+  Tensor dwp = dwp0.clone(), dwu = dwu0.clone(), dg = dg0.clone(), dwd = dwd0.clone();
+  ops::grouped_experts_backward(dxp, dsp, gm, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_bar,
                                 w_pre, wu, gamma, w_down, mode, eps);
-  Tensor dxpg = gpu(randn({P, h}), dt), dspg = gpu(randn({P}));
-  Tensor gxg = gpu(gx0, gdt), dwpg = gpu(dwp0, gdt), dwug = gpu(dwu0, gdt), dgg = gpu(dg0, gdt), dwdg = gpu(dwd0, gdt);
-  ops::grouped_experts_backward(dxpg, dspg, gxg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(doutp, dt), cg, xpg, off,
+  Tensor dxpg = gpu(randn({P, h}), dt), dspg = gpu(randn({P})), gmg = gpu(randn({P}));
+  Tensor dwpg = gpu(dwp0, gdt), dwug = gpu(dwu0, gdt), dgg = gpu(dg0, gdt), dwdg = gpu(dwd0, gdt);
+  ops::grouped_experts_backward(dxpg, dspg, gmg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(doutp, dt), cg, xpg, off,
                                 spg, w_barg, w_preg, wug, gammag, w_downg, mode, eps);
   expect_close(dxpg, dxp, dt, "grouped_experts_backward dxp " + tag);
   // dsp sums d products of dY (bf16 under bf16 where the grouped GEMM computes it) with z.
   expect_close(dspg, dsp, dt, "grouped_experts_backward dsp " + tag);
-  expect_close(gxg, gx, dt, "grouped_experts_backward gx " + tag);
+  // g_p, 0 without the mean step (the garbage the GPU's buffer held is overwritten).
+  expect_close(gmg, gm, dt, "grouped_experts_backward gmean " + tag);
   expect_close(dwpg, dwp, dt, "grouped_experts_backward dw_pre " + tag);
   if (gated) expect_close(dwug, dwu, dt, "grouped_experts_backward dw_up " + tag);
   expect_close(dgg, dg, dt, "grouped_experts_backward dgamma " + tag);
   expect_close(dwdg, dwd, dt, "grouped_experts_backward dw_down " + tag);
-  return {dxpg, dspg, gxg, dwpg, dwug, dgg, dwdg};
+  return {dxpg, dspg, gmg, dwpg, dwug, dgg, dwdg};
 }
 
 }  // namespace
@@ -955,8 +1030,9 @@ TEST(CudaOps, GroupedExpertsDeterministic) {
     }
 }
 
-// The pair path composed as model/ffn.cpp composes it (route, gather, grouped experts, scatter,
-// the mean's rank-one term through add_rows_) equals the dense-masked path, both on the GPU in
+// The pair path composed as model/ffn.cpp composes it (route, gather, grouped experts, combine,
+// the mean's terms per token: add_outer_ into dx, weighted_col_sum_ and add_rows_ into dW_pre)
+// equals the dense-masked path, both on the GPU in
 // fp32: the identities of deco-model.md hold for the CUDA kernels.
 TEST(CudaOps, PairPathEqualsDenseMasked) {
   SKIP_WITHOUT_GPU();
@@ -1023,19 +1099,26 @@ TEST(CudaOps, PairPathEqualsDenseMasked) {
       ops::GroupedExperts cache;
       ops::grouped_experts_forward(outp, cache, xp, rp.offsets, sp, w_bar, w_pre, gated ? &w_up : nullptr, gamma,
                                    w_down, mode, eps);
-      ops::embedding_backward(out2, rp.tokens, outp);
+      ops::combine_pairs(out2, rp.slot_pair, outp);
       const Tol t{1e-4, 1e-4};
       expect_close(out2, host(out), t, "pair path out vs dense-masked " + tag);
 
-      Tensor doutp = dev({P, h}), dxp = dev({P, h}), dsp = dev({P}), gx = dev0({h});
+      Tensor doutp = dev({P, h}), dxp = dev({P, h}), dsp = dev({P}), gm = dev({P}), gx = dev0({h});
       ops::embedding_forward(doutp, rp.tokens, dy);
       Tensor dw_pre2 = dev0({n, h}), dw_up2 = dev0({n, h}), dgamma2 = dev0({d}), dw_down2 = dev0({h, n});
-      ops::grouped_experts_backward(dxp, dsp, gx, dw_pre2, gated ? &dw_up2 : nullptr, dgamma2, dw_down2, doutp, cache, xp,
+      ops::grouped_experts_backward(dxp, dsp, gm, dw_pre2, gated ? &dw_up2 : nullptr, dgamma2, dw_down2, doutp, cache, xp,
                                     rp.offsets, sp, w_bar, w_pre, gated ? &w_up : nullptr, gamma, w_down, mode, eps);
-      if (mean) ops::add_rows_(dw_pre2, gx, -1.0 / static_cast<double>(n));
-      Tensor dx2 = dev0({T, h}), ds2 = dev0({T * E, 1});
-      ops::embedding_backward(dx2, rp.tokens, dxp);
-      ops::embedding_backward(ds2, rp.slots, dsp.view({P, 1}));
+      Tensor dx2 = dev({T, h}), ds2 = dev({T, E});
+      ops::combine_pairs(dx2, rp.slot_pair, dxp);
+      ops::pairs_to_slots(ds2, rp.slot_pair, dsp, 0);
+      if (mean) {  // the mean's terms per token, as the layer applies them
+        Tensor g = dev({T, 1});
+        ops::combine_pairs(g, rp.slot_pair, gm.view({P, 1}));
+        g = g.view({T});
+        ops::add_outer_(dx2, g, w_bar, -1.0);
+        ops::weighted_col_sum_(gx, g, x);
+        ops::add_rows_(dw_pre2, gx, -1.0 / static_cast<double>(n));
+      }
       expect_close(dx2, host(dx), t, "pair path dx vs dense-masked " + tag);
       // ds matters where r > 0 only (the router backward masks it); the pair path leaves 0 elsewhere.
       Tensor dsm = host(ds), rh = host(r);

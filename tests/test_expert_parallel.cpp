@@ -173,8 +173,10 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
   for (int64_t i = 0; i < T * h; ++i) dout.data<double>()[i] = 1.0 + i;
   Tensor doutp = disp.dispatch_grad(dout);
   Tensor dxp = Tensor::empty(doutp.shape(), DType::f64), dsp = Tensor::empty({doutp.dim(0)}, DType::f64);
+  Tensor gmean = Tensor::empty({doutp.dim(0)}, DType::f64);  // per pair: its score + its expert
   for (int64_t e = 0; e < 2; ++e)
     for (int64_t p = got.offsets[e]; p < got.offsets[e + 1]; ++p) {
+      gmean.data<double>()[p] = got.s.data<double>()[p] + 2 * rank + e;
       double dot = 0;
       for (int64_t j = 0; j < h; ++j) {
         dxp.data<double>()[p * h + j] = (got.s.data<double>()[p] + 2 * rank + e) * doutp.data<double>()[p * h + j];
@@ -182,8 +184,9 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
       }
       dsp.data<double>()[p] = dot;
     }
-  Tensor dx = Tensor::empty({T, h}, DType::f64), ds = Tensor::empty({T, E}, DType::f64);
-  disp.combine_grad(dx, ds, dxp, dsp);
+  Tensor dx = Tensor::empty({T, h}, DType::f64), ds = Tensor::empty({T, E}, DType::f64), g;
+  disp.combine_grad(dx, ds, g, dxp, dsp, gmean);
+  ASSERT_EQ(g.numel(), T);
   for (int64_t t = 0; t < T; ++t) {
     double coef = 0, dot = 0;
     for (int64_t j = 0; j < h; ++j) dot += x.data<double>()[t * h + j] * dout.data<double>()[t * h + j];
@@ -192,6 +195,8 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
       if (active) coef += s.data<double>()[t * E + e] + e;
       EXPECT_DOUBLE_EQ(ds.data<double>()[t * E + e], active ? dot : 0.0) << "rank " << rank;
     }
+    // The per-pair scalars come back and sum per token: g_t = coef.
+    EXPECT_DOUBLE_EQ(g.data<double>()[t], coef) << "rank " << rank << " t " << t;
     for (int64_t j = 0; j < h; ++j)
       EXPECT_DOUBLE_EQ(dx.data<double>()[t * h + j], coef * dout.data<double>()[t * h + j]) << "rank " << rank;
   }

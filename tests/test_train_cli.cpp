@@ -115,7 +115,7 @@ TEST(TrainCli, BenchKernelsRunsEveryKernel) {
     ASSERT_EQ(r.code, 0) << r.out;
     for (const char* k : {"linear qkv fwd", "linear lm head chunk bwd", "attention bwd", "rmsnorm bwd", "rope fwd",
                           "embedding bwd", "swiglu bwd", "route_pairs", "grouped_experts fwd", "grouped_experts bwd",
-                          "cross_entropy", "adamw_update", "convert fp32->bf16", "sum_squares"})
+                          "combine_pairs", "pairs_to_slots", "cross_entropy", "adamw_update", "convert fp32->bf16", "sum_squares"})
       EXPECT_NE(r.out.find(std::string("| ") + k), std::string::npos) << dtype << ": no row for " << k << "\n" << r.out;
     EXPECT_NE(r.out.find("ceilings measured now"), std::string::npos) << r.out;
   }

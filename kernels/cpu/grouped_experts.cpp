@@ -11,7 +11,9 @@
 //   outp  = y W_down_e^T                      (W_down_e = columns e*d .. e*d+d-1)
 // Backward: per expert the transposed GEMMs on the same rows. The mean step gives each pair
 // g_p = sum of dc over its block: dx_p -= g_p w_bar, and every row of W_pre (inactive experts'
-// included, on every rank) receives -(1/(E d)) sum_p g_p x_p: the kernel accumulates the sum.
+// included, on every rank) receives -(1/(E d)) sum_p g_p x_p. Both are linear in g_p and the same
+// for every pair of a token, so the caller applies them per token (T x h, not P x h): the kernel
+// returns g_p.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -55,11 +57,63 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
       pairs.offsets.push_back(static_cast<int64_t>(tok.size()));
     }
   });
-  const int64_t P = static_cast<int64_t>(tok.size());
+  const int64_t P = static_cast<int64_t>(tok.size()), El = e_end - e_begin;
   pairs.tokens = Tensor::empty({P}, DType::i32);
   pairs.slots = Tensor::empty({P}, DType::i32);
   std::copy(tok.begin(), tok.end(), pairs.tokens.data<int32_t>());
   std::copy(slot.begin(), slot.end(), pairs.slots.data<int32_t>());
+  pairs.slot_pair = Tensor::empty({T, El}, DType::i32);
+  int32_t* sp = pairs.slot_pair.data<int32_t>();
+  std::fill_n(sp, T * El, -1);
+  for (int64_t p = 0; p < P; ++p) sp[tok[p] * El + (slot[p] - tok[p] * E - e_begin)] = static_cast<int32_t>(p);
+}
+
+namespace {
+
+// slot_pair [T, E_l] with entries -1 or in [0, P): checked, as a bad index would read past rows.
+void check_slot_pair(const Tensor& slot_pair, int64_t T, int64_t P, const char* op) {
+  DT_ASSERT(slot_pair.dtype() == DType::i32 && slot_pair.dim(0) == T, op, ": slot_pair ",
+            shape_str(slot_pair.shape()), " ", dtype_name(slot_pair.dtype()), " for ", T, " tokens");
+  const int32_t* sp = slot_pair.data<int32_t>();
+  for (int64_t i = 0, n = slot_pair.numel(); i < n; ++i)
+    DT_ASSERT(sp[i] >= -1 && sp[i] < P, op, ": slot_pair names pair ", sp[i], " of ", P);
+}
+
+}  // namespace
+
+void combine_pairs(Tensor& out, const Tensor& slot_pair, const Tensor& rows) {
+  const int64_t T = out.dim(0), c = out.numel() / std::max<int64_t>(T, 1), P = rows.dim(0);
+  const int64_t El = slot_pair.numel() / std::max<int64_t>(T, 1);
+  check_slot_pair(slot_pair, T, P, "combine_pairs");
+  DT_ASSERT(rows.numel() == P * c, "combine_pairs: rows ", shape_str(rows.shape()), " for ", c, " columns");
+  const int32_t* sp = slot_pair.data<int32_t>();
+  DT_CPU_FLOAT_DISPATCH(out.dtype(), V, {
+    V* o = out.data<V>();
+    const V* src = rows.data<V>();
+    std::fill_n(o, T * c, V(0));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < El; ++i) {
+        const int32_t p = sp[t * El + i];
+        if (p < 0) continue;
+        for (int64_t k = 0; k < c; ++k) o[t * c + k] += src[p * c + k];
+      }
+  });
+}
+
+void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, int64_t e_begin) {
+  const int64_t T = out.dim(0), E = out.numel() / std::max<int64_t>(T, 1), P = values.numel();
+  const int64_t El = slot_pair.numel() / std::max<int64_t>(T, 1);
+  check_slot_pair(slot_pair, T, P, "pairs_to_slots");
+  DT_ASSERT(0 <= e_begin && e_begin + El <= E, "pairs_to_slots: experts [", e_begin, ", ", e_begin + El, ") of ", E);
+  const int32_t* sp = slot_pair.data<int32_t>();
+  DT_CPU_FLOAT_DISPATCH(out.dtype(), V, {
+    V* o = out.data<V>();
+    const V* v = values.data<V>();
+    std::fill_n(o, T * E, V(0));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < El; ++i)
+        if (sp[t * El + i] >= 0) o[t * E + e_begin + i] = v[sp[t * El + i]];
+  });
 }
 
 void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
@@ -110,7 +164,7 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
   });
 }
 
-void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
                               const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
                               const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
@@ -118,11 +172,14 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
   (void)eps;  // rs is cached
   const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
   check_offsets(off, P, d, w_pre, w_down);
+  DT_ASSERT(gmean.numel() == P && gmean.dtype() == dsp.dtype(), "grouped_experts_backward: gmean ",
+            shape_str(gmean.shape()), " ", dtype_name(gmean.dtype()), " for ", P, " pairs of ", dtype_name(dsp.dtype()));
   if (P == 0) return;
   DT_CPU_FLOAT_DISPATCH(xp.dtype(), V, {
     const V* g = gamma.data<V>();
     std::vector<V> dy(P * d), dpre(P * d), dup(w_up_gated ? P * d : 0);
-    std::vector<double> gmean(P, 0.0);  // g_p: the gradient reaching NormSiLU's mean
+    V* gm = gmean.data<V>();  // g_p: the gradient reaching NormSiLU's mean
+    std::fill_n(gm, P, V(0));
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = off[e + 1] - off[e];
       if (n == 0) continue;
@@ -165,8 +222,11 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
           const V m = static_cast<V>(dot / d);
           for (int64_t j = 0; j < d; ++j) dpe[i * d + j] = rs * (dpe[i * d + j] - (pre[i * d + j] - mu) * rs * m);
         }
-        if (uses_mean(mode))
-          for (int64_t j = 0; j < d; ++j) gmean[p] += dpe[i * d + j];
+        if (uses_mean(mode)) {
+          double gs = 0;
+          for (int64_t j = 0; j < d; ++j) gs += dpe[i * d + j];
+          gm[p] = static_cast<V>(gs);
+        }
       }
       // dW_pre_e += dc^T X_e, dx_p = dc W_pre_e (+ the gated up-projection's terms)
       V* dxe = dxp.data<V>() + off[e] * h;
@@ -175,20 +235,6 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
       if (up) {
         gemm(true, false, d, h, n, due, d, xe, h, V(1), dw_up_gated->data<V>() + e * d * h, h);
         gemm(false, false, n, h, d, due, d, w_up_gated->data<V>() + e * d * h, h, V(1), dxe, h);
-      }
-    }
-    if (uses_mean(mode)) {
-      // du = dc - g_p / (E d) on every entry of the token: dx_p -= g_p w_bar, gx += g_p x_p.
-      const V* wbar = w_bar.data<V>();
-      V* gxp = gx.data<V>();
-      for (int64_t p = 0; p < P; ++p) {
-        const V gp = static_cast<V>(gmean[p]);
-        V* dxr = dxp.data<V>() + p * h;
-        const V* xr = xp.data<V>() + p * h;
-        for (int64_t k = 0; k < h; ++k) {
-          dxr[k] -= gp * wbar[k];
-          gxp[k] += gp * xr[k];
-        }
       }
     }
   });
@@ -203,6 +249,40 @@ void sum_rows(Tensor& out, const Tensor& x) {
     std::fill_n(o, cols, V(0));
     for (int64_t i = 0; i < n; ++i)
       for (int64_t k = 0; k < cols; ++k) o[k] += xp[i * cols + k];
+  });
+}
+
+void add_outer_(Tensor& x, const Tensor& a, const Tensor& row, double alpha) {
+  const int64_t n = x.dim(0), cols = x.numel() / std::max<int64_t>(n, 1);
+  DT_ASSERT(a.numel() == n && row.numel() == cols, "add_outer_: a has ", a.numel(), " entries for ", n,
+            " rows, row ", row.numel(), " for ", cols, " columns");
+  DT_ASSERT(a.dtype() == x.dtype() && row.dtype() == x.dtype(), "add_outer_: x ", dtype_name(x.dtype()), ", a ",
+            dtype_name(a.dtype()), ", row ", dtype_name(row.dtype()));
+  DT_CPU_FLOAT_DISPATCH(x.dtype(), V, {
+    V* xp = x.data<V>();
+    const V* ap = a.data<V>();
+    const V* rp = row.data<V>();
+    for (int64_t i = 0; i < n; ++i) {
+      const V s = static_cast<V>(alpha * ap[i]);
+      for (int64_t k = 0; k < cols; ++k) xp[i * cols + k] += s * rp[k];
+    }
+  });
+}
+
+void weighted_col_sum_(Tensor& out, const Tensor& w, const Tensor& x) {
+  const int64_t n = x.dim(0), cols = x.numel() / std::max<int64_t>(n, 1);
+  DT_ASSERT(w.numel() == n && out.numel() == cols, "weighted_col_sum_: w has ", w.numel(), " entries for ", n,
+            " rows, out ", out.numel(), " for ", cols, " columns");
+  DT_ASSERT(w.dtype() == x.dtype() && out.dtype() == x.dtype(), "weighted_col_sum_: out ", dtype_name(out.dtype()),
+            ", w ", dtype_name(w.dtype()), ", x ", dtype_name(x.dtype()));
+  DT_CPU_FLOAT_DISPATCH(x.dtype(), V, {
+    std::vector<double> acc(cols, 0.0);
+    const V* wp = w.data<V>();
+    const V* xp = x.data<V>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < cols; ++k) acc[k] += static_cast<double>(wp[i]) * xp[i * cols + k];
+    V* o = out.data<V>();
+    for (int64_t k = 0; k < cols; ++k) o[k] += static_cast<V>(acc[k]);
   });
 }
 

@@ -15,7 +15,8 @@
 //      partial sums per block;
 //   3. per expert (beta = 1 for the weight gradients): dW_down_e += dOut_e^T Y_e,
 //      dW_pre_e += dc_e^T X_e, dX_e = dc_e W_pre_e (+ the gated up-projection's two GEMMs);
-//   4. the mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p (deterministic column sums).
+//   (the mean's terms, -g_p w_bar in dx_p and g_p x_p in W_pre's rank-one gradient, are the
+//   caller's, per token: kernels/ops.h, pair_combine.cu).
 //
 // The experts' GEMMs of one kind go out as one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5;
 // GemmBatch, with a loop of cublasGemmEx calls over the local experts as the fallback; E_local
@@ -77,21 +78,27 @@ __global__ void route_count_kernel(int32_t* counts, const float* r, int64_t T, i
   if (threadIdx.x == 0) counts[blockIdx.x * static_cast<int64_t>(gridDim.y) + blockIdx.y] = c;
 }
 
-__global__ void route_fill_kernel(int32_t* tokens, int32_t* slots, const int32_t* starts, const float* r, int64_t T,
-                                  int64_t E, int64_t e_begin, bool all) {
+// Also the token-major view: slot_pair[t, i] = p, or -1 for every inactive (t, i).
+__global__ void route_fill_kernel(int32_t* tokens, int32_t* slots, int32_t* slot_pair, const int32_t* starts,
+                                  const float* r, int64_t T, int64_t E, int64_t e_begin, bool all) {
   __shared__ int warp_base[kRouteChunk / 32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t t = blockIdx.y * static_cast<int64_t>(kRouteChunk) + threadIdx.x, e = e_begin + blockIdx.x;
+  const int64_t El = gridDim.x;
   const bool hit = route_active(r, t, T, E, e, all);
   const unsigned mask = __ballot_sync(0xffffffffu, hit);
   if (lane == 0) warp_base[w] = __popc(mask);
   __syncthreads();
-  if (!hit) return;
+  if (!hit) {
+    if (t < T) slot_pair[t * El + blockIdx.x] = -1;
+    return;
+  }
   int base = starts[blockIdx.x * static_cast<int64_t>(gridDim.y) + blockIdx.y];
   for (int k = 0; k < w; ++k) base += warp_base[k];
   const int64_t p = base + __popc(mask & ((1u << lane) - 1u));
   tokens[p] = static_cast<int32_t>(t);
   slots[p] = static_cast<int32_t>(t * E + e);
+  slot_pair[t * El + blockIdx.x] = static_cast<int32_t>(p);
 }
 
 // ---- grouped experts -------------------------------------------------------------------------------
@@ -354,13 +361,13 @@ __global__ void pairs_backward_kernel(T* dpre, T* dup, float* dsp, float* gmean,
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) dc[s] = rs * (dc[s] - chat[s] * mm);  // 0 stays 0 for j >= d
     }
+    float gs = 0.0f;  // stays 0 without the mean step
     if (mean) {
-      float gs = 0.0f;
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) gs += dc[s];
       gs = warp_sum(gs);
-      if (lane == 0) gmean[p] = gs;
     }
+    if (lane == 0) gmean[p] = gs;
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
       const int j = lane + 32 * s;
@@ -380,24 +387,6 @@ __global__ void pairs_backward_kernel(T* dpre, T* dup, float* dsp, float* gmean,
     dgamma_part[blockIdx.x * static_cast<int64_t>(d) + j] = acc;
   }
 }
-
-// dxp[p, :] -= g_p w_bar: the mean's share of each pair's input gradient.
-template <class T> __global__ void sub_mean_grad_kernel(T* dxp, const float* gmean, const T* w_bar, int64_t P, int64_t h) {
-  DT_GRID_STRIDE(i, P * h) {
-    const int64_t p = i / h, k = i - p * h;
-    dxp[i] = from_float<T>(to_float(dxp[i]) - gmean[p] * to_float(w_bar[k]));
-  }
-}
-
-// (p, k) -> g_p x_p[k], column-summed into gx.
-template <class T> struct MeanGradX {
-  const float* g;
-  const T* x;
-  int64_t h;
-  __device__ double operator()(int64_t p, int64_t k) const {
-    return static_cast<double>(g[p]) * static_cast<double>(to_float(x[p * h + k]));
-  }
-};
 
 void check_offsets(const std::vector<int64_t>& off, int64_t P, int64_t d, const Tensor& w_pre, const Tensor& w_down,
                    const char* op) {
@@ -462,6 +451,7 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
   expect_dtype(r, DType::f32, "route_pairs", "r (router logits)");
   pairs.offsets.assign(1, 0);
   const int64_t chunks = (T + kRouteChunk - 1) / kRouteChunk;
+  pairs.slot_pair = Tensor::empty({T, El}, DType::i32, Device::cuda);
   if (El == 0 || T == 0) {
     pairs.offsets.assign(El + 1, 0);
     pairs.tokens = Tensor::empty({0}, DType::i32, Device::cuda);
@@ -487,12 +477,15 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
   }
   pairs.tokens = Tensor::empty({run}, DType::i32, Device::cuda);
   pairs.slots = Tensor::empty({run}, DType::i32, Device::cuda);
-  if (run == 0) return;
+  if (run == 0) {  // every entry -1: all bytes 0xff
+    CUDA_CHECK(cudaMemsetAsync(pairs.slot_pair.raw(), 0xff, static_cast<size_t>(T * El) * sizeof(int32_t), st));
+    return;
+  }
   Tensor staged;
   const void* dstarts = to_device(starts.raw(), static_cast<size_t>(El * chunks) * sizeof(int32_t), staged);
   // 3. Each block writes its chunk's active tokens in ascending order (ballot compaction).
   route_fill_kernel<<<grid, kRouteChunk, 0, st>>>(ptr<int32_t>(pairs.tokens), ptr<int32_t>(pairs.slots),
-                                                  static_cast<const int32_t*>(dstarts), ptr<float>(r), T, E, e_begin,
+                                                  ptr<int32_t>(pairs.slot_pair), static_cast<const int32_t*>(dstarts), ptr<float>(r), T, E, e_begin,
                                                   all_pairs);
   CUDA_CHECK_LAUNCH();
 }
@@ -535,7 +528,7 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
   });
 }
 
-void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_pre, Tensor* dw_up_gated,
+void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
                               const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
                               const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
@@ -555,7 +548,8 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
   expect_dtype(dsp, DType::f32, op, "dsp (router score gradients)");
   expect_numel(sp, P, op, "sp");
   expect_dtype(sp, DType::f32, op, "sp (router scores)");
-  expect_grad(gx, dt, h, op, "gx");
+  expect_numel(gmean, P, op, "gmean");
+  expect_dtype(gmean, DType::f32, op, "gmean (mean gradients per pair)");
   expect_grad(dw_pre, dt, E * d * h, op, "dw_pre");
   expect_grad(dw_down, dt, h * E * d, op, "dw_down");
   expect_grad(dgamma, dt, d, op, "dgamma");
@@ -579,7 +573,6 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
     // 2. The per-pair NormSiLU backward; dgamma partials per block, then summed in block order.
     Tensor dpre = scratch(P * d, dt);
     Tensor dup = w_up_gated ? scratch(P * d, dt) : Tensor();
-    Tensor gmean = scratch(P, DType::f32);
     const int64_t per_block = std::max<int64_t>(64, (P + 1023) / 1024);
     const int64_t blocks = (P + per_block - 1) / per_block;
     Tensor part = scratch(rms ? blocks * d : 1, DType::f64);
@@ -630,14 +623,6 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gx, Tensor& dw_p
     g_down.finish();
     g_pre.finish();
     if (g_up) g_up->finish();
-    // 4. The mean's terms: dxp -= g_p w_bar; gx += sum_p g_p x_p.
-    if (mean) {
-      sub_mean_grad_kernel<T><<<grid_for(P * h), kThreads, 0, st>>>(ptr<T>(dxp), ptr<float>(gmean), ptr<T>(w_bar), P, h);
-      CUDA_CHECK_LAUNCH();
-      MeanGradX<T> f{ptr<float>(gmean), ptr<T>(xp), h};
-      if (gx.dtype() == DType::f32) col_sum_into(f, P, h, ptr<float>(gx), true);
-      else col_sum_into(f, P, h, ptr<T>(gx), true);
-    }
   });
 }
 

@@ -85,6 +85,17 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int o) {
   w.bar.arrive_and_wait();
   return r;
 }
+template <class T> T __shfl_sync(unsigned, T v, int src) {
+  static_assert(sizeof(T) <= 8);
+  emu::Warp& w = *emu::cur_block->warps[emu::cur_tid / 32];
+  const int lane = emu::cur_tid % 32;
+  std::memcpy(w.buf[lane], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, w.buf[src & 31], sizeof(T));
+  w.bar.arrive_and_wait();
+  return r;
+}
 inline unsigned __ballot_sync(unsigned, int p) {
   emu::Warp& w = *emu::cur_block->warps[emu::cur_tid / 32];
   const int lane = emu::cur_tid % 32;
@@ -96,6 +107,7 @@ inline unsigned __ballot_sync(unsigned, int p) {
   return m;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
