@@ -132,19 +132,21 @@ void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, 
 
 // The experts on pairs already gathered and grouped by expert: rows [offsets[e], offsets[e+1])
 // of xp [P, h] go to local expert e, whose blocks are rows e*d.. of w_pre [E_l*d, h] (and of
-// w_up_gated) and columns e*d.. of w_down [h, E_l*d]. sp [P]: the pairs' scores s_te; w_bar [h]:
-// the mean row of the WHOLE pre matrix (all E experts, on every rank), so mu_p = x_p . w_bar.
-// outp [P, h] = W_down_e (s_p * z_p) (=). On CUDA (fp32 or bf16 activations) sp, dsp and the
-// cached mu and rs are fp32.
+// w_up_gated) and columns e*d.. of w_down [h, E_l*d]. sp [P]: the pairs' scores s_te; mu [P]
+// (sp's dtype; null where the mode has no mean step): NormSiLU's mean of each pair's token,
+// x_t . w_bar with w_bar the mean row of the WHOLE pre matrix (all E experts, on every rank):
+// one dot per token, the caller's (ExpertDispatcher::pair_dot), not one per pair.
+// outp [P, h] = W_down_e (s_p * z_p) (=). On CUDA (fp32 or bf16 activations) sp, mu, dsp and the
+// cached rs are fp32.
 struct GroupedExperts {
-  Tensor mu;   // [P] NormSiLU's mean of each pair's token (0 where the mode has no mean step)
+  Tensor mu;   // [P] mu as given (0 where the mode has no mean step)
   Tensor pre;  // [P, d] pre-activations
   Tensor up;   // [P, d] W_up x (gated experts only)
   Tensor rs;   // [P] 1/rms of each block (1 where the mode has no RMS step)
   Tensor y;    // [P, d] s * z, the input of W_down
 };
 void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
-                             const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor& w_bar,
+                             const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor* mu,
                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
 // dxp [P, h] (=) WITHOUT the mean's term; dsp [P] (=); gmean [P] (=, dsp's dtype): g_p, the sum
@@ -156,8 +158,8 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& 
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
                               const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
-                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
-                              const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps);
+                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                              const Tensor& w_down, NormSiluMode mode, double eps);
 // out[c] = sum over rows of x[n, c] (=): the rows' sum, for w_bar.
 void sum_rows(Tensor& out, const Tensor& x);
 // x[i, :] += alpha * row for every row i of x [n, c] (the mean's rank-one gradient).

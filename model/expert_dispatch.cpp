@@ -144,6 +144,15 @@ Tensor ExpertDispatcher::gather_inputs(const Tensor& x) const {
   return exchanges() ? gather_rows(received_rows_, pair_row_) : gather_rows(x, routed_.tokens);
 }
 
+Tensor ExpertDispatcher::pair_dot(const Tensor& x, const Tensor& w, DType dt) const {
+  const Tensor& rows = exchanges() ? received_rows_ : x;
+  const Tensor& index = exchanges() ? pair_row_ : routed_.tokens;
+  const int64_t h = w.numel(), n = h ? rows.numel() / h : 0;
+  Tensor dots = Tensor::empty({n, 1}, dt, rows.device());
+  ops::linear_forward(dots, rows, w.view({1, h}));
+  return gather_rows(dots, index).view({index.numel()});
+}
+
 Tensor ExpertDispatcher::combine(const Tensor& outp) {
   if (!exchanges()) {
     Tensor out = Tensor::empty({tokens_, outp.dim(1)}, outp.dtype(), outp.device());

@@ -41,6 +41,10 @@ class ExpertDispatcher {
   // The pairs' inputs again (Received::x), from x [T, h] (the layer's input) and the rows kept
   // since dispatch: a layer may free Received::x after forward (pairs x h per layer saved).
   Tensor gather_inputs(const Tensor& x) const;
+  // Per received pair, its token's row of x [T, h] (the layer's input, as given to dispatch)
+  // dotted with w [h]: [P] of dtype dt, one dot per distinct row (token, or row received),
+  // gathered to the pairs. NormSiLU's mean x . w_bar without re-reading P x h.
+  Tensor pair_dot(const Tensor& x, const Tensor& w, DType dt) const;
   // The experts' outputs outp [P, h] (Received order) summed into their tokens: [T, h].
   Tensor combine(const Tensor& outp);
   // Backward of combine: each pair's output gradient, rows of dout [T, h], in Received order.

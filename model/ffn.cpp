@@ -205,9 +205,12 @@ Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
     ops::convert(w_bar_, w_bar);
   }
   received_ = dispatcher_->dispatch(x, r_, s_, /*all_pairs=*/!sparse_);
+  // mu = x . w_bar once per token (or row received), in the router's dtype (fp32).
+  const bool mean = mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms;
+  const Tensor mu = mean ? dispatcher_->pair_dot(x, w_bar_, s_.dtype()) : Tensor();
   Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
-  ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre_weight(),
-                               gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
+  ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, mean ? &mu : nullptr,
+                               pre_weight(), gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
   received_.x = Tensor();  // gathered again in backward (from x_, or the rows received)
   return dispatcher_->combine(outp);
 }
@@ -224,7 +227,7 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   Tensor dgamma = Tensor::zeros(gamma_.grad.shape(), gamma_.grad.dtype(), dy.device());
   Parameter& pre = gated_ ? *w_gate_ : w_up_;
   ops::grouped_experts_backward(dxp, dsp, gmean, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad, doutp,
-                                grouped_, received_.x, received_.offsets, received_.s, w_bar_, pre.w(),
+                                grouped_, received_.x, received_.offsets, received_.s, pre.w(),
                                 gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
   received_.x = Tensor();
   // gamma is shared by all experts: tensor-parallel ranks saw the same tokens, different experts.

@@ -943,20 +943,28 @@ std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h,
   Tensor doutp = as(randn({P, h}), dt);
   const Tensor* wu = gated ? &w_up : nullptr;
 
+  // mu_p = x_p . w_bar (the layer's, one per token), fp32 on both sides.
+  const bool mean = mode == ops::NormSiluMode::full || mode == ops::NormSiluMode::no_rms;
+  Tensor mu = Tensor::empty({P}, DType::f32);
+  for (int64_t p = 0; p < P; ++p) {
+    double acc = 0;
+    for (int64_t k = 0; k < h; ++k) acc += static_cast<double>(xp.data<float>()[p * h + k]) * w_bar.data<float>()[k];
+    mu.data<float>()[p] = static_cast<float>(acc);
+  }
   Tensor outp = Tensor::empty({P, h}, DType::f32);
   ops::GroupedExperts cache;
-  ops::grouped_experts_forward(outp, cache, xp, off, sp, w_bar, w_pre, wu, gamma, w_down, mode, eps);
+  ops::grouped_experts_forward(outp, cache, xp, off, sp, mean ? &mu : nullptr, w_pre, wu, gamma, w_down, mode, eps);
   Tensor outg = gpu(randn({P, h}), dt);
   ops::GroupedExperts cg;
   Tensor w_upg = gpu(w_up, dt);
   const Tensor* wug = gated ? &w_upg : nullptr;
-  const Tensor xpg = gpu(xp, dt), spg = gpu(sp), w_barg = gpu(w_bar, dt), w_preg = gpu(w_pre, dt);
+  const Tensor xpg = gpu(xp, dt), spg = gpu(sp), mug = gpu(mu), w_preg = gpu(w_pre, dt);
   const Tensor gammag = gpu(gamma, dt), w_downg = gpu(w_down, dt);
-  ops::grouped_experts_forward(outg, cg, xpg, off, spg, w_barg, w_preg, wug, gammag, w_downg, mode, eps);
+  ops::grouped_experts_forward(outg, cg, xpg, off, spg, mean ? &mug : nullptr, w_preg, wug, gammag, w_downg, mode, eps);
   expect_close(outg, outp, dt, "grouped_experts_forward outp " + tag);
   expect_close(cg.pre, cache.pre, dt, "grouped_experts_forward pre " + tag);
   expect_close(cg.y, cache.y, dt, "grouped_experts_forward y " + tag);
-  expect_close(cg.mu, cache.mu, dt, "grouped_experts_forward mu " + tag);
+  expect_close(cg.mu, cache.mu, dt, "grouped_experts_forward mu " + tag);  // given, or 0 without the mean step
   expect_close(cg.rs, cache.rs, dt, "grouped_experts_forward rs " + tag);
   if (gated) expect_close(cg.up, cache.up, dt, "grouped_experts_forward up " + tag);
 
@@ -965,12 +973,12 @@ std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h,
   Tensor dxp = Tensor::empty({P, h}, DType::f32), dsp = Tensor::empty({P}, DType::f32);
   Tensor gm = Tensor::empty({P}, DType::f32);
   Tensor dwp = dwp0.clone(), dwu = dwu0.clone(), dg = dg0.clone(), dwd = dwd0.clone();
-  ops::grouped_experts_backward(dxp, dsp, gm, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_bar,
-                                w_pre, wu, gamma, w_down, mode, eps);
+  ops::grouped_experts_backward(dxp, dsp, gm, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_pre,
+                                wu, gamma, w_down, mode, eps);
   Tensor dxpg = gpu(randn({P, h}), dt), dspg = gpu(randn({P})), gmg = gpu(randn({P}));
   Tensor dwpg = gpu(dwp0, gdt), dwug = gpu(dwu0, gdt), dgg = gpu(dg0, gdt), dwdg = gpu(dwd0, gdt);
   ops::grouped_experts_backward(dxpg, dspg, gmg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(doutp, dt), cg, xpg, off,
-                                spg, w_barg, w_preg, wug, gammag, w_downg, mode, eps);
+                                spg, w_preg, wug, gammag, w_downg, mode, eps);
   expect_close(dxpg, dxp, dt, "grouped_experts_backward dxp " + tag);
   // dsp sums d products of dY (bf16 under bf16 where the grouped GEMM computes it) with z.
   expect_close(dspg, dsp, dt, "grouped_experts_backward dsp " + tag);
@@ -1095,10 +1103,15 @@ TEST(CudaOps, PairPathEqualsDenseMasked) {
       ops::embedding_forward(xp, rp.tokens, x);
       ops::embedding_forward(sp, rp.slots, s.view({T * E, 1}));
       sp = sp.view({P});
+      // mu per token, gathered to the pairs (ExpertDispatcher::pair_dot).
+      Tensor mu_tok = dev({T, 1}), mu = dev({P, 1});
+      ops::linear_forward(mu_tok, x, w_bar.view({1, h}));
+      ops::embedding_forward(mu, rp.tokens, mu_tok);
+      mu = mu.view({P});
       Tensor outp = dev({P, h}), out2 = dev0({T, h});
       ops::GroupedExperts cache;
-      ops::grouped_experts_forward(outp, cache, xp, rp.offsets, sp, w_bar, w_pre, gated ? &w_up : nullptr, gamma,
-                                   w_down, mode, eps);
+      ops::grouped_experts_forward(outp, cache, xp, rp.offsets, sp, mean ? &mu : nullptr, w_pre,
+                                   gated ? &w_up : nullptr, gamma, w_down, mode, eps);
       ops::combine_pairs(out2, rp.slot_pair, outp);
       const Tol t{1e-4, 1e-4};
       expect_close(out2, host(out), t, "pair path out vs dense-masked " + tag);
@@ -1107,7 +1120,7 @@ TEST(CudaOps, PairPathEqualsDenseMasked) {
       ops::embedding_forward(doutp, rp.tokens, dy);
       Tensor dw_pre2 = dev0({n, h}), dw_up2 = dev0({n, h}), dgamma2 = dev0({d}), dw_down2 = dev0({h, n});
       ops::grouped_experts_backward(dxp, dsp, gm, dw_pre2, gated ? &dw_up2 : nullptr, dgamma2, dw_down2, doutp, cache, xp,
-                                    rp.offsets, sp, w_bar, w_pre, gated ? &w_up : nullptr, gamma, w_down, mode, eps);
+                                    rp.offsets, sp, w_pre, gated ? &w_up : nullptr, gamma, w_down, mode, eps);
       Tensor dx2 = dev({T, h}), ds2 = dev({T, E});
       ops::combine_pairs(dx2, rp.slot_pair, dxp);
       ops::pairs_to_slots(ds2, rp.slot_pair, dsp, 0);

@@ -5,7 +5,7 @@
 //
 // Per local expert e with pairs p_1 .. p_n (rows of xp, X_e):
 //   pre_e = X_e W_pre_e^T                     [n, d]   (W_pre_e = rows e*d .. e*d+d-1)
-//   c     = pre_e - mu_p,  mu_p = x_p . w_bar  (the mean over all E*d entries, exactly)
+//   c     = pre_e - mu_p,  mu_p = x_p . w_bar  (the mean over all E*d entries, exactly; given)
 //   z     = SiLU(gamma * c * rs)  (or the ablation's variant), rs = 1/sqrt(mean(c^2) + eps)
 //   y     = s_p * z  (* up_e when gated)
 //   outp  = y W_down_e^T                      (W_down_e = columns e*d .. e*d+d-1)
@@ -117,19 +117,26 @@ void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, 
 }
 
 void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
-                             const Tensor& sp, const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
+                             const Tensor& sp, const Tensor* mu_in, const Tensor& w_pre, const Tensor* w_up_gated,
                              const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
   const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
   check_offsets(off, P, d, w_pre, w_down);
   const DType dt = xp.dtype();
-  c.mu = Tensor::zeros({P}, dt);
+  DT_ASSERT(uses_mean(mode) == (mu_in != nullptr), "grouped_experts_forward: mu is ",
+            mu_in ? "given" : "missing", " for NormSiLU mode ", static_cast<int>(mode));
+  if (mu_in)
+    DT_ASSERT(mu_in->numel() == P && mu_in->dtype() == sp.dtype(), "grouped_experts_forward: mu ",
+              shape_str(mu_in->shape()), " ", dtype_name(mu_in->dtype()), " for ", P, " pairs of ",
+              dtype_name(sp.dtype()));
+  c.mu = mu_in ? *mu_in : Tensor::zeros({P}, sp.dtype());
   c.pre = Tensor::empty({P, d}, dt);
   c.up = w_up_gated ? Tensor::empty({P, d}, dt) : Tensor();
   c.rs = Tensor::empty({P}, dt);
   c.y = Tensor::empty({P, d}, dt);
   if (P == 0) return;
+  DT_ASSERT(c.mu.dtype() == dt, "grouped_experts_forward: mu ", dtype_name(c.mu.dtype()), " for ", dtype_name(dt),
+            " activations (the CPU computes in one dtype)");
   DT_CPU_FLOAT_DISPATCH(dt, V, {
-    if (uses_mean(mode)) gemm(false, false, P, 1, h, xp.data<V>(), h, w_bar.data<V>(), 1, V(0), c.mu.data<V>(), 1);
     const V* g = gamma.data<V>();
     const V* mu = c.mu.data<V>();
     for (int64_t e = 0; e < E; ++e) {
@@ -167,7 +174,7 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
                               const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
-                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps) {
   (void)eps;  // rs is cached
   const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;

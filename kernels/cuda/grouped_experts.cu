@@ -5,8 +5,9 @@
 // grouped_experts_forward, per call:
 //   1. per local expert e with rows [off[e], off[e+1]) (n > 0): pre_e = X_e W_pre_e^T (and
 //      up_e = X_e W_up_e^T when gated): cublasGemmEx on the expert's sub-blocks;
-//   2. one fused kernel over all P pairs (a warp per pair): mu_p = x_p . w_bar (the GEMV),
-//      rs_p, y_p = s_p * SiLU(gamma * (pre_p - mu_p) * rs_p) (* up_p), caching mu, rs;
+//   2. one fused kernel over all P pairs (a warp per pair): rs_p of the block centred by the
+//      given mu_p (one dot x_t . w_bar per token, the caller's: not re-read per pair),
+//      y_p = s_p * SiLU(gamma * (pre_p - mu_p) * rs_p) (* up_p), caching rs;
 //   3. per expert: outp_e = Y_e W_down_e^T.
 // grouped_experts_backward:
 //   1. per expert: dY_e = dOut_e W_down_e (fp32 scratch);
@@ -266,22 +267,15 @@ class WeightGrad {
   Tensor buf_;
 };
 
-// Forward epilogue, one warp per pair: mu = x . w_bar (0 without the mean step), rs (1 without
-// the RMS step), y = s * SiLU(gamma * (pre - mu) * rs) [* up].
+// Forward epilogue, one warp per pair: rs (1 without the RMS step) of the block centred by the
+// given mu (null without the mean step: 0), y = s * SiLU(gamma * (pre - mu) * rs) [* up].
 template <class T>
-__global__ void pairs_forward_kernel(T* y, float* mu_out, float* rs_out, const T* pre, const T* up, const T* xp,
-                                     const T* w_bar, const float* sp, const T* gamma, int64_t P, int h, int d,
-                                     bool mean, bool rms, float eps) {
+__global__ void pairs_forward_kernel(T* y, float* rs_out, const T* pre, const T* up, const float* mu_in,
+                                     const float* sp, const T* gamma, int64_t P, int d, bool rms, float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
   for (int64_t p = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; p < P; p += warps) {
-    float mu = 0.0f;
-    if (mean) {
-      const T* xr = xp + p * h;
-      float acc = 0.0f;
-      for (int k = lane; k < h; k += 32) acc += to_float(xr[k]) * to_float(w_bar[k]);
-      mu = warp_sum(acc);
-    }
+    const float mu = mu_in ? mu_in[p] : 0.0f;
     const T* pr = pre + p * d;
     float c[kSlots];
     float ss = 0.0f;
@@ -293,10 +287,7 @@ __global__ void pairs_forward_kernel(T* y, float* mu_out, float* rs_out, const T
     }
     float rs = 1.0f;
     if (rms) rs = 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
-    if (lane == 0) {
-      mu_out[p] = mu;
-      rs_out[p] = rs;
-    }
+    if (lane == 0) rs_out[p] = rs;
     const float se = sp[p];
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
@@ -399,12 +390,10 @@ void check_offsets(const std::vector<int64_t>& off, int64_t P, int64_t d, const 
 }
 
 // The weights: the activation dtype, their shapes.
-void expect_weights(DType dt, int64_t E, int64_t h, int64_t d, const Tensor& w_bar, const Tensor& w_pre,
-                    const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down, const char* op) {
-  expect_numel(w_bar, h, op, "w_bar");
+void expect_weights(DType dt, int64_t E, int64_t h, int64_t d, const Tensor& w_pre, const Tensor* w_up_gated,
+                    const Tensor& gamma, const Tensor& w_down, const char* op) {
   expect_numel(w_pre, E * d * h, op, "w_pre");
   expect_numel(w_down, h * E * d, op, "w_down");
-  expect_dtype(w_bar, dt, op, "w_bar");
   expect_dtype(w_pre, dt, op, "w_pre");
   expect_dtype(gamma, dt, op, "gamma");
   expect_dtype(w_down, dt, op, "w_down");
@@ -491,7 +480,7 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
 }
 
 void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
-                             const Tensor& sp, const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated,
+                             const Tensor& sp, const Tensor* mu, const Tensor& w_pre, const Tensor* w_up_gated,
                              const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
   static const char* op = "grouped_experts_forward";
   const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
@@ -501,8 +490,14 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
   expect_numel(sp, P, op, "sp");
   expect_dtype(sp, DType::f32, op, "sp (router scores)");
   expect_dtype(outp, dt, op, "outp");
-  expect_weights(dt, E, h, d, w_bar, w_pre, w_up_gated, gamma, w_down, op);
-  c.mu = Tensor::empty({P}, DType::f32, Device::cuda);
+  expect_weights(dt, E, h, d, w_pre, w_up_gated, gamma, w_down, op);
+  DT_ASSERT(uses_mean(mode) == (mu != nullptr), op, ": mu is ", mu ? "given" : "missing", " for NormSiLU mode ",
+            static_cast<int>(mode));
+  if (mu) {
+    expect_numel(*mu, P, op, "mu");
+    expect_dtype(*mu, DType::f32, op, "mu (NormSiLU's means)");
+  }
+  c.mu = mu ? *mu : Tensor::zeros({P}, DType::f32, Device::cuda);
   c.rs = Tensor::empty({P}, DType::f32, Device::cuda);
   c.pre = Tensor::empty({P, d}, dt, Device::cuda);
   c.up = w_up_gated ? Tensor::empty({P, d}, dt, Device::cuda) : Tensor();
@@ -518,9 +513,9 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
     pre.run();
     up.run();
     pairs_forward_kernel<T><<<grid_for(P * 32), kThreads, 0, context().stream>>>(
-        ptr<T>(c.y), ptr<float>(c.mu), ptr<float>(c.rs), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr,
-        ptr<T>(xp), ptr<T>(w_bar), ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(h), static_cast<int>(d),
-        uses_mean(mode), uses_rms(mode), static_cast<float>(eps));
+        ptr<T>(c.y), ptr<float>(c.rs), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr,
+        mu ? ptr<float>(*mu) : nullptr, ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(d), uses_rms(mode),
+        static_cast<float>(eps));
     CUDA_CHECK_LAUNCH();
     for (int64_t e = 0; e < E; ++e)
       down.add(off[e + 1] - off[e], h, d, at(c.y, off[e] * d), d, at(w_down, e * d), E * d, at(outp, off[e] * h), h);
@@ -531,7 +526,7 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
                               Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
                               const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
-                              const Tensor& w_bar, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps) {
   (void)eps;  // rs is cached
   static const char* op = "grouped_experts_backward";
@@ -539,7 +534,7 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& d
   check_offsets(off, P, d, w_pre, w_down, op);
   const DType dt = xp.dtype();
   const bool mean = uses_mean(mode), rms = uses_rms(mode);
-  expect_weights(dt, E, h, d, w_bar, w_pre, w_up_gated, gamma, w_down, op);
+  expect_weights(dt, E, h, d, w_pre, w_up_gated, gamma, w_down, op);
   expect_numel(dxp, P * h, op, "dxp");
   expect_dtype(dxp, dt, op, "dxp");
   expect_numel(doutp, P * h, op, "doutp");
