@@ -39,6 +39,11 @@ Tensor SwiGLULayer::backward(const Tensor& dy, Tensor* accumulate_into) {
   return dx;
 }
 
+namespace {
+// Modes with NormSiLU's mean step (mu = x . w_bar), whose terms the pair path applies per token.
+bool has_mean_step(ops::NormSiluMode m) { return m == ops::NormSiluMode::full || m == ops::NormSiluMode::no_rms; }
+}  // namespace
+
 ops::NormSiluMode normsilu_mode(const std::string& s) {
   if (s == "full") return ops::NormSiluMode::full;
   if (s == "no_mean") return ops::NormSiluMode::no_mean;
@@ -193,7 +198,7 @@ Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
   // the master weights, rounded once to the compute dtype.
   const Tensor& pre_master = gated_ ? w_gate_->value : w_up_.value;
   Tensor w_bar = Tensor::zeros({h}, pre_master.dtype(), x.device());
-  if (mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms) {
+  if (has_mean_step(mode_)) {
     ops::sum_rows(w_bar, pre_master);
     sum_over_expert_ranks(w_bar);
     ops::scale_(w_bar, 1.0 / static_cast<double>(experts_ * width_));
@@ -206,7 +211,7 @@ Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
   }
   received_ = dispatcher_->dispatch(x, r_, s_, /*all_pairs=*/!sparse_);
   // mu = x . w_bar once per token (or row received), in the router's dtype (fp32).
-  const bool mean = mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms;
+  const bool mean = has_mean_step(mode_);
   const Tensor mu = mean ? dispatcher_->pair_dot(x, w_bar_, s_.dtype()) : Tensor();
   Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
   ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, mean ? &mu : nullptr,
@@ -233,7 +238,7 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   // gamma is shared by all experts: tensor-parallel ranks saw the same tokens, different experts.
   if (tp_) tp_all_reduce(*tp_, dgamma);
   ops::add_(gamma_.grad, dgamma);
-  const bool mean = mode_ == ops::NormSiluMode::full || mode_ == ops::NormSiluMode::no_rms;
+  const bool mean = has_mean_step(mode_);
   Tensor g;  // per token, the sum of its pairs' g_p over this rank's experts
   dispatcher_->combine_grad(dx, ds, g, dxp, dsp, mean ? gmean : Tensor());
   if (!mean) return;

@@ -46,26 +46,27 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
   DT_ASSERT(T * E < (int64_t(1) << 31), "route_pairs: ", T, " x ", E, " router entries overflow i32 slots");
   std::vector<int32_t> tok, slot;
   pairs.offsets.assign(1, 0);
+  const int64_t El = e_end - e_begin;
+  pairs.slot_pair = Tensor::empty({T, El}, DType::i32);
+  int32_t* sp = pairs.slot_pair.data<int32_t>();
+  std::fill_n(sp, T * El, -1);
   DT_CPU_FLOAT_DISPATCH(r.dtype(), V, {
     const V* rp = r.data<V>();
     for (int64_t e = e_begin; e < e_end; ++e) {
       for (int64_t t = 0; t < T; ++t)
         if (all_pairs || rp[t * E + e] > 0) {
+          sp[t * El + (e - e_begin)] = static_cast<int32_t>(tok.size());
           tok.push_back(static_cast<int32_t>(t));
           slot.push_back(static_cast<int32_t>(t * E + e));
         }
       pairs.offsets.push_back(static_cast<int64_t>(tok.size()));
     }
   });
-  const int64_t P = static_cast<int64_t>(tok.size()), El = e_end - e_begin;
+  const int64_t P = static_cast<int64_t>(tok.size());
   pairs.tokens = Tensor::empty({P}, DType::i32);
   pairs.slots = Tensor::empty({P}, DType::i32);
   std::copy(tok.begin(), tok.end(), pairs.tokens.data<int32_t>());
   std::copy(slot.begin(), slot.end(), pairs.slots.data<int32_t>());
-  pairs.slot_pair = Tensor::empty({T, El}, DType::i32);
-  int32_t* sp = pairs.slot_pair.data<int32_t>();
-  std::fill_n(sp, T * El, -1);
-  for (int64_t p = 0; p < P; ++p) sp[tok[p] * El + (slot[p] - tok[p] * E - e_begin)] = static_cast<int32_t>(p);
 }
 
 namespace {

@@ -74,17 +74,6 @@ template <class F, class... A> void launch(Cfg c, F f, A... a) {
 extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline void __syncthreads() { emu::cur_block->bar.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur_block->warps[emu::cur_tid / 32]->bar.arrive_and_wait(); }
-template <class T> T __shfl_xor_sync(unsigned, T v, int o) {
-  static_assert(sizeof(T) <= 8);
-  emu::Warp& w = *emu::cur_block->warps[emu::cur_tid / 32];
-  const int lane = emu::cur_tid % 32;
-  std::memcpy(w.buf[lane], &v, sizeof(T));
-  w.bar.arrive_and_wait();
-  T r;
-  std::memcpy(&r, w.buf[lane ^ o], sizeof(T));
-  w.bar.arrive_and_wait();
-  return r;
-}
 template <class T> T __shfl_sync(unsigned, T v, int src) {
   static_assert(sizeof(T) <= 8);
   emu::Warp& w = *emu::cur_block->warps[emu::cur_tid / 32];
@@ -96,6 +85,7 @@ template <class T> T __shfl_sync(unsigned, T v, int src) {
   w.bar.arrive_and_wait();
   return r;
 }
+template <class T> T __shfl_xor_sync(unsigned mask, T v, int o) { return __shfl_sync(mask, v, (emu::cur_tid % 32) ^ o); }
 inline unsigned __ballot_sync(unsigned, int p) {
   emu::Warp& w = *emu::cur_block->warps[emu::cur_tid / 32];
   const int lane = emu::cur_tid % 32;
