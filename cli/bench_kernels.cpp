@@ -18,6 +18,7 @@
 #include "kernels/ops.h"
 #ifdef DECOTRON_WITH_CUDA
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/gathered_gemm.h"
 #endif
 
 namespace decotron::cli {
@@ -200,9 +201,9 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
     const int64_t P = pairs->tokens.numel();
     out.push_back({"route_pairs", shape_of({T, E}), 0, 4.0 * T * E + 8.0 * P,
                    [=] { ops::route_pairs(*pairs, *r, 0, E, false); }});
-    auto x = rnd({T, h});
-    auto xp = std::make_shared<Tensor>(Tensor::empty({P, h}, dt, dev));
-    if (P > 0) ops::embedding_forward(*xp, pairs->tokens, x);
+    // The pairs read their rows of x (and, backward, of dout) through the pairs' token index.
+    auto x = std::make_shared<Tensor>(rnd({T, h}));
+    auto dout = std::make_shared<Tensor>(rnd({T, h}));
     auto sp = std::make_shared<Tensor>(random({P}, DType::f32, dev, stream++, 0.1, 0.5));
     auto w_pre = std::make_shared<Tensor>(rnd({E * d, h}, DType::f32, 0.02));
     auto w_down = std::make_shared<Tensor>(rnd({h, E * d}, DType::f32, 0.02));
@@ -212,8 +213,8 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
     auto cache = std::make_shared<ops::GroupedExperts>();
     const auto mode = ops::NormSiluMode::full;
     auto fwd = [=] {
-      ops::grouped_experts_forward(*outp, *cache, *xp, pairs->offsets, *sp, mu.get(), *w_pre, nullptr, *gamma, *w_down,
-                                   mode, 1e-5);
+      ops::grouped_experts_forward(*outp, *cache, *x, pairs->tokens, pairs->offsets, *sp, mu.get(), *w_pre, nullptr,
+                                   *gamma, *w_down, mode, 1e-5);
     };
     fwd();
     auto dxp = std::make_shared<Tensor>(Tensor::empty({P, h}, dt, dev));
@@ -222,14 +223,38 @@ std::vector<Bench> make_benches(const Config& cfg, Device dev, DType dt) {
     auto dw_pre = std::make_shared<Tensor>(Tensor::zeros({E * d, h}, sdt, dev)),
          dw_down = std::make_shared<Tensor>(Tensor::zeros({h, E * d}, sdt, dev)),
          dgamma = std::make_shared<Tensor>(Tensor::zeros({d}, sdt, dev));
+    auto bwd = [=] {
+      ops::grouped_experts_backward(*dxp, *dsp, *gmean, *dw_pre, nullptr, *dgamma, *dw_down, *dout, *cache, *x,
+                                    pairs->tokens, pairs->offsets, *sp, *w_pre, nullptr, *gamma, *w_down, mode, 1e-5);
+    };
     const std::string shp = shape_of({P, h, E, d});
-    out.push_back(
-        {"grouped_experts fwd", shp, 4.0 * P * h * d, e * (2.0 * P * h + 2.0 * E * d * h + 3.0 * P * d), fwd});
-    out.push_back({"grouped_experts bwd", shp, 8.0 * P * h * d, e * (4.0 * P * h + 2.0 * E * d * h + 5.0 * P * d), [=] {
-                     ops::grouped_experts_backward(*dxp, *dsp, *gmean, *dw_pre, nullptr, *dgamma, *dw_down, *outp, *cache,
-                                                   *xp, pairs->offsets, *sp, *w_pre, nullptr, *gamma, *w_down,
-                                                   mode, 1e-5);
-                   }});
+    // Bytes: the pairs' rows read once (forward x, backward dout and x: each P x h, wherever
+    // they come from), outp or dxp written once, the weights and the [P, d] intermediates.
+    const double fwd_bytes = e * (2.0 * P * h + 2.0 * E * d * h + 3.0 * P * d);
+    const double bwd_bytes = e * (3.0 * P * h + 2.0 * E * d * h + 5.0 * P * d);
+    // Under bf16 on a GPU the gathers run inside the GEMMs (gathered_gemm.cu); the rows marked
+    // "copy" run the earlier path on the same pairs for the comparison (gather into [P, h] copies,
+    // then cuBLAS's grouped GEMM).
+    std::vector<bool> fused_paths{true};
+#ifdef DECOTRON_WITH_CUDA
+    if (dev == Device::cuda && dt == DType::bf16) fused_paths = {true, false};
+#endif
+    for (bool fused : fused_paths) {
+      auto with_path = [fused](const std::function<void()>& f) {
+        return [fused, f] {
+#ifdef DECOTRON_WITH_CUDA
+          cuda::set_fused_expert_gather(fused);
+#endif
+          f();
+#ifdef DECOTRON_WITH_CUDA
+          cuda::set_fused_expert_gather(true);
+#endif
+        };
+      };
+      const std::string tag = fused_paths.size() > 1 && !fused ? " (copy)" : "";
+      out.push_back({"grouped_experts fwd" + tag, shp, 4.0 * P * h * d, fwd_bytes, with_path(fwd)});
+      out.push_back({"grouped_experts bwd" + tag, shp, 8.0 * P * h * d, bwd_bytes, with_path(bwd)});
+    }
     // The pairs' outputs back into their tokens: through the token-major view (what the layer
     // runs) and, for comparison in the same run, as the bucketed scatter-add of embedding_backward
     // (what it ran before).

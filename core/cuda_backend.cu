@@ -135,8 +135,9 @@ void check_device_errors() {
     fail("a CUDA kernel found bad input:", what,
          " the data's token ids must be below the model's vocabulary size (check the tokenizer against the model "
          "config)");
-  fail("a CUDA kernel found bad input: a pair index outside the routed pairs (combine_pairs or pairs_to_slots); "
-       "slot_pair must come from route_pairs over the same tokens (a bug in the caller: please report it)");
+  fail("a CUDA kernel found bad input: a pair index outside the routed pairs (combine_pairs, pairs_to_slots) or a "
+       "pair's row outside its rows (the gathered expert GEMMs); slot_pair and the pairs' index must come from "
+       "route_pairs over the same tokens (a bug in the caller: please report it)");
 }
 
 namespace {

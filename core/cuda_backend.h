@@ -32,7 +32,7 @@ struct Context {
 enum DeviceErrorBit : unsigned {
   kBadTokenId = 1u,      // embedding: a token id outside [0, vocab)
   kBadTargetId = 2u,     // cross_entropy: a target id outside [0, vocab)
-  kBadPairIndex = 4u,    // combine_pairs, pairs_to_slots: a pair index outside [-1, P)
+  kBadPairIndex = 4u,    // combine_pairs, pairs_to_slots: a pair index outside [-1, P); gathered GEMMs: a row outside [0, R)
 };
 
 // The process's context; created on first call. Throws decotron::Error if no GPU is visible.

@@ -698,50 +698,51 @@ void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, 
 #endif
 }
 
-void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
+void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& x_rows, const Tensor& index,
                              const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor* mu,
                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps) {
   const Device dev = outp.device();
   OpTimer timer("grouped_experts_forward", dev);
-  DT_ASSERT(!(xp.device() != dev || sp.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (mu && mu->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_forward: tensors on different devices");
+  DT_ASSERT(!(x_rows.device() != dev || index.device() != dev || sp.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (mu && mu->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_forward: tensors on different devices");
   if (dev == Device::cpu) {
-    if (cpu::Bf16AsFp32::any({&outp, &xp, &sp, &w_pre, &gamma, &w_down, mu, w_up_gated})) {
+    if (cpu::Bf16AsFp32::any({&outp, &x_rows, &index, &sp, &w_pre, &gamma, &w_down, mu, w_up_gated})) {
       cpu::Bf16AsFp32 bf;
-      cpu::grouped_experts_forward(bf.out(outp), cache, bf.in(xp), offsets, bf.in(sp), bf.in(mu), bf.in(w_pre), bf.in(w_up_gated), bf.in(gamma), bf.in(w_down), mode, eps);
+      cpu::grouped_experts_forward(bf.out(outp), cache, bf.in(x_rows), bf.in(index), offsets, bf.in(sp), bf.in(mu), bf.in(w_pre), bf.in(w_up_gated), bf.in(gamma), bf.in(w_down), mode, eps);
       bf.finish();
       return;
     }
-    cpu::grouped_experts_forward(outp, cache, xp, offsets, sp, mu, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    cpu::grouped_experts_forward(outp, cache, x_rows, index, offsets, sp, mu, w_pre, w_up_gated, gamma, w_down, mode, eps);
     return;
   }
 #ifdef DECOTRON_WITH_CUDA
-  cuda::grouped_experts_forward(outp, cache, xp, offsets, sp, mu, w_pre, w_up_gated, gamma, w_down, mode, eps);
+  cuda::grouped_experts_forward(outp, cache, x_rows, index, offsets, sp, mu, w_pre, w_up_gated, gamma, w_down, mode, eps);
 #else
   fail("grouped_experts_forward: CUDA tensors in a build without CUDA");
 #endif
 }
 
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
-                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
-                              const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& dout_rows, const GroupedExperts& cache,
+                              const Tensor& x_rows, const Tensor& index, const std::vector<int64_t>& offsets,
+                              const Tensor& sp,
                               const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps) {
   const Device dev = dxp.device();
   OpTimer timer("grouped_experts_backward", dev);
-  DT_ASSERT(!(dsp.device() != dev || gmean.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || doutp.device() != dev || xp.device() != dev || sp.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_backward: tensors on different devices");
+  DT_ASSERT(!(dsp.device() != dev || gmean.device() != dev || dw_pre.device() != dev || dgamma.device() != dev || dw_down.device() != dev || dout_rows.device() != dev || x_rows.device() != dev || index.device() != dev || sp.device() != dev || w_pre.device() != dev || gamma.device() != dev || w_down.device() != dev || (dw_up_gated && dw_up_gated->device() != dev) || (w_up_gated && w_up_gated->device() != dev)), "grouped_experts_backward: tensors on different devices");
   if (dev == Device::cpu) {
-    if (cpu::Bf16AsFp32::any({&dxp, &dsp, &gmean, &dw_pre, &dgamma, &dw_down, &doutp, &xp, &sp, &w_pre, &gamma, &w_down, dw_up_gated, w_up_gated})) {
+    if (cpu::Bf16AsFp32::any({&dxp, &dsp, &gmean, &dw_pre, &dgamma, &dw_down, &dout_rows, &x_rows, &index, &sp, &w_pre, &gamma, &w_down, dw_up_gated, w_up_gated})) {
       cpu::Bf16AsFp32 bf;
-      cpu::grouped_experts_backward(bf.out(dxp), bf.out(dsp), bf.out(gmean), bf.out(dw_pre), bf.out(dw_up_gated), bf.out(dgamma), bf.out(dw_down), bf.in(doutp), cache, bf.in(xp), offsets, bf.in(sp), bf.in(w_pre), bf.in(w_up_gated), bf.in(gamma), bf.in(w_down), mode, eps);
+      cpu::grouped_experts_backward(bf.out(dxp), bf.out(dsp), bf.out(gmean), bf.out(dw_pre), bf.out(dw_up_gated), bf.out(dgamma), bf.out(dw_down), bf.in(dout_rows), cache, bf.in(x_rows), bf.in(index), offsets, bf.in(sp), bf.in(w_pre), bf.in(w_up_gated), bf.in(gamma), bf.in(w_down), mode, eps);
       bf.finish();
       return;
     }
-    cpu::grouped_experts_backward(dxp, dsp, gmean, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_pre, w_up_gated, gamma, w_down, mode, eps);
+    cpu::grouped_experts_backward(dxp, dsp, gmean, dw_pre, dw_up_gated, dgamma, dw_down, dout_rows, cache, x_rows, index, offsets, sp, w_pre, w_up_gated, gamma, w_down, mode, eps);
     return;
   }
 #ifdef DECOTRON_WITH_CUDA
-  cuda::grouped_experts_backward(dxp, dsp, gmean, dw_pre, dw_up_gated, dgamma, dw_down, doutp, cache, xp, offsets, sp, w_pre, w_up_gated, gamma, w_down, mode, eps);
+  cuda::grouped_experts_backward(dxp, dsp, gmean, dw_pre, dw_up_gated, dgamma, dw_down, dout_rows, cache, x_rows, index, offsets, sp, w_pre, w_up_gated, gamma, w_down, mode, eps);
 #else
   fail("grouped_experts_backward: CUDA tensors in a build without CUDA");
 #endif

@@ -130,8 +130,10 @@ void combine_pairs(Tensor& out, const Tensor& slot_pair, const Tensor& rows);
 // that pair exists, 0 everywhere else (=); values [P].
 void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, int64_t e_begin);
 
-// The experts on pairs already gathered and grouped by expert: rows [offsets[e], offsets[e+1])
-// of xp [P, h] go to local expert e, whose blocks are rows e*d.. of w_pre [E_l*d, h] (and of
+// The experts on pairs grouped by expert. Pair p's input is row index[p] of x_rows [R, h] (the
+// layer's tokens, or the rows received under expert parallelism), index i32 [P]; the kernels
+// read the rows through the index (on CUDA in bf16: gathered inside the GEMMs, no [P, h] copy).
+// Pairs [offsets[e], offsets[e+1]) go to local expert e, whose blocks are rows e*d.. of w_pre [E_l*d, h] (and of
 // w_up_gated) and columns e*d.. of w_down [h, E_l*d]. sp [P]: the pairs' scores s_te; mu [P]
 // (sp's dtype; null where the mode has no mean step): NormSiLU's mean of each pair's token,
 // x_t . w_bar with w_bar the mean row of the WHOLE pre matrix (all E experts, on every rank):
@@ -145,10 +147,11 @@ struct GroupedExperts {
   Tensor rs;   // [P] 1/rms of each block (1 where the mode has no RMS step)
   Tensor y;    // [P, d] s * z, the input of W_down
 };
-void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
+void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& x_rows, const Tensor& index,
                              const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor* mu,
                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
+// Pair p's output gradient is row index[p] of dout_rows [R, h] (the same index as x_rows').
 // dxp [P, h] (=) WITHOUT the mean's term; dsp [P] (=); gmean [P] (=, dsp's dtype): g_p, the sum
 // of the gradient reaching the centred block (dc) of pair p (0 where the mode has no mean step).
 // The mean's terms are the caller's, per token, where they cost T x h rather than P x h: with
@@ -156,8 +159,9 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& 
 // row of W_pre receives -gx / (E d), gx = sum_t G_t x_t (weighted_col_sum_) summed over every rank
 // that holds experts (add_rows_). dw_pre, dw_up_gated, dgamma, dw_down +=.
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
-                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
-                              const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& dout_rows, const GroupedExperts& cache,
+                              const Tensor& x_rows, const Tensor& index, const std::vector<int64_t>& offsets,
+                              const Tensor& sp,
                               const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps);
 // out[c] = sum over rows of x[n, c] (=): the rows' sum, for w_bar.

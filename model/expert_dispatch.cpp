@@ -66,7 +66,7 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   Tensor ss = gather_rows(s.view({tokens_ * experts_, 1}), routed_.slots);
   if (!exchanges()) {
     recv_pairs_ = P;
-    return Received{gather_rows(x, routed_.tokens), ss.view({P}), routed_.offsets};
+    return Received{x, routed_.tokens, ss.view({P}), routed_.offsets};
   }
   const int K = ep_->size();
   const int64_t El = local_experts_;
@@ -132,16 +132,12 @@ ExpertDispatcher::Received ExpertDispatcher::dispatch(const Tensor& x, const Ten
   pair_row_ = i32_tensor(row_of, x.device());
   pair_from_major_ = i32_tensor(from_major, x.device());
   Tensor sp = gather_rows(s_received, i32_tensor(to_major, x.device()));
-  return Received{gather_rows(received_rows_, pair_row_), sp.view({recv_pairs_}), offsets};
+  return Received{received_rows_, pair_row_, sp.view({recv_pairs_}), offsets};
 }
 
 void ExpertDispatcher::release() {
   routed_ = ops::RoutedPairs{};
   send_tokens_ = received_rows_ = pair_row_ = pair_from_major_ = Tensor();
-}
-
-Tensor ExpertDispatcher::gather_inputs(const Tensor& x) const {
-  return exchanges() ? gather_rows(received_rows_, pair_row_) : gather_rows(x, routed_.tokens);
 }
 
 Tensor ExpertDispatcher::pair_dot(const Tensor& x, const Tensor& w, DType dt) const {
@@ -165,9 +161,8 @@ Tensor ExpertDispatcher::combine(const Tensor& outp) {
 }
 
 Tensor ExpertDispatcher::dispatch_grad(const Tensor& dout) {
-  if (!exchanges()) return gather_rows(dout, routed_.tokens);
-  Tensor rows = exchange(gather_rows(dout, send_tokens_), send_rows_, recv_rows_, recv_rows_total_);
-  return gather_rows(rows, pair_row_);
+  if (!exchanges()) return dout;
+  return exchange(gather_rows(dout, send_tokens_), send_rows_, recv_rows_, recv_rows_total_);
 }
 
 void ExpertDispatcher::combine_grad(Tensor& dx, Tensor& ds, Tensor& g, const Tensor& dxp, const Tensor& dsp,

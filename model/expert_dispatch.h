@@ -29,25 +29,28 @@ class ExpertDispatcher {
   // bounds: size (expert-parallel size + 1), global expert indices, ascending.
   ExpertDispatcher(Communicator* ep, std::vector<int64_t> bounds);
 
-  // What this rank's experts receive: the pairs' inputs xp [P, h] and scores sp [P], grouped by
-  // local expert (offsets, size local experts + 1), in a fixed order (source rank, then token).
+  // What this rank's experts receive: per pair its input row, row index[p] of `rows` [R, h] (this
+  // rank's tokens x itself, or the rows received from the expert-parallel peers: no [P, h] copy),
+  // and its score s [P]; pairs grouped by local expert (offsets, size local experts + 1), in a
+  // fixed order (source rank, then token).
   struct Received {
-    Tensor x, s;
+    Tensor rows, index, s;
     std::vector<int64_t> offsets;
   };
   // r, s [T, E]: router logits and scores of this rank's tokens x [T, h]. Pairs with r > 0, or
   // every pair of the slice when all_pairs (the dense-masked reference through this path).
   Received dispatch(const Tensor& x, const Tensor& r, const Tensor& s, bool all_pairs);
-  // The pairs' inputs again (Received::x), from x [T, h] (the layer's input) and the rows kept
-  // since dispatch: a layer may free Received::x after forward (pairs x h per layer saved).
-  Tensor gather_inputs(const Tensor& x) const;
+  // Received::rows again after forward, from x [T, h] (the layer's input, as given to dispatch):
+  // x itself, or the rows received (kept since dispatch). A layer need not hold Received::rows.
+  const Tensor& input_rows(const Tensor& x) const { return exchanges() ? received_rows_ : x; }
   // Per received pair, its token's row of x [T, h] (the layer's input, as given to dispatch)
   // dotted with w [h]: [P] of dtype dt, one dot per distinct row (token, or row received),
   // gathered to the pairs. NormSiLU's mean x . w_bar without re-reading P x h.
   Tensor pair_dot(const Tensor& x, const Tensor& w, DType dt) const;
   // The experts' outputs outp [P, h] (Received order) summed into their tokens: [T, h].
   Tensor combine(const Tensor& outp);
-  // Backward of combine: each pair's output gradient, rows of dout [T, h], in Received order.
+  // Backward of combine: the rows whose row Received::index[p] is pair p's output gradient: dout
+  // [T, h] itself, or under expert parallelism the rows of it received from the peers.
   Tensor dispatch_grad(const Tensor& dout);
   // Backward of dispatch: dx [T, h] (=) from the pairs' input gradients dxp [P, h]; ds [T, E] (=)
   // from the pairs' score gradients dsp [P], zero outside this rank's routed pairs; when gmean

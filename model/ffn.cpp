@@ -213,17 +213,21 @@ Tensor DecoFFNLayer::experts_forward_pairs(const Tensor& x) {
   // mu = x . w_bar once per token (or row received), in the router's dtype (fp32).
   const bool mean = has_mean_step(mode_);
   const Tensor mu = mean ? dispatcher_->pair_dot(x, w_bar_, s_.dtype()) : Tensor();
-  Tensor outp = Tensor::empty({received_.x.dim(0), h}, x.dtype(), x.device());
-  ops::grouped_experts_forward(outp, grouped_, received_.x, received_.offsets, received_.s, mean ? &mu : nullptr,
-                               pre_weight(), gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
-  received_.x = Tensor();  // gathered again in backward (from x_, or the rows received)
+  Tensor outp = Tensor::empty({received_.index.numel(), h}, x.dtype(), x.device());
+  ops::grouped_experts_forward(outp, grouped_, received_.rows, received_.index, received_.offsets, received_.s,
+                               mean ? &mu : nullptr, pre_weight(), gated_ ? &w_up_.w() : nullptr, gamma_.w(),
+                               w_down_.w(), mode_, eps_);
+  // The pairs' rows are x_ (or the dispatcher's received rows): not held here, so that
+  // drop_input (sequence parallelism) frees the gathered x.
+  received_.rows = Tensor();
   return dispatcher_->combine(outp);
 }
 
 void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& ds) {
-  if (!received_.x.defined()) received_.x = dispatcher_->gather_inputs(x_);
-  const int64_t h = dy.dim(-1), P = received_.x.dim(0);
-  Tensor doutp = dispatcher_->dispatch_grad(dy);
+  const Tensor& x_rows = dispatcher_->input_rows(x_);
+  const int64_t h = dy.dim(-1), P = received_.index.numel();
+  // Pair p's output gradient is row index[p] of these (dy itself on one rank).
+  const Tensor dout_rows = dispatcher_->dispatch_grad(dy);
   Tensor dxp = Tensor::empty({P, h}, dy.dtype(), dy.device());
   // The scores' and the mean's per-pair gradients in the router's dtype; dgamma in the
   // gradients' (the masters').
@@ -231,10 +235,9 @@ void DecoFFNLayer::experts_backward_pairs(const Tensor& dy, Tensor& dx, Tensor& 
   Tensor gmean = Tensor::empty({P}, s_.dtype(), dy.device());
   Tensor dgamma = Tensor::zeros(gamma_.grad.shape(), gamma_.grad.dtype(), dy.device());
   Parameter& pre = gated_ ? *w_gate_ : w_up_;
-  ops::grouped_experts_backward(dxp, dsp, gmean, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad, doutp,
-                                grouped_, received_.x, received_.offsets, received_.s, pre.w(),
+  ops::grouped_experts_backward(dxp, dsp, gmean, pre.grad, gated_ ? &w_up_.grad : nullptr, dgamma, w_down_.grad,
+                                dout_rows, grouped_, x_rows, received_.index, received_.offsets, received_.s, pre.w(),
                                 gated_ ? &w_up_.w() : nullptr, gamma_.w(), w_down_.w(), mode_, eps_);
-  received_.x = Tensor();
   // gamma is shared by all experts: tensor-parallel ranks saw the same tokens, different experts.
   if (tp_) tp_all_reduce(*tp_, dgamma);
   ops::add_(gamma_.grad, dgamma);

@@ -23,6 +23,7 @@
 #include "core/cuda_backend.h"
 #include "kernels/cuda/cudnn_attention.h"
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/gathered_gemm.h"
 #include "kernels/cuda/random.h"
 #endif
 
@@ -927,40 +928,56 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
 
 // One grouped-experts case: CPU reference in fp32 on the dtype's values, CUDA in dtype dt; the
 // weight gradients (and gx, dgamma) in gdt: dt, or fp32 master gradients under bf16 (the
-// trainer's mixed precision, where the CUDA path may round each call's product to bf16 once).
-// Outputs ("=") start as garbage on the GPU; accumulators ("+=") start equal on both sides.
-// Returns the GPU's gradients for a determinism check.
+// trainer's mixed precision, where the cuBLAS path rounds each call's product to bf16 once and
+// the fused gathers add fp32 sums). The pairs read rows of R = rows_per_pair x P source rows
+// through a random index (repeats: a token's several experts), as the layer's x and dy; under
+// bf16 the fused-gather GEMMs (gathered_gemm.cu) run unless `fused` is false (the copy + cuBLAS
+// path). Outputs ("=") start as garbage on the GPU; accumulators ("+=") start equal on both
+// sides. Returns the GPU's gradients for a determinism check.
 std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h, int64_t d, ops::NormSiluMode mode,
-                                  bool gated, DType dt, const std::string& tag, DType gdt = DType::f32) {
+                                  bool gated, DType dt, const std::string& tag, DType gdt = DType::f32,
+                                  bool fused = true) {
   if (dt == DType::f32) gdt = DType::f32;
+  cuda::set_fused_expert_gather(fused);
   const std::vector<int64_t> off = offsets_of(counts);
   const int64_t El = static_cast<int64_t>(counts.size()), P = off.back();
+  const int64_t R = std::max<int64_t>(1, (P + 2) / 3);
   const double eps = 1e-5;
   const double ws = 1.0 / std::sqrt(static_cast<double>(h));
-  Tensor xp = as(randn({P, h}, 1.0, 0.1), dt), sp = randn({P}, 0.5, 0.3), w_bar = as(randn({h}, 0.1, 0.02), dt);
+  Tensor x_rows = as(randn({R, h}, 1.0, 0.1), dt), sp = randn({P}, 0.5, 0.3), w_bar = as(randn({h}, 0.1, 0.02), dt);
+  Tensor index = Tensor::empty({P}, DType::i32);
+  {
+    Tensor u = randn({P});
+    for (int64_t p = 0; p < P; ++p)
+      index.data<int32_t>()[p] =
+          static_cast<int32_t>(std::min<int64_t>(R - 1, static_cast<int64_t>(std::fabs(u.data<float>()[p]) * R) % R));
+  }
   Tensor w_pre = as(randn({El * d, h}, ws, 0.05), dt), w_up = as(randn({El * d, h}, ws), dt);
   Tensor gamma = as(randn({d}, 0.2, 1.0), dt), w_down = as(randn({h, El * d}, 0.1), dt);
-  Tensor doutp = as(randn({P, h}), dt);
+  Tensor dout_rows = as(randn({R, h}), dt);
   const Tensor* wu = gated ? &w_up : nullptr;
 
   // mu_p = x_p . w_bar (the layer's, one per token), fp32 on both sides.
   const bool mean = mode == ops::NormSiluMode::full || mode == ops::NormSiluMode::no_rms;
   Tensor mu = Tensor::empty({P}, DType::f32);
   for (int64_t p = 0; p < P; ++p) {
+    const float* xr = x_rows.data<float>() + index.data<int32_t>()[p] * h;
     double acc = 0;
-    for (int64_t k = 0; k < h; ++k) acc += static_cast<double>(xp.data<float>()[p * h + k]) * w_bar.data<float>()[k];
+    for (int64_t k = 0; k < h; ++k) acc += static_cast<double>(xr[k]) * w_bar.data<float>()[k];
     mu.data<float>()[p] = static_cast<float>(acc);
   }
   Tensor outp = Tensor::empty({P, h}, DType::f32);
   ops::GroupedExperts cache;
-  ops::grouped_experts_forward(outp, cache, xp, off, sp, mean ? &mu : nullptr, w_pre, wu, gamma, w_down, mode, eps);
+  ops::grouped_experts_forward(outp, cache, x_rows, index, off, sp, mean ? &mu : nullptr, w_pre, wu, gamma, w_down,
+                               mode, eps);
   Tensor outg = gpu(randn({P, h}), dt);
   ops::GroupedExperts cg;
   Tensor w_upg = gpu(w_up, dt);
   const Tensor* wug = gated ? &w_upg : nullptr;
-  const Tensor xpg = gpu(xp, dt), spg = gpu(sp), mug = gpu(mu), w_preg = gpu(w_pre, dt);
+  const Tensor xg = gpu(x_rows, dt), ig = index.to(Device::cuda), spg = gpu(sp), mug = gpu(mu), w_preg = gpu(w_pre, dt);
   const Tensor gammag = gpu(gamma, dt), w_downg = gpu(w_down, dt);
-  ops::grouped_experts_forward(outg, cg, xpg, off, spg, mean ? &mug : nullptr, w_preg, wug, gammag, w_downg, mode, eps);
+  ops::grouped_experts_forward(outg, cg, xg, ig, off, spg, mean ? &mug : nullptr, w_preg, wug, gammag, w_downg, mode,
+                               eps);
   expect_close(outg, outp, dt, "grouped_experts_forward outp " + tag);
   expect_close(cg.pre, cache.pre, dt, "grouped_experts_forward pre " + tag);
   expect_close(cg.y, cache.y, dt, "grouped_experts_forward y " + tag);
@@ -973,12 +990,13 @@ std::vector<Tensor> check_grouped(const std::vector<int64_t>& counts, int64_t h,
   Tensor dxp = Tensor::empty({P, h}, DType::f32), dsp = Tensor::empty({P}, DType::f32);
   Tensor gm = Tensor::empty({P}, DType::f32);
   Tensor dwp = dwp0.clone(), dwu = dwu0.clone(), dg = dg0.clone(), dwd = dwd0.clone();
-  ops::grouped_experts_backward(dxp, dsp, gm, dwp, gated ? &dwu : nullptr, dg, dwd, doutp, cache, xp, off, sp, w_pre,
-                                wu, gamma, w_down, mode, eps);
+  ops::grouped_experts_backward(dxp, dsp, gm, dwp, gated ? &dwu : nullptr, dg, dwd, dout_rows, cache, x_rows, index, off,
+                                sp, w_pre, wu, gamma, w_down, mode, eps);
   Tensor dxpg = gpu(randn({P, h}), dt), dspg = gpu(randn({P})), gmg = gpu(randn({P}));
   Tensor dwpg = gpu(dwp0, gdt), dwug = gpu(dwu0, gdt), dgg = gpu(dg0, gdt), dwdg = gpu(dwd0, gdt);
-  ops::grouped_experts_backward(dxpg, dspg, gmg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(doutp, dt), cg, xpg, off,
-                                spg, w_preg, wug, gammag, w_downg, mode, eps);
+  ops::grouped_experts_backward(dxpg, dspg, gmg, dwpg, gated ? &dwug : nullptr, dgg, dwdg, gpu(dout_rows, dt), cg, xg, ig,
+                                off, spg, w_preg, wug, gammag, w_downg, mode, eps);
+  cuda::set_fused_expert_gather(true);
   expect_close(dxpg, dxp, dt, "grouped_experts_backward dxp " + tag);
   // dsp sums d products of dY (bf16 under bf16 where the grouped GEMM computes it) with z.
   expect_close(dspg, dsp, dt, "grouped_experts_backward dsp " + tag);
@@ -1001,7 +1019,12 @@ TEST(CudaOps, GroupedExperts) {
   };
   // Several local expert counts, experts without pairs (first, middle, last), one expert, d
   // below a warp, and a case with more pairs than one backward block takes (64).
-  const Case cases[] = {{{5, 0, 17, 3}, 48, 64}, {{0, 9, 0, 4, 0}, 40, 16}, {{21}, 24, 64}, {{70, 1, 90}, 33, 32}};
+  // Under the fused gathers: tiles of 64 pairs (70, 90: a partial second tile), h not a multiple
+  // of the 32-column step (40, 33: and 33 not of 8, the unvectorized loads), d below, at and
+  // above a 64-column tile (16, 64, 80), an expert whose 64-pair steps of the weight gradient
+  // end early (130 = 4 x 32 + 2).
+  const Case cases[] = {{{5, 0, 17, 3}, 48, 64}, {{0, 9, 0, 4, 0}, 40, 16}, {{21}, 24, 64}, {{70, 1, 90}, 33, 32},
+                        {{130, 2}, 96, 80}};
   for (const Case& c : cases)
     for (int mi = 0; mi < 4; ++mi)
       for (bool gated : {false, true}) {
@@ -1010,7 +1033,13 @@ TEST(CudaOps, GroupedExperts) {
                           std::to_string(c.h) + " d" + std::to_string(c.d);
         check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::f32, tag);
         if (mi == 0 || mi == 3) check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag, DType::bf16);
-        if (mi == 0) check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag + " fp32 grads");
+        // bf16 with fp32 gradients: the trainer's case, through the fused gathers and the copy.
+        if (mi == 0 || gated)
+          check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag + " fp32 grads", DType::f32, true);
+        if (mi == 0) {
+          check_grouped(c.counts, c.h, c.d, kModes[mi], gated, DType::bf16, tag + " fp32 grads, copy", DType::f32,
+                        false);
+        }
       }
 }
 
@@ -1026,15 +1055,21 @@ TEST(CudaOps, GroupedExpertsNoPairs) {
 TEST(CudaOps, GroupedExpertsDeterministic) {
   SKIP_WITHOUT_GPU();
   for (DType dt : kBoth)
-    for (DType gdt : kBoth) {  // under bf16 both gradient dtypes (fp32: WeightGrad's bf16 buffer)
+    for (DType gdt : kBoth) {  // under bf16 both gradient dtypes (fp32: the fused gathers' own sums)
       if (dt == DType::f32 && gdt == DType::bf16) continue;
-      next_stream = 9000;  // the same inputs twice
-      std::vector<Tensor> a = check_grouped({70, 3, 0, 90}, 40, 64, ops::NormSiluMode::full, true, dt, "run 1", gdt);
-      next_stream = 9000;
-      std::vector<Tensor> b = check_grouped({70, 3, 0, 90}, 40, 64, ops::NormSiluMode::full, true, dt, "run 2", gdt);
-      for (size_t i = 0; i < a.size(); ++i)
-        EXPECT_TRUE(bitwise_equal(a[i], b[i])) << "grouped_experts_backward output " << i << " differs between runs ["
-                                               << dtype_name(dt) << ", gradients " << dtype_name(gdt) << "]";
+      for (bool fused : {true, false}) {  // bf16 and fp32 gradients: the fused gathers, or the copy's WeightGrad
+        if (!fused && (dt == DType::f32 || gdt == DType::bf16)) continue;
+        next_stream = 9000;  // the same inputs twice
+        std::vector<Tensor> a =
+            check_grouped({70, 3, 0, 90}, 40, 64, ops::NormSiluMode::full, true, dt, "run 1", gdt, fused);
+        next_stream = 9000;
+        std::vector<Tensor> b =
+            check_grouped({70, 3, 0, 90}, 40, 64, ops::NormSiluMode::full, true, dt, "run 2", gdt, fused);
+        for (size_t i = 0; i < a.size(); ++i)
+          EXPECT_TRUE(bitwise_equal(a[i], b[i]))
+              << "grouped_experts_backward output " << i << " differs between runs [" << dtype_name(dt)
+              << ", gradients " << dtype_name(gdt) << (fused ? ", fused gathers" : ", copy") << "]";
+      }
     }
 }
 
@@ -1099,8 +1134,7 @@ TEST(CudaOps, PairPathEqualsDenseMasked) {
       const int64_t P = rp.tokens.numel();
       ASSERT_GT(P, 0) << tag;
       ASSERT_LT(P, T * E) << tag;
-      Tensor xp = dev({P, h}), sp = dev({P, 1});
-      ops::embedding_forward(xp, rp.tokens, x);
+      Tensor sp = dev({P, 1});
       ops::embedding_forward(sp, rp.slots, s.view({T * E, 1}));
       sp = sp.view({P});
       // mu per token, gathered to the pairs (ExpertDispatcher::pair_dot).
@@ -1110,17 +1144,16 @@ TEST(CudaOps, PairPathEqualsDenseMasked) {
       mu = mu.view({P});
       Tensor outp = dev({P, h}), out2 = dev0({T, h});
       ops::GroupedExperts cache;
-      ops::grouped_experts_forward(outp, cache, xp, rp.offsets, sp, mean ? &mu : nullptr, w_pre,
+      ops::grouped_experts_forward(outp, cache, x, rp.tokens, rp.offsets, sp, mean ? &mu : nullptr, w_pre,
                                    gated ? &w_up : nullptr, gamma, w_down, mode, eps);
       ops::combine_pairs(out2, rp.slot_pair, outp);
       const Tol t{1e-4, 1e-4};
       expect_close(out2, host(out), t, "pair path out vs dense-masked " + tag);
 
-      Tensor doutp = dev({P, h}), dxp = dev({P, h}), dsp = dev({P}), gm = dev({P}), gx = dev0({h});
-      ops::embedding_forward(doutp, rp.tokens, dy);
+      Tensor dxp = dev({P, h}), dsp = dev({P}), gm = dev({P}), gx = dev0({h});
       Tensor dw_pre2 = dev0({n, h}), dw_up2 = dev0({n, h}), dgamma2 = dev0({d}), dw_down2 = dev0({h, n});
-      ops::grouped_experts_backward(dxp, dsp, gm, dw_pre2, gated ? &dw_up2 : nullptr, dgamma2, dw_down2, doutp, cache, xp,
-                                    rp.offsets, sp, w_pre, gated ? &w_up : nullptr, gamma, w_down, mode, eps);
+      ops::grouped_experts_backward(dxp, dsp, gm, dw_pre2, gated ? &dw_up2 : nullptr, dgamma2, dw_down2, dy, cache, x,
+                                    rp.tokens, rp.offsets, sp, w_pre, gated ? &w_up : nullptr, gamma, w_down, mode, eps);
       Tensor dx2 = dev({T, h}), ds2 = dev({T, E});
       ops::combine_pairs(dx2, rp.slot_pair, dxp);
       ops::pairs_to_slots(ds2, rp.slot_pair, dsp, 0);

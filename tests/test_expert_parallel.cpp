@@ -154,12 +154,17 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
   ExpertDispatcher::Received got = disp.dispatch(x, r, s, false);
   ASSERT_EQ(got.offsets.size(), 3u);
   EXPECT_EQ(disp.pairs_received() == 0, rank >= 2) << "rank " << rank;
+  // The pairs' inputs, read through the index (the rows received), as the experts read them.
+  const int64_t P = got.index.numel();
+  Tensor xp = Tensor::empty({P, h}, DType::f64);
+  if (P > 0) ops::embedding_forward(xp, got.index, got.rows);
+  EXPECT_TRUE(disp.input_rows(x).raw() == got.rows.raw()) << "rank " << rank;
   // The experts: out_p = (s_p + global expert index) * x_p.
-  Tensor outp = Tensor::empty({got.x.dim(0), h}, DType::f64);
+  Tensor outp = Tensor::empty({P, h}, DType::f64);
   for (int64_t e = 0; e < 2; ++e)
     for (int64_t p = got.offsets[e]; p < got.offsets[e + 1]; ++p)
       for (int64_t j = 0; j < h; ++j)
-        outp.data<double>()[p * h + j] = (got.s.data<double>()[p] + 2 * rank + e) * got.x.data<double>()[p * h + j];
+        outp.data<double>()[p * h + j] = (got.s.data<double>()[p] + 2 * rank + e) * xp.data<double>()[p * h + j];
   Tensor out = disp.combine(outp);
   for (int64_t t = 0; t < T; ++t) {
     double coef = 0;
@@ -171,7 +176,8 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
   // Backward: the output gradient reaches each pair; dx and ds come back to the tokens.
   Tensor dout = Tensor::empty({T, h}, DType::f64);
   for (int64_t i = 0; i < T * h; ++i) dout.data<double>()[i] = 1.0 + i;
-  Tensor doutp = disp.dispatch_grad(dout);
+  Tensor dout_rows = disp.dispatch_grad(dout), doutp = Tensor::empty({P, h}, DType::f64);
+  if (P > 0) ops::embedding_forward(doutp, got.index, dout_rows);
   Tensor dxp = Tensor::empty(doutp.shape(), DType::f64), dsp = Tensor::empty({doutp.dim(0)}, DType::f64);
   Tensor gmean = Tensor::empty({doutp.dim(0)}, DType::f64);  // per pair: its score + its expert
   for (int64_t e = 0; e < 2; ++e)
@@ -180,7 +186,7 @@ TEST(EpWorker, EmptyRanksJoinEveryExchange) {
       double dot = 0;
       for (int64_t j = 0; j < h; ++j) {
         dxp.data<double>()[p * h + j] = (got.s.data<double>()[p] + 2 * rank + e) * doutp.data<double>()[p * h + j];
-        dot += got.x.data<double>()[p * h + j] * doutp.data<double>()[p * h + j];
+        dot += xp.data<double>()[p * h + j] * doutp.data<double>()[p * h + j];
       }
       dsp.data<double>()[p] = dot;
     }

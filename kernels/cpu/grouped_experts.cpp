@@ -3,7 +3,7 @@
 // exact"); model/expert_dispatch.cpp composes these with the gather, the scatter and, under
 // expert parallelism, the all-to-all.
 //
-// Per local expert e with pairs p_1 .. p_n (rows of xp, X_e):
+// Per local expert e with pairs p_1 .. p_n (X_e: their rows of x_rows, gathered through index):
 //   pre_e = X_e W_pre_e^T                     [n, d]   (W_pre_e = rows e*d .. e*d+d-1)
 //   c     = pre_e - mu_p,  mu_p = x_p . w_bar  (the mean over all E*d entries, exactly; given)
 //   z     = SiLU(gamma * c * rs)  (or the ablation's variant), rs = 1/sqrt(mean(c^2) + eps)
@@ -117,9 +117,24 @@ void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, 
   });
 }
 
-void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
-                             const Tensor& sp, const Tensor* mu_in, const Tensor& w_pre, const Tensor* w_up_gated,
-                             const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
+namespace {
+
+// The pairs' rows, gathered: the reference reads them as a [P, h] matrix.
+Tensor gather_pair_rows(const Tensor& rows, const Tensor& index) {
+  DT_ASSERT(rows.ndim() == 2 && index.dtype() == DType::i32, "grouped experts: rows ", shape_str(rows.shape()),
+            ", index ", dtype_name(index.dtype()), " (expected [R, h] rows and an i32 index)");
+  Tensor xp = Tensor::empty({index.numel(), rows.dim(1)}, rows.dtype());
+  if (index.numel() > 0) embedding_forward(xp, index, rows);
+  return xp;
+}
+
+}  // namespace
+
+void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& x_rows, const Tensor& index,
+                             const std::vector<int64_t>& off, const Tensor& sp, const Tensor* mu_in,
+                             const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down,
+                             NormSiluMode mode, double eps) {
+  const Tensor xp = gather_pair_rows(x_rows, index);
   const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
   check_offsets(off, P, d, w_pre, w_down);
   const DType dt = xp.dtype();
@@ -173,11 +188,12 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
 }
 
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
-                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
-                              const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
-                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& dout_rows, const GroupedExperts& c,
+                              const Tensor& x_rows, const Tensor& index, const std::vector<int64_t>& off,
+                              const Tensor& sp, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps) {
   (void)eps;  // rs is cached
+  const Tensor xp = gather_pair_rows(x_rows, index), doutp = gather_pair_rows(dout_rows, index);
   const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
   check_offsets(off, P, d, w_pre, w_down);
   DT_ASSERT(gmean.numel() == P && gmean.dtype() == dsp.dtype(), "grouped_experts_backward: gmean ",

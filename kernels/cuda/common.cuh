@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "core/cuda_backend.h"
 #include "core/error.h"
@@ -115,6 +116,16 @@ void allow_shared(Kernel kernel, size_t bytes, const char* op) {
 // A temporary device buffer from the caching allocator (released to the cache on destruction;
 // stream order keeps that safe).
 inline Tensor scratch(int64_t n, DType t) { return Tensor::empty({n}, t, Device::cuda); }
+
+// Host bytes on the device for the work enqueued next: through upload_async (no stream wait),
+// or, past its segment size, a device Tensor kept in `staged` (one synchronizing copy).
+inline const void* to_device(const void* host, size_t bytes, Tensor& staged) {
+  if (const void* d = upload_async(host, bytes)) return d;
+  Tensor h = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::f64);  // 8-byte slots
+  std::memcpy(h.raw(), host, bytes);
+  staged = h.to(Device::cuda);
+  return staged.raw();
+}
 
 // ---- warp and block reductions (blockDim.x a multiple of 32; every thread must call) --------
 template <class T> __device__ __forceinline__ T warp_sum(T v) {

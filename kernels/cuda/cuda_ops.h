@@ -54,13 +54,14 @@ void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tenso
 void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e_end, bool all_pairs);
 void combine_pairs(Tensor& out, const Tensor& slot_pair, const Tensor& rows);
 void pairs_to_slots(Tensor& out, const Tensor& slot_pair, const Tensor& values, int64_t e_begin);
-void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& xp,
+void grouped_experts_forward(Tensor& outp, GroupedExperts& cache, const Tensor& x_rows, const Tensor& index,
                              const std::vector<int64_t>& offsets, const Tensor& sp, const Tensor* mu,
                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                              const Tensor& w_down, NormSiluMode mode, double eps);
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
-                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& cache,
-                              const Tensor& xp, const std::vector<int64_t>& offsets, const Tensor& sp,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& dout_rows, const GroupedExperts& cache,
+                              const Tensor& x_rows, const Tensor& index, const std::vector<int64_t>& offsets,
+                              const Tensor& sp,
                               const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps);
 void sum_rows(Tensor& out, const Tensor& x);

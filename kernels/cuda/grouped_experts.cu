@@ -2,31 +2,35 @@
 // that make sparse computation exact"); kernels/cpu/grouped_experts.cpp is the reference and
 // states the math. STATUS: emulator-verified (tools/cuda_emu), not yet run on a GPU.
 //
+// Pair p's input row is x_rows[index[p]] and its output gradient dout_rows[index[p]]. Under bf16
+// (fused_expert_gather, the default) the GEMMs that read those rows gather them in their own
+// loads (kernels/cuda/gathered_gemm.cu): no [P, h] copy. Otherwise (fp32, or
+// DECOTRON_EXPERT_GATHER=copy) the rows are gathered into [P, h] copies (embedding_forward)
+// for cuBLAS.
 // grouped_experts_forward, per call:
-//   1. per local expert e with rows [off[e], off[e+1]) (n > 0): pre_e = X_e W_pre_e^T (and
-//      up_e = X_e W_up_e^T when gated): cublasGemmEx on the expert's sub-blocks;
+//   1. per local expert e with pairs [off[e], off[e+1]): pre_e = X_e W_pre_e^T (and
+//      up_e = X_e W_up_e^T when gated): gathered_gemm, or cuBLAS on the copy;
 //   2. one fused kernel over all P pairs (a warp per pair): rs_p of the block centred by the
 //      given mu_p (one dot x_t . w_bar per token, the caller's: not re-read per pair),
 //      y_p = s_p * SiLU(gamma * (pre_p - mu_p) * rs_p) (* up_p), caching rs;
-//   3. per expert: outp_e = Y_e W_down_e^T.
+//   3. per expert: outp_e = Y_e W_down_e^T (cuBLAS: its input is the [P, d] Y).
 // grouped_experts_backward:
-//   1. per expert: dY_e = dOut_e W_down_e (fp32 scratch);
+//   1. per expert: dY_e = dOut_e W_down_e (gathered_gemm from dout_rows, or cuBLAS on the copy);
 //   2. one fused kernel (a warp per pair, a fixed chunk of pairs per block): dsp = dY . z, the
 //      NormSiLU backward to dc (dpre) and dup, g_p = sum of dc (the mean's gradient), dgamma
 //      partial sums per block;
 //   3. per expert (beta = 1 for the weight gradients): dW_down_e += dOut_e^T Y_e,
-//      dW_pre_e += dc_e^T X_e, dX_e = dc_e W_pre_e (+ the gated up-projection's two GEMMs);
+//      dW_pre_e += dc_e^T X_e (gathered_weight_grad, straight into the fp32 gradients, or
+//      cuBLAS), dX_e = dc_e W_pre_e (+ the gated up-projection's two GEMMs; cuBLAS);
 //   (the mean's terms, -g_p w_bar in dx_p and g_p x_p in W_pre's rank-one gradient, are the
 //   caller's, per token: kernels/ops.h, pair_combine.cu).
 //
-// The experts' GEMMs of one kind go out as one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5;
+// The cuBLAS GEMMs of one kind go out as one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5;
 // GemmBatch, with a loop of cublasGemmEx calls over the local experts as the fallback; E_local
 // <= 42 in the paper's configs at one rank). Each 64-wide expert GEMM re-reads its gathered rows
 // for only 64 outputs, so this is memory-bound at d = 64 (performance-targets.md: 42 per-expert
-// GEMMs at 20% take ~0.17 ms, about the dense GEMM's time). Faster: a grouped GEMM of our own (or
-// CUTLASS's) with the gather fused into its loads, the NormSiLU epilogue fused and the gathered
-// activations kept on chip across experts (docs/cuda-backend.md, "The sparse expert path").
-//
+// GEMMs at 20% take ~0.17 ms, about the dense GEMM's time), hence the fused gathers.
+
 // Determinism: every reduction is a warp tree, a fixed-order sum of per-block partials or a
 // column sum of common.cuh; no float atomics. cuBLAS is reproducible with the fixed workspace.
 // dtypes: fp32, and bf16 activations/weights with fp32 accumulation. The router side stays fp32:
@@ -46,6 +50,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/gathered_gemm.h"
 
 namespace decotron::cuda {
 
@@ -129,16 +134,6 @@ void rgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int
                             static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B, it,
                             static_cast<int>(ldb), A, it, static_cast<int>(lda), &beta, C, ot, static_cast<int>(ldc),
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-
-// Host bytes on the device for the work enqueued next: through upload_async (no stream wait),
-// or, past its segment size, a device Tensor kept in `staged` (one synchronizing copy).
-const void* to_device(const void* host, size_t bytes, Tensor& staged) {
-  if (const void* d = upload_async(host, bytes)) return d;
-  Tensor h = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::f64);  // 8-byte slots
-  std::memcpy(h.raw(), host, bytes);
-  staged = h.to(Device::cuda);
-  return staged.raw();
 }
 
 // Set when cuBLAS refuses a grouped call: the loop from then on, for the rest of the run.
@@ -479,13 +474,31 @@ void route_pairs(RoutedPairs& pairs, const Tensor& r, int64_t e_begin, int64_t e
   CUDA_CHECK_LAUNCH();
 }
 
-void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, const std::vector<int64_t>& off,
-                             const Tensor& sp, const Tensor* mu, const Tensor& w_pre, const Tensor* w_up_gated,
-                             const Tensor& gamma, const Tensor& w_down, NormSiluMode mode, double eps) {
+// The pairs' rows as a [P, h] copy (the cuBLAS path).
+Tensor gather_copy(const Tensor& rows, const Tensor& index) {
+  Tensor out = Tensor::empty({index.numel(), rows.dim(1)}, rows.dtype(), Device::cuda);
+  if (index.numel() > 0) embedding_forward(out, index, rows);
+  return out;
+}
+
+void expect_pair_rows(const Tensor& rows, const Tensor& index, DType dt, const char* op, const char* name) {
+  DT_ASSERT(rows.ndim() == 2, op, ": ", name, " ", shape_str(rows.shape()), " is not [rows, h]");
+  expect_dtype(rows, dt, op, name);
+  expect_dtype(index, DType::i32, op, "index");
+}
+
+// Whether this call reads the pairs' rows through the index inside the GEMMs.
+bool fused_gather(DType dt) { return dt == DType::bf16 && fused_expert_gather(); }
+
+void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& x_rows, const Tensor& index,
+                             const std::vector<int64_t>& off, const Tensor& sp, const Tensor* mu, const Tensor& w_pre,
+                             const Tensor* w_up_gated, const Tensor& gamma, const Tensor& w_down, NormSiluMode mode,
+                             double eps) {
   static const char* op = "grouped_experts_forward";
-  const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
+  const DType dt = x_rows.dtype();
+  expect_pair_rows(x_rows, index, dt, op, "x_rows");
+  const int64_t P = index.numel(), h = x_rows.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
   check_offsets(off, P, d, w_pre, w_down, op);
-  const DType dt = xp.dtype();
   expect_numel(outp, P * h, op, "outp");
   expect_numel(sp, P, op, "sp");
   expect_dtype(sp, DType::f32, op, "sp (router scores)");
@@ -504,14 +517,26 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
   c.y = Tensor::empty({P, d}, dt, Device::cuda);
   if (P == 0) return;
   DT_CUDA_F32_BF16(dt, op, T, {
-    GemmBatch pre(false, true, dt, dt, 0.0f), up(false, true, dt, dt, 0.0f), down(false, true, dt, dt, 0.0f);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = off[e + 1] - off[e];
-      pre.add(n, d, h, at(xp, off[e] * h), h, at(w_pre, e * d * h), h, at(c.pre, off[e] * d), d);
-      if (w_up_gated) up.add(n, d, h, at(xp, off[e] * h), h, at(*w_up_gated, e * d * h), h, at(c.up, off[e] * d), d);
+    if (fused_gather(dt)) {
+      const int64_t R = x_rows.dim(0);
+      gathered_gemm(ptr<bf16_t>(c.pre), ptr<bf16_t>(x_rows), R, ptr<int32_t>(index), h, ptr<bf16_t>(w_pre),
+                    ExpertBlock::rows_of_expert, h, d, off);
+      if (w_up_gated)
+        gathered_gemm(ptr<bf16_t>(c.up), ptr<bf16_t>(x_rows), R, ptr<int32_t>(index), h, ptr<bf16_t>(*w_up_gated),
+                      ExpertBlock::rows_of_expert, h, d, off);
+    } else {
+      const Tensor xp = gather_copy(x_rows, index);
+      GemmBatch pre(false, true, dt, dt, 0.0f), up(false, true, dt, dt, 0.0f);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t n = off[e + 1] - off[e];
+        pre.add(n, d, h, at(xp, off[e] * h), h, at(w_pre, e * d * h), h, at(c.pre, off[e] * d), d);
+        if (w_up_gated)
+          up.add(n, d, h, at(xp, off[e] * h), h, at(*w_up_gated, e * d * h), h, at(c.up, off[e] * d), d);
+      }
+      pre.run();
+      up.run();
     }
-    pre.run();
-    up.run();
+    GemmBatch down(false, true, dt, dt, 0.0f);
     pairs_forward_kernel<T><<<grid_for(P * 32), kThreads, 0, context().stream>>>(
         ptr<T>(c.y), ptr<float>(c.rs), ptr<T>(c.pre), w_up_gated ? ptr<T>(c.up) : nullptr,
         mu ? ptr<float>(*mu) : nullptr, ptr<float>(sp), ptr<T>(gamma), P, static_cast<int>(d), uses_rms(mode),
@@ -524,21 +549,23 @@ void grouped_experts_forward(Tensor& outp, GroupedExperts& c, const Tensor& xp, 
 }
 
 void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& dw_pre, Tensor* dw_up_gated,
-                              Tensor& dgamma, Tensor& dw_down, const Tensor& doutp, const GroupedExperts& c,
-                              const Tensor& xp, const std::vector<int64_t>& off, const Tensor& sp,
-                              const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
+                              Tensor& dgamma, Tensor& dw_down, const Tensor& dout_rows, const GroupedExperts& c,
+                              const Tensor& x_rows, const Tensor& index, const std::vector<int64_t>& off,
+                              const Tensor& sp, const Tensor& w_pre, const Tensor* w_up_gated, const Tensor& gamma,
                               const Tensor& w_down, NormSiluMode mode, double eps) {
   (void)eps;  // rs is cached
   static const char* op = "grouped_experts_backward";
-  const int64_t P = xp.dim(0), h = xp.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
+  const DType dt = x_rows.dtype();
+  expect_pair_rows(x_rows, index, dt, op, "x_rows");
+  expect_pair_rows(dout_rows, index, dt, op, "dout_rows");
+  const int64_t P = index.numel(), h = x_rows.dim(1), d = gamma.numel(), E = static_cast<int64_t>(off.size()) - 1;
   check_offsets(off, P, d, w_pre, w_down, op);
-  const DType dt = xp.dtype();
+  DT_ASSERT(dout_rows.dim(1) == h, op, ": dout_rows ", shape_str(dout_rows.shape()), " for x_rows ",
+            shape_str(x_rows.shape()));
   const bool mean = uses_mean(mode), rms = uses_rms(mode);
   expect_weights(dt, E, h, d, w_pre, w_up_gated, gamma, w_down, op);
   expect_numel(dxp, P * h, op, "dxp");
   expect_dtype(dxp, dt, op, "dxp");
-  expect_numel(doutp, P * h, op, "doutp");
-  expect_dtype(doutp, dt, op, "doutp");
   expect_numel(dsp, P, op, "dsp");
   expect_dtype(dsp, DType::f32, op, "dsp (router score gradients)");
   expect_numel(sp, P, op, "sp");
@@ -554,17 +581,29 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& d
                 (!w_up_gated || c.up.numel() == P * d),
             op, ": the forward cache does not hold ", P, " pairs");
   if (P == 0) return;
+  // Gathers fused into the GEMMs write the weight gradients themselves: fp32 ones.
+  const bool fused = fused_gather(dt) && dw_pre.dtype() == DType::f32 && dw_down.dtype() == DType::f32 &&
+                     (!dw_up_gated || dw_up_gated->dtype() == DType::f32);
+  const Tensor xp = fused ? Tensor() : gather_copy(x_rows, index);
+  const Tensor doutp = fused ? Tensor() : gather_copy(dout_rows, index);
+  const int64_t R = x_rows.dim(0), Rd = dout_rows.dim(0);
   cudaStream_t st = context().stream;
   DT_CUDA_F32_BF16(dt, op, T, {
-    // 1. dY_e = dOut_e W_down_e: fp32 from the per-expert loop, or, where cuBLAS's grouped GEMM
-    // takes the call (one dtype), in the activation dtype: under bf16 rounded once, as autocast's
-    // bf16 matmul outputs are (the NormSiLU backward and dsp = dY . z still sum in fp32).
-    const DType dy_dt = grouped_gemm_usable() ? dt : DType::f32;
+    // 1. dY_e = dOut_e W_down_e: gathered from dout_rows; or fp32 from the per-expert loop, or,
+    // where cuBLAS's grouped GEMM takes the call (one dtype), in the activation dtype. Under bf16
+    // rounded once, as autocast's bf16 matmul outputs are (the NormSiLU backward and dsp = dY . z
+    // still sum in fp32).
+    const DType dy_dt = fused || grouped_gemm_usable() ? dt : DType::f32;
     Tensor dy = scratch(P * d, dy_dt);
-    GemmBatch dY(false, false, dt, dy_dt, 0.0f);
-    for (int64_t e = 0; e < E; ++e)
-      dY.add(off[e + 1] - off[e], d, h, at(doutp, off[e] * h), h, at(w_down, e * d), E * d, at(dy, off[e] * d), d);
-    dY.run();
+    if (fused) {
+      gathered_gemm(ptr<bf16_t>(dy), ptr<bf16_t>(dout_rows), Rd, ptr<int32_t>(index), h, ptr<bf16_t>(w_down),
+                    ExpertBlock::cols_of_expert, E * d, d, off);
+    } else {
+      GemmBatch dY(false, false, dt, dy_dt, 0.0f);
+      for (int64_t e = 0; e < E; ++e)
+        dY.add(off[e + 1] - off[e], d, h, at(doutp, off[e] * h), h, at(w_down, e * d), E * d, at(dy, off[e] * d), d);
+      dY.run();
+    }
     // 2. The per-pair NormSiLU backward; dgamma partials per block, then summed in block order.
     Tensor dpre = scratch(P * d, dt);
     Tensor dup = w_up_gated ? scratch(P * d, dt) : Tensor();
@@ -591,24 +630,39 @@ void grouped_experts_backward(Tensor& dxp, Tensor& dsp, Tensor& gmean, Tensor& d
     }
     // 3. The experts' GEMMs on their rows; weight gradients accumulate (beta 1). Batched by
     // kind, in the loop's order of dependencies: dX = dpre W_pre (beta 0) before dX += dup W_up.
+    GemmBatch dx_pre(false, false, dt, dt, 0.0f), dx_up(false, false, dt, dt, 1.0f);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      void* dxe = at(dxp, off[e] * h);
+      dx_pre.add(n, h, d, at(dpre, off[e] * d), d, at(w_pre, e * d * h), h, dxe, h);
+      if (w_up_gated) dx_up.add(n, h, d, at(dup, off[e] * d), d, at(*w_up_gated, e * d * h), h, dxe, h);
+    }
+    if (fused) {
+      const int32_t* idx = ptr<int32_t>(index);
+      gathered_weight_grad(ptr<float>(dw_down), ExpertBlock::cols_of_expert, E * d, ptr<bf16_t>(c.y), d,
+                           ptr<bf16_t>(dout_rows), Rd, idx, h, off);
+      gathered_weight_grad(ptr<float>(dw_pre), ExpertBlock::rows_of_expert, h, ptr<bf16_t>(dpre), d,
+                           ptr<bf16_t>(x_rows), R, idx, h, off);
+      if (w_up_gated)
+        gathered_weight_grad(ptr<float>(*dw_up_gated), ExpertBlock::rows_of_expert, h, ptr<bf16_t>(dup), d,
+                             ptr<bf16_t>(x_rows), R, idx, h, off);
+      dx_pre.run();
+      dx_up.run();
+      return;
+    }
     WeightGrad g_down(dw_down, dt), g_pre(dw_pre, dt);
     std::optional<WeightGrad> g_up;
     if (w_up_gated) g_up.emplace(*dw_up_gated, dt);
     GemmBatch dw_down_b(true, false, dt, g_down.out(), 1.0f), dw_pre_b(true, false, dt, g_pre.out(), 1.0f),
-        dx_pre(false, false, dt, dt, 0.0f), dw_up_b(true, false, dt, g_up ? g_up->out() : dt, 1.0f),
-        dx_up(false, false, dt, dt, 1.0f);
+        dw_up_b(true, false, dt, g_up ? g_up->out() : dt, 1.0f);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = off[e + 1] - off[e];
       if (n == 0) continue;
       const void* xe = at(xp, off[e] * h);
-      void* dxe = at(dxp, off[e] * h);
       dw_down_b.add(h, d, n, at(doutp, off[e] * h), h, at(c.y, off[e] * d), d, g_down.at_offset(e * d), E * d);
       dw_pre_b.add(d, h, n, at(dpre, off[e] * d), d, xe, h, g_pre.at_offset(e * d * h), h);
-      dx_pre.add(n, h, d, at(dpre, off[e] * d), d, at(w_pre, e * d * h), h, dxe, h);
-      if (w_up_gated) {
-        dw_up_b.add(d, h, n, at(dup, off[e] * d), d, xe, h, g_up->at_offset(e * d * h), h);
-        dx_up.add(n, h, d, at(dup, off[e] * d), d, at(*w_up_gated, e * d * h), h, dxe, h);
-      }
+      if (w_up_gated) dw_up_b.add(d, h, n, at(dup, off[e] * d), d, xe, h, g_up->at_offset(e * d * h), h);
     }
     dw_down_b.run();
     dw_pre_b.run();

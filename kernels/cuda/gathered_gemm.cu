@@ -1,0 +1,256 @@
+// The expert GEMMs that gather their pairs' rows themselves (kernels/cuda/gathered_gemm.h).
+//
+// Why: at DECO's shapes an expert is 64 wide, so an expert GEMM does 64 multiply-adds per input
+// element it reads: memory-bound. Gathering the pairs' rows into a [P, h] copy first (P ~ 8 x
+// the tokens at ratio 0.2 with 42 experts) writes and re-reads P x h for every GEMM that uses
+// them, more traffic than the GEMMs' own. These kernels read each pair's row straight from the
+// token matrix (8 or so pairs share a token, so many of the reads hit L2) and never write the
+// copy: forward pre = X W_pre_e^T, backward dY = dOut W_down_e, and the weight gradients
+// dW_pre_e = dpre^T X, dW_down_e = dOut^T y.
+//
+// gathered_gemm: one block (4 warps) per (64 pairs of one expert, 64 output columns); the pairs'
+// rows go through shared memory 32 columns at a time (16-byte loads where the rows are 8-aligned,
+// zero past the ends), the expert's weight slice beside them, and each warp multiplies its 16
+// pairs by the slice on tensor cores (WMMA 16x16x16 bf16, fp32 accumulators). The tile list
+// (expert, first pair, end) is built on the host from the offsets it already holds.
+//
+// gathered_weight_grad: one block per (expert, 64 rows j, 64 columns k of the weight block): it
+// runs over ALL of the expert's pairs, 32 at a time, in pair order, accumulating G^T X in fp32
+// fragments, and adds the sum once into the fp32 gradient. One block owns each output element,
+// so the result is the same bits on every run (no atomics, no split of the sum).
+//
+// An index outside [0, rows) sets kBadPairIndex and reads as a zero row (never out of bounds).
+#include <mma.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/gathered_gemm.h"
+
+namespace decotron::cuda {
+
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kTileRows = 64;     // pairs per gathered_gemm tile; rows j and columns k per weight-grad tile
+constexpr int kTileCols = 64;     // output columns per tile
+constexpr int kKStep = 32;        // gathered_gemm: columns of the rows staged per step
+constexpr int kPairStep = 32;     // gathered_weight_grad: pairs staged per step
+constexpr int kGemmThreads = 128;  // 4 warps of 16 rows each
+constexpr int kLdC = kTileCols + 4;  // fp32 [64][64] accumulator staging
+constexpr int kLd32 = kKStep + 8;    // bf16 tiles 32 wide (+8: bank spread, 32-byte aligned rows)
+constexpr int kLd64 = kTileCols + 8; // bf16 tiles 64 wide
+
+using FragARow = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::row_major>;
+using FragACol = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::col_major>;
+using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::row_major>;
+using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::col_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Elements [col, col + 8) of `row` into dst (16-byte aligned), zero past `limit` or for a null
+// row; one 16-byte load when `vec` says the row is 8-aligned and the chunk is whole.
+__device__ __forceinline__ void load8(bf16_t* dst, const bf16_t* row, int64_t col, int64_t limit, bool vec) {
+  if (vec && row && col + 8 <= limit) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(row + col);
+    return;
+  }
+  for (int i = 0; i < 8; ++i) dst[i] = row && col + i < limit ? row[col + i] : __float2bfloat16_rn(0.0f);
+}
+
+// The source row of pair p, or -1 (past the tile's end, or a bad index: flagged).
+__device__ __forceinline__ int64_t source_row(const int32_t* index, int64_t p, int64_t end, int64_t rows,
+                                              unsigned* flags) {
+  if (p >= end) return -1;
+  const int32_t t = index[p];
+  if (t < 0 || t >= rows) {
+    atomicOr(flags, static_cast<unsigned>(kBadPairIndex));
+    return -1;
+  }
+  return t;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <ExpertBlock L>
+__global__ void __launch_bounds__(kGemmThreads)
+    gathered_gemm_kernel(bf16_t* C, const bf16_t* rows, int64_t num_rows, const int32_t* index, int64_t h,
+                         const bf16_t* W, int64_t ldw, int64_t n, const int32_t* tiles, bool vec_rows, bool vec_w,
+                         unsigned* flags) {
+  // rows_of_expert stages the slice as [64 j][32 k] (read by col-major B fragments), cols_of_expert
+  // as [32 k][64 j] (row-major B fragments): both copy along W's contiguous direction.
+  constexpr bool kRowsOf = L == ExpertBlock::rows_of_expert;
+  constexpr int kBSize = kRowsOf ? kTileCols * kLd32 : kKStep * kLd64;
+  __shared__ __align__(32) bf16_t As[kTileRows * kLd32];
+  __shared__ __align__(32) bf16_t Bs[kBSize];
+  __shared__ __align__(32) float Cs[kTileRows * kLdC];
+  __shared__ int64_t src[kTileRows];
+  const int64_t e = tiles[3 * blockIdx.x], r0 = tiles[3 * blockIdx.x + 1], r1 = tiles[3 * blockIdx.x + 2];
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  const int tid = threadIdx.x, w = tid / 32;
+  for (int i = tid; i < kTileRows; i += kGemmThreads) src[i] = source_row(index, r0 + i, r1, num_rows, flags);
+  __syncthreads();
+  FragC acc[kTileCols / 16];
+  for (auto& a : acc) wmma::fill_fragment(a, 0.0f);
+  for (int64_t k0 = 0; k0 < h; k0 += kKStep) {
+    for (int c = tid; c < kTileRows * (kKStep / 8); c += kGemmThreads) {
+      const int r = c / (kKStep / 8), col = (c % (kKStep / 8)) * 8;
+      load8(As + r * kLd32 + col, src[r] >= 0 ? rows + src[r] * h : nullptr, k0 + col, h, vec_rows);
+    }
+    if constexpr (kRowsOf) {
+      for (int c = tid; c < kTileCols * (kKStep / 8); c += kGemmThreads) {
+        const int j = c / (kKStep / 8), col = (c % (kKStep / 8)) * 8;
+        const bf16_t* wrow = j0 + j < n ? W + (e * n + j0 + j) * ldw : nullptr;
+        load8(Bs + j * kLd32 + col, wrow, k0 + col, h, vec_w);
+      }
+    } else {
+      for (int c = tid; c < kKStep * (kTileCols / 8); c += kGemmThreads) {
+        const int k = c / (kTileCols / 8), col = (c % (kTileCols / 8)) * 8;
+        const bf16_t* wrow = k0 + k < h ? W + (k0 + k) * ldw + e * n : nullptr;
+        load8(Bs + k * kLd64 + col, wrow, j0 + col, n, vec_w);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kKStep / 16; ++kk) {
+      FragARow a;
+      wmma::load_matrix_sync(a, As + w * 16 * kLd32 + kk * 16, kLd32);
+#pragma unroll
+      for (int nn = 0; nn < kTileCols / 16; ++nn) {
+        if constexpr (kRowsOf) {
+          FragBCol b;
+          wmma::load_matrix_sync(b, Bs + nn * 16 * kLd32 + kk * 16, kLd32);
+          wmma::mma_sync(acc[nn], a, b, acc[nn]);
+        } else {
+          FragBRow b;
+          wmma::load_matrix_sync(b, Bs + kk * 16 * kLd64 + nn * 16, kLd64);
+          wmma::mma_sync(acc[nn], a, b, acc[nn]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int nn = 0; nn < kTileCols / 16; ++nn)
+    wmma::store_matrix_sync(Cs + w * 16 * kLdC + nn * 16, acc[nn], kLdC, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = tid; i < kTileRows * kTileCols; i += kGemmThreads) {
+    const int r = i / kTileCols, c = i % kTileCols;
+    if (r0 + r < r1 && j0 + c < n) C[(r0 + r) * n + j0 + c] = __float2bfloat16_rn(Cs[r * kLdC + c]);
+  }
+}
+
+template <ExpertBlock L>
+__global__ void __launch_bounds__(kGemmThreads)
+    gathered_weight_grad_kernel(float* grad, int64_t ldg, const bf16_t* G, int64_t n, const bf16_t* rows,
+                                int64_t num_rows, const int32_t* index, int64_t h, const int32_t* offsets,
+                                int64_t col_tiles, bool vec_g, bool vec_rows, unsigned* flags) {
+  __shared__ __align__(32) bf16_t Gs[kPairStep * kLd64];  // [32 pairs][64 j]
+  __shared__ __align__(32) bf16_t As[kPairStep * kLd64];  // [32 pairs][64 k]
+  __shared__ __align__(32) float Cs[kTileRows * kLdC];    // [64 j][64 k]
+  __shared__ int64_t src[kPairStep];
+  const int64_t e = blockIdx.x / col_tiles, j0 = (blockIdx.x % col_tiles) * kTileRows;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  const int64_t p_begin = offsets[e], p_end = offsets[e + 1];
+  if (p_begin == p_end) return;  // no pairs: nothing to add
+  const int tid = threadIdx.x, w = tid / 32;
+  FragC acc[kTileCols / 16];
+  for (auto& a : acc) wmma::fill_fragment(a, 0.0f);
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kPairStep) {
+    for (int i = tid; i < kPairStep; i += kGemmThreads) src[i] = source_row(index, p0 + i, p_end, num_rows, flags);
+    __syncthreads();
+    for (int c = tid; c < kPairStep * (kTileCols / 8); c += kGemmThreads) {
+      const int r = c / (kTileCols / 8), col = (c % (kTileCols / 8)) * 8;
+      load8(Gs + r * kLd64 + col, p0 + r < p_end ? G + (p0 + r) * n : nullptr, j0 + col, n, vec_g);
+      load8(As + r * kLd64 + col, src[r] >= 0 ? rows + src[r] * h : nullptr, k0 + col, h, vec_rows);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kPairStep / 16; ++kk) {
+      // G^T: element (j, p) of the warp's 16 rows j sits at Gs[p][j], a column-major A.
+      FragACol a;
+      wmma::load_matrix_sync(a, Gs + kk * 16 * kLd64 + w * 16, kLd64);
+#pragma unroll
+      for (int nn = 0; nn < kTileCols / 16; ++nn) {
+        FragBRow b;
+        wmma::load_matrix_sync(b, As + kk * 16 * kLd64 + nn * 16, kLd64);
+        wmma::mma_sync(acc[nn], a, b, acc[nn]);
+      }
+    }
+    __syncthreads();
+  }
+  for (int nn = 0; nn < kTileCols / 16; ++nn)
+    wmma::store_matrix_sync(Cs + w * 16 * kLdC + nn * 16, acc[nn], kLdC, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = tid; i < kTileRows * kTileCols; i += kGemmThreads) {
+    if constexpr (L == ExpertBlock::rows_of_expert) {  // consecutive threads along k: W's rows
+      const int j = i / kTileCols, k = i % kTileCols;
+      if (j0 + j < n && k0 + k < h) grad[(e * n + j0 + j) * ldg + k0 + k] += Cs[j * kLdC + k];
+    } else {  // along j: W's columns e n + j are contiguous
+      const int j = i % kTileRows, k = i / kTileRows;
+      if (j0 + j < n && k0 + k < h) grad[(k0 + k) * ldg + e * n + j0 + j] += Cs[j * kLdC + k];
+    }
+  }
+}
+
+int g_fused = -1;  // -1: not read yet
+
+}  // namespace
+
+bool fused_expert_gather() {
+  if (g_fused < 0) {
+    const char* env = std::getenv("DECOTRON_EXPERT_GATHER");
+    g_fused = env && std::strcmp(env, "copy") == 0 ? 0 : 1;
+  }
+  return g_fused == 1;
+}
+
+void set_fused_expert_gather(bool on) { g_fused = on ? 1 : 0; }
+
+void gathered_gemm(bf16_t* C, const bf16_t* rows, int64_t num_rows, const int32_t* index, int64_t h, const bf16_t* W,
+                   ExpertBlock layout, int64_t ldw, int64_t n, const std::vector<int64_t>& off) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1, P = off.back();
+  if (P == 0 || n == 0) return;
+  DT_ASSERT(h > 0, "gathered_gemm: a GEMM over an empty sum");
+  std::vector<int32_t> tiles;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = off[e]; r < off[e + 1]; r += kTileRows)
+      tiles.insert(tiles.end(), {static_cast<int32_t>(e), static_cast<int32_t>(r),
+                                 static_cast<int32_t>(std::min(r + kTileRows, off[e + 1]))});
+  Tensor staged;
+  const auto* dtiles = static_cast<const int32_t*>(to_device(tiles.data(), tiles.size() * sizeof(int32_t), staged));
+  Context& ctx = context();
+  const bool vec_rows = h % 8 == 0 && aligned16(rows);
+  const bool vec_w = ldw % 8 == 0 && aligned16(W) && (layout == ExpertBlock::rows_of_expert || n % 8 == 0);
+  const dim3 grid(static_cast<unsigned>(tiles.size() / 3), static_cast<unsigned>((n + kTileCols - 1) / kTileCols));
+  if (layout == ExpertBlock::rows_of_expert)
+    gathered_gemm_kernel<ExpertBlock::rows_of_expert><<<grid, kGemmThreads, 0, ctx.stream>>>(
+        C, rows, num_rows, index, h, W, ldw, n, dtiles, vec_rows, vec_w, ctx.error_flags);
+  else
+    gathered_gemm_kernel<ExpertBlock::cols_of_expert><<<grid, kGemmThreads, 0, ctx.stream>>>(
+        C, rows, num_rows, index, h, W, ldw, n, dtiles, vec_rows, vec_w, ctx.error_flags);
+  CUDA_CHECK_LAUNCH();
+}
+
+void gathered_weight_grad(float* grad, ExpertBlock layout, int64_t ldg, const bf16_t* G, int64_t n,
+                          const bf16_t* rows, int64_t num_rows, const int32_t* index, int64_t h,
+                          const std::vector<int64_t>& off) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  if (E == 0 || off.back() == 0 || n == 0 || h == 0) return;
+  std::vector<int32_t> offsets(off.begin(), off.end());
+  Tensor staged;
+  const auto* doff = static_cast<const int32_t*>(to_device(offsets.data(), offsets.size() * sizeof(int32_t), staged));
+  Context& ctx = context();
+  const int64_t col_tiles = (n + kTileRows - 1) / kTileRows;
+  const bool vec_g = n % 8 == 0 && aligned16(G), vec_rows = h % 8 == 0 && aligned16(rows);
+  const dim3 grid(static_cast<unsigned>(E * col_tiles), static_cast<unsigned>((h + kTileCols - 1) / kTileCols));
+  if (layout == ExpertBlock::rows_of_expert)
+    gathered_weight_grad_kernel<ExpertBlock::rows_of_expert><<<grid, kGemmThreads, 0, ctx.stream>>>(
+        grad, ldg, G, n, rows, num_rows, index, h, doff, col_tiles, vec_g, vec_rows, ctx.error_flags);
+  else
+    gathered_weight_grad_kernel<ExpertBlock::cols_of_expert><<<grid, kGemmThreads, 0, ctx.stream>>>(
+        grad, ldg, G, n, rows, num_rows, index, h, doff, col_tiles, vec_g, vec_rows, ctx.error_flags);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace decotron::cuda
