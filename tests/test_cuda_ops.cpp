@@ -1052,6 +1052,42 @@ TEST(CudaOps, GroupedExpertsNoPairs) {
   }
 }
 
+// The fused gathers read a pair's row only inside [0, rows): an index outside it (a caller's
+// bug) is reported by check_device_errors and reads as zeros, forward and backward.
+TEST(CudaOps, GroupedExpertsRejectBadRowIndex) {
+  SKIP_WITHOUT_GPU();
+  const int64_t R = 3, P = 4, h = 16, d = 16;
+  const std::vector<int64_t> off{0, 2, 4};
+  Tensor index = Tensor::empty({P}, DType::i32);
+  const int32_t rows_of[] = {0, 2, 3, 1};  // 3 is outside [0, 3)
+  std::copy(rows_of, rows_of + P, index.data<int32_t>());
+  const Tensor ig = index.to(Device::cuda);
+  const DType bf = DType::bf16;
+  Tensor x = gpu(randn({R, h}), bf), dout = gpu(randn({R, h}), bf), sp = gpu(randn({P}, 0.5, 0.3));
+  Tensor w_pre = gpu(randn({2 * d, h}, 0.25), bf), gamma = gpu(randn({d}, 0.2, 1.0), bf);
+  Tensor w_down = gpu(randn({h, 2 * d}, 0.1), bf), outp = Tensor::empty({P, h}, bf, Device::cuda);
+  ops::GroupedExperts cache;
+  ops::grouped_experts_forward(outp, cache, x, ig, off, sp, nullptr, w_pre, nullptr, gamma, w_down,
+                               ops::NormSiluMode::no_mean, 1e-5);
+  try {
+    cuda::check_device_errors();
+    ADD_FAILURE() << "a bad row index went unreported (forward)";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gathered expert GEMMs"), std::string::npos) << e.what();
+  }
+  Tensor dxp = Tensor::empty({P, h}, bf, Device::cuda), dsp = Tensor::empty({P}, DType::f32, Device::cuda);
+  Tensor gm = Tensor::empty({P}, DType::f32, Device::cuda);
+  Tensor dwp = Tensor::zeros({2 * d, h}, DType::f32, Device::cuda), dwd = Tensor::zeros({h, 2 * d}, DType::f32, Device::cuda);
+  Tensor dg = Tensor::zeros({d}, DType::f32, Device::cuda);
+  ops::grouped_experts_backward(dxp, dsp, gm, dwp, nullptr, dg, dwd, dout, cache, x, ig, off, sp, w_pre, nullptr, gamma,
+                                w_down, ops::NormSiluMode::no_mean, 1e-5);
+  EXPECT_THROW(cuda::check_device_errors(), Error);
+  cuda::check_device_errors();  // cleared
+  // The bad pair's pre-activations are those of a zero row.
+  Tensor pre = cache.pre.to(Device::cpu);
+  for (int64_t j = 0; j < d; ++j) EXPECT_EQ(pre.item(2 * d + j), 0.0) << j;
+}
+
 TEST(CudaOps, GroupedExpertsDeterministic) {
   SKIP_WITHOUT_GPU();
   for (DType dt : kBoth)
