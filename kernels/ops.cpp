@@ -593,6 +593,27 @@ void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef) {
 #endif
 }
 
+void routing_summary(Tensor& out, const Tensor& r) {
+  const Device dev = out.device();
+  OpTimer timer("routing_summary", dev);
+  DT_ASSERT(!(r.device() != dev), "routing_summary: tensors on different devices");
+  if (dev == Device::cpu) {
+    if (cpu::Bf16AsFp32::any({&out, &r})) {
+      cpu::Bf16AsFp32 bf;
+      cpu::routing_summary(bf.out(out), bf.in(r));
+      bf.finish();
+      return;
+    }
+    cpu::routing_summary(out, r);
+    return;
+  }
+#ifdef DECOTRON_WITH_CUDA
+  cuda::routing_summary(out, r);
+#else
+  fail("routing_summary: CUDA tensors in a build without CUDA");
+#endif
+}
+
 void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t experts) {
   const Device dev = y.device();
   OpTimer timer("expert_scale_forward", dev);

@@ -93,6 +93,11 @@ void entropy_backward(Tensor& da, const Tensor& r, double coef);
 // ReMoE L1: sum_e (sum_t a_te) n_e / (target T^2), n_e = tokens with a_te > 0 (held constant).
 double l1_reg_forward(const Tensor& r, double target);
 void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef);
+// A layer's routing statistics into out, f64 [2E + 2] on r's device (=), for the host to read
+// later in one copy with the other layers' (each host-returning op above waits for the GPU):
+// [0, E) the active pairs per expert, [E, 2E) sum_t a_te per expert (the L1 term's mass, summed
+// as l1_reg_forward sums it), 2E the tokens with an active expert, 2E + 1 entropy_forward's sum.
+void routing_summary(Tensor& out, const Tensor& r);
 
 // ---- experts' outputs scaled by the router: y[t, e*d + j] = z[t, e*d + j] * s[t, e] ------------
 void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t experts);

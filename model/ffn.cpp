@@ -276,24 +276,36 @@ void DecoFFNLayer::fix_logit_shift(const Tensor& r) {
   calibrate_ratio_ = 0;
 }
 
-void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss) {
-  const int64_t T = r_.dim(0);
-  stats.tokens = T;
-  stats.active_per_expert.assign(experts_, 0);
-  ops::count_active_per_expert(r_, stats.active_per_expert.data());
-  stats.active_pairs = 0;
-  for (int64_t c : stats.active_per_expert) stats.active_pairs += c;
-  stats.tokens_without_expert = T - ops::count_tokens_with_active(r_);
-  stats.entropy_sum = 0;
-  stats.l1_value = 0;
-  reg_loss = 0;
+void RoutingStats::resolve(const double* v, int64_t E, const RegularizerSpec& reg) {
+  active_per_expert.assign(E, 0);
+  active_pairs = 0;
+  for (int64_t e = 0; e < E; ++e) active_pairs += active_per_expert[e] = std::llround(v[e]);
+  tokens_without_expert = tokens - std::llround(v[2 * E]);
+  entropy_sum = l1_value = reg_loss = 0;
+  const double T = static_cast<double>(tokens);
   if (reg.kind == RegularizerSpec::Kind::entropy) {
-    stats.entropy_sum = ops::entropy_forward(r_);
-    reg_loss = reg.coef * stats.entropy_sum / T;
+    entropy_sum = v[2 * E + 1];
+    reg_loss = tokens ? reg.coef * entropy_sum / T : 0.0;
   } else if (reg.kind == RegularizerSpec::Kind::l1) {
-    stats.l1_value = ops::l1_reg_forward(r_, reg.target);
-    reg_loss = reg.coef * stats.l1_value;
+    double total = 0;  // sum_e mass_e n_e, in expert order (l1_reg_forward's)
+    for (int64_t e = 0; e < E; ++e) total += v[E + e] * v[e];
+    l1_value = tokens ? total / (reg.target * T * T) : 0.0;
+    reg_loss = reg.coef * l1_value;
   }
+}
+
+void DecoFFNLayer::routing_stats(RoutingStats& stats, const RegularizerSpec& reg, double& reg_loss) {
+  stats.tokens = r_.dim(0);
+  if (stats.summary.defined()) {  // read back later, with the other layers' (stats.resolve)
+    ops::routing_summary(stats.summary, r_);
+    reg_loss = 0;
+    return;
+  }
+  Tensor summary = Tensor::empty({2 * experts_ + 2}, DType::f64, r_.device());
+  ops::routing_summary(summary, r_);
+  const Tensor host = summary.to(Device::cpu);
+  stats.resolve(host.data<double>(), experts_, reg);
+  reg_loss = stats.reg_loss;
 }
 
 // Steps 1-3 backward, shared by every expert path: the regularizer's gradient enters at

@@ -90,6 +90,8 @@ class SwiGLULayer {
 };
 
 // Per-layer routing statistics of one forward pass (DECO layers only).
+struct RegularizerSpec;
+
 struct RoutingStats {
   int64_t active_pairs = 0;   // (token, expert) pairs with r > 0
   int64_t tokens = 0;
@@ -98,6 +100,14 @@ struct RoutingStats {
   double entropy_sum = 0;     // sum over tokens of H_t (the regularized quantity)
   double l1_value = 0;        // the ReMoE L1 term (when that regularizer is selected)
   int64_t pairs_computed = 0; // pairs this rank's experts computed (expert-parallel load)
+  double reg_loss = 0;        // the layer's regularization term (coef * H_mean, or coef * L1)
+  // Set by the caller: where the layer's forward writes its ops::routing_summary, to be read
+  // back later in one copy with the other layers' and passed to resolve (Transformer::forward:
+  // one wait per forward instead of one per layer). Undefined: the layer reads it back at once.
+  Tensor summary;
+  // The fields above from a summary read back to the host ([2 E + 2] doubles, routing_summary's
+  // layout); tokens must be set.
+  void resolve(const double* summary, int64_t experts, const RegularizerSpec& reg);
 };
 
 // What the sparsity regularizer adds to the loss in this forward: coef * H_mean (entropy) or

@@ -132,11 +132,20 @@ Tensor Transformer::trunk_forward(const Tensor& tokens, const BatchShape& bs, co
   } else {
     ops::embedding_forward(x, tokens, embedding_.w());
   }
-  for (size_t i = 0; i < blocks_.size(); ++i) {
+  // The DECO layers' routing statistics go to one device buffer, read back once by forward()
+  // after the loss (resolve_routing) instead of once per layer: each read waits for the GPU.
+  const int64_t summary_len = 2 * cfg_.experts + 2;
+  int64_t deco_layers = 0;
+  for (const auto& b : blocks_) deco_layers += b->is_deco();
+  routing_summaries_ = res && deco_layers > 0
+                           ? Tensor::empty({deco_layers, summary_len}, DType::f64, params_.device())
+                           : Tensor();
+  for (size_t i = 0, k = 0; i < blocks_.size(); ++i) {
     auto& b = blocks_[i];
     need_params(i + 1 < blocks_.size() ? block_first_param_[i + 1] : final_norm_first_param_);
     double reg_loss = 0;
     RoutingStats stats;
+    if (b->is_deco() && res) stats.summary = routing_summaries_.rows(static_cast<int64_t>(k++), 1);
     x = b->forward(x, bs, reg, &stats, reg_loss);
     if (b->is_deco() && res) {
       res->reg_loss += reg_loss;
@@ -185,7 +194,21 @@ ForwardResult Transformer::forward(const Tensor& tokens, const Tensor& targets, 
       ops::linear_backward(&dhc, &lm_head_->grad, lc, hc, lm_head_->w());
     }
   }
+  resolve_routing(res, reg);
   return res;
+}
+
+void Transformer::resolve_routing(ForwardResult& res, const RegularizerSpec& reg) {
+  if (!routing_summaries_.defined()) return;
+  const Tensor host = routing_summaries_.to(Device::cpu);  // the one wait
+  const int64_t len = host.dim(1);
+  for (size_t k = 0; k < res.routing.size(); ++k) {
+    RoutingStats& st = res.routing[k];
+    st.resolve(host.data<double>() + static_cast<int64_t>(k) * len, cfg_.experts, reg);
+    st.summary = Tensor();
+    res.reg_loss += st.reg_loss;
+  }
+  routing_summaries_ = Tensor();
 }
 
 void Transformer::backward(double loss_scale) {

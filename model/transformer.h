@@ -116,6 +116,9 @@ class Transformer {
 
  private:
   Tensor trunk_forward(const Tensor& tokens, const BatchShape& bs, const RegularizerSpec& reg, ForwardResult* res);
+  // The DECO layers' routing statistics of the last trunk_forward, from routing_summaries_ (one
+  // copy to the host): fills res.routing and adds their regularization terms to res.reg_loss.
+  void resolve_routing(ForwardResult& res, const RegularizerSpec& reg);
 
   // Fails unless the micro-batch's tokens split over the tensor-parallel ranks (sequence parallel).
   void check_token_split(const BatchShape& bs) const;
@@ -138,6 +141,7 @@ class Transformer {
   size_t final_norm_first_param_ = 0, lm_head_param_ = 0;
   // cached for backward: h_final_ is the LM head's input (every token)
   Tensor tokens_, h_final_, dh_;
+  Tensor routing_summaries_;  // [DECO layers, 2 E + 2] f64: routing_summary rows until resolved
   int64_t loss_chunk_tokens_ = 0;
   BatchShape bs_;
 };

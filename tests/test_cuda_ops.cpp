@@ -638,6 +638,17 @@ TEST(CudaOps, ActivityCountsAndRegularizers) {
   ops::l1_reg_backward(da1, r, 0.2, 0.7);
   ops::l1_reg_backward(da1g, rg, 0.2, 0.7);
   expect_close(da1g, da1, DType::f32, "l1_reg_backward");
+
+  // routing_summary: the same reductions as the host-returning ops, so the same bits.
+  Tensor sg = Tensor::empty({2 * E + 2}, DType::f64, Device::cuda);
+  ops::routing_summary(sg, rg);
+  Tensor s = sg.to(Device::cpu);
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(s.data<double>()[e], static_cast<double>(cg[e])) << e;
+  EXPECT_EQ(s.data<double>()[2 * E], static_cast<double>(ops::count_tokens_with_active(rg)));
+  EXPECT_EQ(s.data<double>()[2 * E + 1], hg);
+  double total = 0;
+  for (int64_t e = 0; e < E; ++e) total += s.data<double>()[E + e] * s.data<double>()[e];
+  EXPECT_EQ(total / (0.2 * T * T), l1g);
 }
 
 TEST(CudaOps, ExpertScale) {

@@ -1,5 +1,6 @@
 // Every op's backward against float64 central differences of sum(W * forward(x)), W random.
 #include "kernels/ops.h"
+#include "model/layers.h"
 #include "tests/grad_check.h"
 
 using namespace decotron;
@@ -225,4 +226,33 @@ TEST(OpGradient, AttentionMatchesLoopReference) {
           EXPECT_NEAR(o.item(((b * S + i) * H + h) * D + d), acc, 1e-12);
         }
       }
+}
+
+// routing_summary (what the layers write for one read-back per forward) holds exactly what the
+// host-returning ops return, and RoutingStats::resolve turns it into their values.
+TEST(DecoOps, RoutingSummaryEqualsTheHostReturningOps) {
+  const int64_t T = 9, E = 7;
+  Tensor r = randn64({T, E}, 5);
+  for (int64_t i = 0; i < E; ++i) r.data<double>()[3 * E + i] = -1.0;  // a token without an expert
+  Tensor s = Tensor::empty({2 * E + 2}, DType::f64);
+  ops::routing_summary(s, r);
+  std::vector<int64_t> counts(E);
+  ops::count_active_per_expert(r, counts.data());
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(s.data<double>()[e], static_cast<double>(counts[e])) << e;
+  EXPECT_EQ(s.data<double>()[2 * E], static_cast<double>(ops::count_tokens_with_active(r)));
+  EXPECT_EQ(s.data<double>()[2 * E + 1], ops::entropy_forward(r));
+  for (auto kind : {RegularizerSpec::Kind::entropy, RegularizerSpec::Kind::l1, RegularizerSpec::Kind::none}) {
+    const RegularizerSpec reg{kind, 0.3, 0.25};
+    RoutingStats st;
+    st.tokens = T;
+    st.resolve(s.data<double>(), E, reg);
+    EXPECT_EQ(st.active_per_expert, counts);
+    EXPECT_EQ(st.active_pairs, ops::count_active(r));
+    EXPECT_EQ(st.tokens_without_expert, T - ops::count_tokens_with_active(r));
+    EXPECT_EQ(st.tokens_without_expert, 1);
+    const double want = kind == RegularizerSpec::Kind::entropy ? 0.3 * ops::entropy_forward(r) / T
+                        : kind == RegularizerSpec::Kind::l1     ? 0.3 * ops::l1_reg_forward(r, 0.25)
+                                                                : 0.0;
+    EXPECT_EQ(st.reg_loss, want) << static_cast<int>(kind);
+  }
 }

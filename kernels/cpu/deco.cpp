@@ -211,6 +211,28 @@ double l1_reg_forward(const Tensor& r, double target) {
   return total / (target * static_cast<double>(rows) * rows);
 }
 
+void routing_summary(Tensor& out, const Tensor& r) {
+  const int64_t E = r.dim(-1), rows = E ? r.numel() / E : 0;
+  DT_ASSERT(out.numel() == 2 * E + 2 && out.dtype() == DType::f64, "routing_summary: out ", shape_str(out.shape()),
+            " ", dtype_name(out.dtype()), " should be f64 [", 2 * E + 2, "]");
+  double* o = out.data<double>();
+  std::vector<int64_t> counts(E);
+  count_active_per_expert(r, counts.data());
+  DT_CPU_FLOAT_DISPATCH(r.dtype(), T, {
+    for (int64_t e = 0; e < E; ++e) {
+      double mass = 0;  // l1_reg_forward's sum, in its order
+      for (int64_t t = 0; t < rows; ++t) {
+        const T v = r.data<T>()[t * E + e];
+        if (v > 0) mass += v;
+      }
+      o[e] = static_cast<double>(counts[e]);
+      o[E + e] = mass;
+    }
+  });
+  o[2 * E] = static_cast<double>(count_tokens_with_active(r));
+  o[2 * E + 1] = entropy_forward(r);
+}
+
 void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef) {
   const int64_t E = r.dim(-1), rows = r.numel() / E;
   std::vector<int64_t> n(E);

@@ -48,6 +48,7 @@ double entropy_forward(const Tensor& r);
 void entropy_backward(Tensor& da, const Tensor& r, double coef);
 double l1_reg_forward(const Tensor& r, double target);
 void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef);
+void routing_summary(Tensor& out, const Tensor& r);
 void expert_scale_forward(Tensor& y, const Tensor& z, const Tensor& s, int64_t experts);
 void expert_scale_backward(Tensor& dz, Tensor& ds, const Tensor& dy, const Tensor& z, const Tensor& s,
                            int64_t experts);

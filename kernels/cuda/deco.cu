@@ -365,6 +365,22 @@ double l1_reg_forward(const Tensor& r, double target) {
   return total / (target * static_cast<double>(rows) * rows);
 }
 
+void routing_summary(Tensor& out, const Tensor& r) {
+  expect_router(r, "routing_summary");
+  const int64_t E = r.dim(-1), rows = E ? r.numel() / E : 0;
+  expect_numel(out, 2 * E + 2, "routing_summary", "out");
+  double* o = ptr<double>(out);
+  if (rows == 0) {
+    CUDA_CHECK(cudaMemsetAsync(o, 0, out.numel() * sizeof(double), context().stream));
+    return;
+  }
+  // The same reductions as the host-returning ops, so the same bits, without their waits.
+  col_sum_into(IsActiveCol{ptr<float>(r), E}, rows, E, o, false);
+  col_sum_into(ActiveMassCol{ptr<float>(r), E}, rows, E, o + E, false);
+  sum_into(RowHasActive{ptr<float>(r), E}, rows, o + 2 * E, false);
+  sum_into(EntropyRow{ptr<float>(r), E}, rows, o + 2 * E + 1, false);
+}
+
 void l1_reg_backward(Tensor& da, const Tensor& r, double target, double coef) {
   expect_router(r, "l1_reg_backward");
   const int64_t E = r.dim(-1), n = r.numel(), rows = E ? n / E : 0;

@@ -12,16 +12,21 @@
 // rows go through shared memory 32 columns at a time (16-byte loads where the rows are 8-aligned,
 // zero past the ends), the expert's weight slice beside them, and each warp multiplies its 16
 // pairs by the slice on tensor cores (WMMA 16x16x16 bf16, fp32 accumulators). The tile list
-// (expert, first pair, end) is built on the host from the offsets it already holds.
+// (expert, first pair, end) is built on the host from the offsets it already holds, ordered by
+// the tiles' positions within their experts so that the experts sharing tokens read them
+// together, from L2 (tile_list).
 //
 // gathered_weight_grad: one block per (expert, 64 rows j, 64 columns k of the weight block): it
 // runs over ALL of the expert's pairs, 32 at a time, in pair order, accumulating G^T X in fp32
 // fragments, and adds the sum once into the fp32 gradient. One block owns each output element,
-// so the result is the same bits on every run (no atomics, no split of the sum).
+// so the result is the same bits on every run (no atomics, no split of the sum). All blocks
+// start together (E x h/64 ~ 500 of them at the 0.1B shape) and walk their experts' pairs in
+// token order at about the same pace, so they too read a token's row at about the same time.
 //
 // An index outside [0, rows) sets kBadPairIndex and reads as a zero row (never out of bounds).
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -195,6 +200,33 @@ __global__ void __launch_bounds__(kGemmThreads)
 
 int g_fused = -1;  // -1: not read yet
 
+// gathered_gemm's tiles (expert, first pair, end), 3 ints each, in launch order. An expert's
+// pairs are in token order, and at ratio rho its 64-pair tiles each span ~64 / rho tokens; in
+// expert-major order the blocks running at once (~4 per SM) would read rows from all over the
+// [T, h] input (~T x h bytes, as much as L2 holds). Ordered instead by their position within
+// their expert (tile start - off[e]) / n_e, the tiles of every expert at the same token range
+// run together: the ~8 experts that share a token read its row while it is in L2, so the
+// pairs' P x h reads come mostly from L2 and each row from memory about once. (Blocks start
+// roughly in index order; the order changes no result, every tile writes its own rows.)
+std::vector<int32_t> tile_list(const std::vector<int64_t>& off) {
+  struct Tile {
+    double position;
+    int32_t e, r0, r1;
+  };
+  std::vector<Tile> t;
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    const double n = static_cast<double>(off[e + 1] - off[e]);
+    for (int64_t r = off[e]; r < off[e + 1]; r += kTileRows)
+      t.push_back(Tile{static_cast<double>(r - off[e]) / n, static_cast<int32_t>(e), static_cast<int32_t>(r),
+                       static_cast<int32_t>(std::min<int64_t>(r + kTileRows, off[e + 1]))});
+  }
+  std::stable_sort(t.begin(), t.end(), [](const Tile& a, const Tile& b) { return a.position < b.position; });
+  std::vector<int32_t> flat;
+  flat.reserve(3 * t.size());
+  for (const Tile& x : t) flat.insert(flat.end(), {x.e, x.r0, x.r1});
+  return flat;
+}
+
 }  // namespace
 
 bool fused_expert_gather() {
@@ -212,11 +244,7 @@ void gathered_gemm(bf16_t* C, const bf16_t* rows, int64_t num_rows, const int32_
   const int64_t E = static_cast<int64_t>(off.size()) - 1, P = off.back();
   if (P == 0 || n == 0) return;
   DT_ASSERT(h > 0, "gathered_gemm: a GEMM over an empty sum");
-  std::vector<int32_t> tiles;
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t r = off[e]; r < off[e + 1]; r += kTileRows)
-      tiles.insert(tiles.end(), {static_cast<int32_t>(e), static_cast<int32_t>(r),
-                                 static_cast<int32_t>(std::min(r + kTileRows, off[e + 1]))});
+  std::vector<int32_t> tiles = tile_list(off);
   Tensor staged;
   const auto* dtiles = static_cast<const int32_t*>(to_device(tiles.data(), tiles.size() * sizeof(int32_t), staged));
   Context& ctx = context();
