@@ -3,6 +3,11 @@
 // [c, r] one, so y = x W^T is computed as y^T = W x^T in column-major terms.
 // dtypes: fp32 (strict fp32 compute, no TF32: matches the CPU reference) and bf16 inputs with
 // fp32 accumulation, the output bf16 or fp32 (fp32 dW for bf16 training's main gradients).
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -27,6 +32,9 @@ struct LtDescs {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulPreference_t pref = nullptr;
+  LtDescs() = default;
+  LtDescs(const LtDescs&) = delete;
+  LtDescs& operator=(const LtDescs&) = delete;
   ~LtDescs() {
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (c) cublasLtMatrixLayoutDestroy(c);
@@ -35,6 +43,63 @@ struct LtDescs {
     if (op) cublasLtMatmulDescDestroy(op);
   }
 };
+
+// What cuBLASLt chose for one GEMM configuration: its descriptors and the heuristic's first
+// algorithm (or none: the cublasGemmEx fallback).
+struct LtPlan {
+  LtDescs d;
+  cublasLtMatmulAlgo_t algo{};
+  bool has_algo = false;
+};
+
+// The plans by configuration (transposes, shape, leading dimensions, dtypes, pointer
+// alignments): building the descriptors and asking the heuristic cost host time on every call
+// (tens of microseconds, more than a small GEMM's GPU time; a decode step makes ~100 GEMM calls),
+// while the answer depends only on these. Emptied past kMaxPlans (shapes that vary from step to
+// step, as the rows an expert-parallel rank receives, would otherwise grow it without bound).
+using PlanKey = std::array<int64_t, 13>;
+constexpr size_t kMaxPlans = 1024;
+
+std::shared_ptr<const LtPlan> plan_for(const PlanKey& key, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                                       int64_t lda, int64_t ldb, int64_t ldc, cudaDataType_t at, cudaDataType_t ct,
+                                       uint32_t al_a, uint32_t al_b, uint32_t al_c) {
+  static std::mutex mu;
+  // Never destroyed, as the context (whose cuBLASLt handle the plans belong to); shared
+  // pointers, so a caller's plan outlives a clear.
+  static auto* plans = new std::map<PlanKey, std::shared_ptr<const LtPlan>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans->find(key);
+  if (it != plans->end()) return it->second;
+  if (plans->size() >= kMaxPlans) plans->clear();
+  Context& ctx = context();
+  auto plan = std::make_shared<LtPlan>();
+  LtDescs& d = plan->d;
+  const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, at, ta ? k : m, ta ? m : k, lda));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, at, tb ? n : k, tb ? k : n, ldb));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, ct, m, n, ldc));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
+  const uint64_t ws = ctx.workspace_bytes;
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  // Views (Tensor::rows) need not be 256-byte aligned: let the heuristic know.
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st =
+      cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
+  if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+    plan->algo = result.algo;
+    plan->has_algo = true;
+  }
+  (*plans)[key] = plan;
+  return plan;
+}
 
 // Column-major C[m, n] = op(A) op(B) + beta C; A and B share a dtype (fp32 or bf16), C is fp32
 // or (for bf16 inputs) bf16. Accumulation and scaling in fp32.
@@ -50,34 +115,16 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* A, int6
   }
   const cudaDataType_t at = cuda_type(in_type, op), ct = cuda_type(out_type, op);
   const float alpha = 1.0f;
-  const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-
-  LtDescs d;
-  CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, at, ta ? k : m, ta ? m : k, lda));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, at, tb ? n : k, tb ? k : n, ldb));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, ct, m, n, ldc));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
-  const uint64_t ws = ctx.workspace_bytes;
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-  // Views (Tensor::rows) need not be 256-byte aligned: let the heuristic know.
   const uint32_t al_a = alignment_of(A), al_b = alignment_of(B), al_c = alignment_of(C);
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
-
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  cublasStatus_t st =
-      cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
-  if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-    CUBLAS_CHECK(cublasLtMatmul(ctx.blas_lt, d.op, &alpha, A, d.a, B, d.b, &beta, C, d.c, C, d.c, &result.algo,
-                                ctx.workspace, ctx.workspace_bytes, ctx.stream));
+  const PlanKey key{ta, tb, m, n, k, lda, ldb, ldc, static_cast<int64_t>(in_type), static_cast<int64_t>(out_type),
+                    al_a, al_b, al_c};
+  const std::shared_ptr<const LtPlan> p = plan_for(key, ta, tb, m, n, k, lda, ldb, ldc, at, ct, al_a, al_b, al_c);
+  if (p->has_algo) {
+    CUBLAS_CHECK(cublasLtMatmul(ctx.blas_lt, p->d.op, &alpha, A, p->d.a, B, p->d.b, &beta, C, p->d.c, C, p->d.c,
+                                &p->algo, ctx.workspace, ctx.workspace_bytes, ctx.stream));
     return;
   }
+  const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   CUBLAS_CHECK(cublasGemmEx(ctx.blas, opa, opb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A,
                             at, static_cast<int>(lda), B, at, static_cast<int>(ldb), &beta, C, ct, static_cast<int>(ldc),
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
