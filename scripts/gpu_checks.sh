@@ -15,7 +15,9 @@
 #   5. tiny DECO, 60 steps, on the GPU (sparse and dense-masked experts, fp32 and bf16) and on
 #      the CPU (fp32): the loss curves side by side (the GPU runs must track the CPU run);
 #   6. the multi-rank CUDA test, and two ranks sharing the GPU through the MPI backend
-#      (parallel.backend: mpi) against one rank: DP2, TP2, EP2, TP2 + SP.
+#      (parallel.backend: mpi) against one rank: DP2, TP2, EP2, TP2 + SP;
+#   7. DECO sparse with DECOTRON_EXPERT_GATHER=copy (the expert rows copied for cuBLAS), against
+#      step 3's fused-gather run.
 # A step that would start with less than 15 s left is skipped and says so. The device tool
 # brings back at most 8 files from $OUT, so the logs are written to $WORK (default
 # gpu-checks-work/) and packed into $OUT/gpu-checks.tar.gz after every step (a call stopped at
@@ -110,5 +112,9 @@ if want parallel; then
     step tiny-compare-$name 10 $compare "$R/gpu-$name/metrics.jsonl" "$R/gpu-sparse/metrics.jsonl"
   done
 fi
+# Last, if time is left: DECO sparse end to end with the expert rows copied for cuBLAS (the path
+# before the fused-gather GEMMs), beside bench-0.1b's deco-sparse row.
+want bench && step bench-0.1b-copy 60 env DECOTRON_EXPERT_GATHER=copy "$B" bench train --config configs/deco-0.1b.yaml \
+  --steps "$STEPS" --warmup 3
 pack
 echo "report: $OUT/summary.txt, logs in $OUT/gpu-checks.tar.gz ($SECONDS s in all)"
