@@ -76,6 +76,14 @@ __device__ __forceinline__ int64_t source_row(const int32_t* index, int64_t p, i
   return t;
 }
 
+// Each warp's 16 x 64 fp32 accumulators into its rows of the block's [64][kLdC] staging tile,
+// readable by the whole block on return (every thread must call).
+__device__ __forceinline__ void stage_accumulators(float* Cs, const FragC* acc, int w) {
+  for (int nn = 0; nn < kTileCols / 16; ++nn)
+    wmma::store_matrix_sync(Cs + w * 16 * kLdC + nn * 16, acc[nn], kLdC, wmma::mem_row_major);
+  __syncthreads();
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <ExpertBlock L>
@@ -136,9 +144,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
     __syncthreads();
   }
-  for (int nn = 0; nn < kTileCols / 16; ++nn)
-    wmma::store_matrix_sync(Cs + w * 16 * kLdC + nn * 16, acc[nn], kLdC, wmma::mem_row_major);
-  __syncthreads();
+  stage_accumulators(Cs, acc, w);
   for (int i = tid; i < kTileRows * kTileCols; i += kGemmThreads) {
     const int r = i / kTileCols, c = i % kTileCols;
     if (r0 + r < r1 && j0 + c < n) C[(r0 + r) * n + j0 + c] = __float2bfloat16_rn(Cs[r * kLdC + c]);
@@ -184,9 +190,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
     __syncthreads();
   }
-  for (int nn = 0; nn < kTileCols / 16; ++nn)
-    wmma::store_matrix_sync(Cs + w * 16 * kLdC + nn * 16, acc[nn], kLdC, wmma::mem_row_major);
-  __syncthreads();
+  stage_accumulators(Cs, acc, w);
   for (int i = tid; i < kTileRows * kTileCols; i += kGemmThreads) {
     if constexpr (L == ExpertBlock::rows_of_expert) {  // consecutive threads along k: W's rows
       const int j = i / kTileCols, k = i % kTileCols;
