@@ -9,21 +9,24 @@
 // dW_pre_e = dpre^T X, dW_down_e = dOut^T y.
 //
 // gathered_gemm: one block (4 warps) per (64 pairs of one expert, 64 output columns); the pairs'
-// rows go through shared memory 32 columns at a time (16-byte loads where the rows are 8-aligned,
-// zero past the ends), the expert's weight slice beside them, and each warp multiplies its 16
-// pairs by the slice on tensor cores (WMMA 16x16x16 bf16, fp32 accumulators). The tile list
+// rows go through shared memory 32 columns at a time, double-buffered (16-byte cp.async copies
+// where the rows are 8-aligned, zeros past the ends), the expert's weight slice beside them, and
+// each warp multiplies its 16 pairs by the slice on tensor cores (WMMA 16x16x16 bf16, fp32
+// accumulators). The tile list
 // (expert, first pair, end) is built on the host from the offsets it already holds, ordered by
 // the tiles' positions within their experts so that the experts sharing tokens read them
 // together, from L2 (tile_list).
 //
 // gathered_weight_grad: one block per (expert, 64 rows j, 64 columns k of the weight block): it
-// runs over ALL of the expert's pairs, 32 at a time, in pair order, accumulating G^T X in fp32
-// fragments, and adds the sum once into the fp32 gradient. One block owns each output element,
-// so the result is the same bits on every run (no atomics, no split of the sum). All blocks
+// runs over ALL of the expert's pairs, 32 at a time (double-buffered, cp.async), in pair order,
+// accumulating G^T X in fp32 fragments, and adds the sum once into the fp32 gradient. One block
+// owns each output element, so the result is the same bits on every run (no atomics, no split
+// of the sum). All blocks
 // start together (E x h/64 ~ 500 of them at the 0.1B shape) and walk their experts' pairs in
 // token order at about the same pace, so they too read a token's row at about the same time.
 //
 // An index outside [0, rows) sets kBadPairIndex and reads as a zero row (never out of bounds).
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <algorithm>
@@ -47,6 +50,12 @@ constexpr int kGemmThreads = 128;  // 4 warps of 16 rows each
 constexpr int kLdC = kTileCols + 4;  // fp32 [64][64] accumulator staging
 constexpr int kLd32 = kKStep + 8;    // bf16 tiles 32 wide (+8: bank spread, 32-byte aligned rows)
 constexpr int kLd64 = kTileCols + 8; // bf16 tiles 64 wide
+// One staged operand tile, the largest of [64][kLd32] (pairs' rows; rows_of_expert's slice),
+// [32][kLd64] (cols_of_expert's slice; the weight gradient's tiles): 5 KiB. Four of them (two
+// operands, double-buffered) hold the fp32 [64][kLdC] accumulator staging after the loop.
+constexpr int kStageElems = kTileRows * kLd32;
+static_assert(kKStep * kLd64 <= kStageElems && kPairStep * kLd64 <= kStageElems, "every tile fits a stage");
+static_assert(kTileRows * kLdC * sizeof(float) <= 4 * kStageElems * sizeof(bf16_t), "staging fits");
 
 using FragARow = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::row_major>;
 using FragACol = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::col_major>;
@@ -54,11 +63,14 @@ using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::row_ma
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// Elements [col, col + 8) of `row` into dst (16-byte aligned), zero past `limit` or for a null
-// row; one 16-byte load when `vec` says the row is 8-aligned and the chunk is whole.
+// Elements [col, col + 8) of `row` into dst (16-byte aligned, shared), zero past `limit` or for a
+// null row. A whole chunk of an 8-aligned row (`vec`) goes as one asynchronous 16-byte copy
+// (cp.async: global -> shared without passing through registers, so the next step's loads run
+// while the tensor cores work on this one); the caller commits and waits. The rest is written
+// by plain stores, visible after the caller's next barrier like the copies.
 __device__ __forceinline__ void load8(bf16_t* dst, const bf16_t* row, int64_t col, int64_t limit, bool vec) {
   if (vec && row && col + 8 <= limit) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(row + col);
+    __pipeline_memcpy_async(dst, row + col, 16);
     return;
   }
   for (int i = 0; i < 8; ++i) dst[i] = row && col + i < limit ? row[col + i] : __float2bfloat16_rn(0.0f);
@@ -94,10 +106,11 @@ __global__ void __launch_bounds__(kGemmThreads)
   // rows_of_expert stages the slice as [64 j][32 k] (read by col-major B fragments), cols_of_expert
   // as [32 k][64 j] (row-major B fragments): both copy along W's contiguous direction.
   constexpr bool kRowsOf = L == ExpertBlock::rows_of_expert;
-  constexpr int kBSize = kRowsOf ? kTileCols * kLd32 : kKStep * kLd64;
-  __shared__ __align__(32) bf16_t As[kTileRows * kLd32];
-  __shared__ __align__(32) bf16_t Bs[kBSize];
-  __shared__ __align__(32) float Cs[kTileRows * kLdC];
+  // Two buffers of each operand (the step being multiplied, the step being loaded); the fp32
+  // accumulators are staged over them after the loop.
+  __shared__ __align__(32) bf16_t smem[4 * kStageElems];
+  bf16_t* const As = smem;                    // [2][64 pairs][32 k]
+  bf16_t* const Bs = smem + 2 * kStageElems;  // [2][64 j][32 k] or [2][32 k][64 j]
   __shared__ int64_t src[kTileRows];
   const int64_t e = tiles[3 * blockIdx.x], r0 = tiles[3 * blockIdx.x + 1], r1 = tiles[3 * blockIdx.x + 2];
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
@@ -106,44 +119,62 @@ __global__ void __launch_bounds__(kGemmThreads)
   __syncthreads();
   FragC acc[kTileCols / 16];
   for (auto& a : acc) wmma::fill_fragment(a, 0.0f);
-  for (int64_t k0 = 0; k0 < h; k0 += kKStep) {
+  auto issue = [&](int64_t k0, int buf) {  // step k0's operands into buffer buf
+    bf16_t* A = As + buf * kStageElems;
+    bf16_t* B = Bs + buf * kStageElems;
     for (int c = tid; c < kTileRows * (kKStep / 8); c += kGemmThreads) {
       const int r = c / (kKStep / 8), col = (c % (kKStep / 8)) * 8;
-      load8(As + r * kLd32 + col, src[r] >= 0 ? rows + src[r] * h : nullptr, k0 + col, h, vec_rows);
+      load8(A + r * kLd32 + col, src[r] >= 0 ? rows + src[r] * h : nullptr, k0 + col, h, vec_rows);
     }
     if constexpr (kRowsOf) {
       for (int c = tid; c < kTileCols * (kKStep / 8); c += kGemmThreads) {
         const int j = c / (kKStep / 8), col = (c % (kKStep / 8)) * 8;
         const bf16_t* wrow = j0 + j < n ? W + (e * n + j0 + j) * ldw : nullptr;
-        load8(Bs + j * kLd32 + col, wrow, k0 + col, h, vec_w);
+        load8(B + j * kLd32 + col, wrow, k0 + col, h, vec_w);
       }
     } else {
       for (int c = tid; c < kKStep * (kTileCols / 8); c += kGemmThreads) {
         const int k = c / (kTileCols / 8), col = (c % (kTileCols / 8)) * 8;
         const bf16_t* wrow = k0 + k < h ? W + (k0 + k) * ldw + e * n : nullptr;
-        load8(Bs + k * kLd64 + col, wrow, j0 + col, n, vec_w);
+        load8(B + k * kLd64 + col, wrow, j0 + col, n, vec_w);
       }
     }
+    __pipeline_commit();
+  };
+  issue(0, 0);
+  int buf = 0;
+  for (int64_t k0 = 0; k0 < h; k0 += kKStep) {
+    // The other buffer was last read before the previous step's closing barrier.
+    if (k0 + kKStep < h) {
+      issue(k0 + kKStep, buf ^ 1);
+      __pipeline_wait_prior(1);  // this step's copies have landed; the next step's may still fly
+    } else {
+      __pipeline_wait_prior(0);
+    }
     __syncthreads();
+    const bf16_t* A = As + buf * kStageElems;
+    const bf16_t* B = Bs + buf * kStageElems;
 #pragma unroll
     for (int kk = 0; kk < kKStep / 16; ++kk) {
       FragARow a;
-      wmma::load_matrix_sync(a, As + w * 16 * kLd32 + kk * 16, kLd32);
+      wmma::load_matrix_sync(a, A + w * 16 * kLd32 + kk * 16, kLd32);
 #pragma unroll
       for (int nn = 0; nn < kTileCols / 16; ++nn) {
         if constexpr (kRowsOf) {
           FragBCol b;
-          wmma::load_matrix_sync(b, Bs + nn * 16 * kLd32 + kk * 16, kLd32);
+          wmma::load_matrix_sync(b, B + nn * 16 * kLd32 + kk * 16, kLd32);
           wmma::mma_sync(acc[nn], a, b, acc[nn]);
         } else {
           FragBRow b;
-          wmma::load_matrix_sync(b, Bs + kk * 16 * kLd64 + nn * 16, kLd64);
+          wmma::load_matrix_sync(b, B + kk * 16 * kLd64 + nn * 16, kLd64);
           wmma::mma_sync(acc[nn], a, b, acc[nn]);
         }
       }
     }
     __syncthreads();
+    buf ^= 1;
   }
+  float* const Cs = reinterpret_cast<float*>(smem);  // every read of the operands is behind the last barrier
   stage_accumulators(Cs, acc, w);
   for (int i = tid; i < kTileRows * kTileCols; i += kGemmThreads) {
     const int r = i / kTileCols, c = i % kTileCols;
@@ -156,10 +187,9 @@ __global__ void __launch_bounds__(kGemmThreads)
     gathered_weight_grad_kernel(float* grad, int64_t ldg, const bf16_t* G, int64_t n, const bf16_t* rows,
                                 int64_t num_rows, const int32_t* index, int64_t h, const int32_t* offsets,
                                 int64_t col_tiles, bool vec_g, bool vec_rows, unsigned* flags) {
-  __shared__ __align__(32) bf16_t Gs[kPairStep * kLd64];  // [32 pairs][64 j]
-  __shared__ __align__(32) bf16_t As[kPairStep * kLd64];  // [32 pairs][64 k]
-  __shared__ __align__(32) float Cs[kTileRows * kLdC];    // [64 j][64 k]
-  __shared__ int64_t src[kPairStep];
+  __shared__ __align__(32) bf16_t smem[4 * kStageElems];
+  bf16_t* const Gs = smem;                    // [2][32 pairs][64 j]
+  bf16_t* const As = smem + 2 * kStageElems;  // [2][32 pairs][64 k]
   const int64_t e = blockIdx.x / col_tiles, j0 = (blockIdx.x % col_tiles) * kTileRows;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
   const int64_t p_begin = offsets[e], p_end = offsets[e + 1];
@@ -167,29 +197,45 @@ __global__ void __launch_bounds__(kGemmThreads)
   const int tid = threadIdx.x, w = tid / 32;
   FragC acc[kTileCols / 16];
   for (auto& a : acc) wmma::fill_fragment(a, 0.0f);
-  for (int64_t p0 = p_begin; p0 < p_end; p0 += kPairStep) {
-    for (int i = tid; i < kPairStep; i += kGemmThreads) src[i] = source_row(index, p0 + i, p_end, num_rows, flags);
-    __syncthreads();
+  auto issue = [&](int64_t p0, int buf) {  // pairs [p0, p0 + 32) into buffer buf
+    bf16_t* Gb = Gs + buf * kStageElems;
+    bf16_t* Ab = As + buf * kStageElems;
     for (int c = tid; c < kPairStep * (kTileCols / 8); c += kGemmThreads) {
       const int r = c / (kTileCols / 8), col = (c % (kTileCols / 8)) * 8;
-      load8(Gs + r * kLd64 + col, p0 + r < p_end ? G + (p0 + r) * n : nullptr, j0 + col, n, vec_g);
-      load8(As + r * kLd64 + col, src[r] >= 0 ? rows + src[r] * h : nullptr, k0 + col, h, vec_rows);
+      const int64_t t = source_row(index, p0 + r, p_end, num_rows, flags);  // each thread its own chunks'
+      load8(Gb + r * kLd64 + col, p0 + r < p_end ? G + (p0 + r) * n : nullptr, j0 + col, n, vec_g);
+      load8(Ab + r * kLd64 + col, t >= 0 ? rows + t * h : nullptr, k0 + col, h, vec_rows);
+    }
+    __pipeline_commit();
+  };
+  issue(p_begin, 0);
+  int buf = 0;
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kPairStep) {
+    if (p0 + kPairStep < p_end) {
+      issue(p0 + kPairStep, buf ^ 1);
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
     }
     __syncthreads();
+    const bf16_t* Gt = Gs + buf * kStageElems;
+    const bf16_t* At = As + buf * kStageElems;
 #pragma unroll
     for (int kk = 0; kk < kPairStep / 16; ++kk) {
       // G^T: element (j, p) of the warp's 16 rows j sits at Gs[p][j], a column-major A.
       FragACol a;
-      wmma::load_matrix_sync(a, Gs + kk * 16 * kLd64 + w * 16, kLd64);
+      wmma::load_matrix_sync(a, Gt + kk * 16 * kLd64 + w * 16, kLd64);
 #pragma unroll
       for (int nn = 0; nn < kTileCols / 16; ++nn) {
         FragBRow b;
-        wmma::load_matrix_sync(b, As + kk * 16 * kLd64 + nn * 16, kLd64);
+        wmma::load_matrix_sync(b, At + kk * 16 * kLd64 + nn * 16, kLd64);
         wmma::mma_sync(acc[nn], a, b, acc[nn]);
       }
     }
     __syncthreads();
+    buf ^= 1;
   }
+  float* const Cs = reinterpret_cast<float*>(smem);  // [64 j][64 k], over the operands
   stage_accumulators(Cs, acc, w);
   for (int i = tid; i < kTileRows * kTileCols; i += kGemmThreads) {
     if constexpr (L == ExpertBlock::rows_of_expert) {  // consecutive threads along k: W's rows

@@ -75,6 +75,33 @@ template <class F, class... A> void launch(Cfg c, F f, A... a) {
 
 extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline void __syncthreads() { emu::cur_block->bar.arrive_and_wait(); }
+// cp.async (cuda_pipeline.h), deferred as on the GPU: a copy lands only when a wait retires its
+// group (each emulated thread keeps its own groups), so a kernel that reads a buffer before
+// waiting for it reads stale data here too and its test fails. (Copies are taken at the wait,
+// not at the issue: a kernel that overwrites the source in between would differ from the GPU.)
+namespace emu {
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> committed_groups;
+}  // namespace emu
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes) {
+  emu::open_group.push_back({dst, src, bytes});
+}
+inline void __pipeline_commit() {
+  emu::committed_groups.push_back(std::move(emu::open_group));
+  emu::open_group.clear();
+}
+inline void __pipeline_wait_prior(size_t newest_left) {  // all but the newest `newest_left` groups land
+  auto& g = emu::committed_groups;
+  const size_t done = g.size() > newest_left ? g.size() - newest_left : 0;
+  for (size_t i = 0; i < done; ++i)
+    for (const auto& c : g[i]) std::memcpy(c.dst, c.src, c.bytes);
+  g.erase(g.begin(), g.begin() + static_cast<std::ptrdiff_t>(done));
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur_block->warps[emu::cur_tid / 32]->bar.arrive_and_wait(); }
 template <class T> T __shfl_sync(unsigned, T v, int src) {
   static_assert(sizeof(T) <= 8);

@@ -5,6 +5,7 @@ s = open(src).read()
 s = re.sub(r'extern __shared__ (?:__align__\(\d+\) )?(\w+(?: \w+)*) (\w+)\[\];', r'\1* \2 = emu::dyn_smem<\1>();', s)
 # nvcuda::wmma comes from wmma_emu.h (included by emu.h).
 s = s.replace('#include <mma.h>', '// #include <mma.h>: tools/cuda_emu/wmma_emu.h')
+s = s.replace('#include <cuda_pipeline.h>', '// #include <cuda_pipeline.h>: tools/cuda_emu/emu.h')
 def launch(m):
     name, cfg = m.group(1), m.group(2)
     return f'emu::launch(emu::Cfg({cfg}), [&](auto... a_) {{ {name}(a_...); }}, '
